@@ -1,0 +1,96 @@
+"""PatchCore: nearest-neighbour distance to a greedy coreset of training patches."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import AnomatuneError
+from .base import Detector, flatten_patches
+
+
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection.
+
+    Distances for the selection are computed after a Gaussian random projection to
+    ``proj_dim`` dimensions (Johnson–Lindenstrauss), as in the PatchCore paper.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if x.shape[1] > proj_dim:
+        x = x @ (torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim**0.5).to(x)
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    selected = [first]
+    min_dist = torch.linalg.vector_norm(x - x[first], dim=1)
+    for _ in tqdm(range(n - 1), desc="coreset", leave=False, mininterval=1.0):
+        idx = int(torch.argmax(min_dist))
+        selected.append(idx)
+        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(x - x[idx], dim=1))
+    return torch.tensor(selected)
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory)."""
+    dists, idxs = [], []
+    bank_sq = (bank**2).sum(1)
+    for q in torch.split(queries, chunk):
+        d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        d, i = torch.topk(d2, k, dim=1, largest=False)
+        dists.append(d.clamp_min(0).sqrt())
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+class PatchCore(Detector):
+    """PatchCore (Roth et al., CVPR 2022): patch score = distance to the nearest coreset patch.
+
+    Args:
+        coreset_ratio: share of training patches kept in the memory bank.
+        num_neighbors: neighbourhood of the image score's reweighting (the paper's b).
+        proj_dim: random-projection dimension for the coreset selection distances.
+        seed: for the projection and the first coreset patch.
+    """
+
+    name = "patchcore"
+
+    def __init__(self, coreset_ratio: float = 0.1, num_neighbors: int = 9, proj_dim: int = 128, seed: int = 0):
+        super().__init__()
+        if not 0 < coreset_ratio <= 1:
+            raise AnomatuneError(f"coreset_ratio must be in (0, 1], not {coreset_ratio}")
+        self.coreset_ratio, self.num_neighbors, self.proj_dim, self.seed = coreset_ratio, num_neighbors, proj_dim, seed
+
+    def config(self) -> dict:
+        return dict(coreset_ratio=self.coreset_ratio, num_neighbors=self.num_neighbors, proj_dim=self.proj_dim, seed=self.seed)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> "PatchCore":
+        self._check_features(features)
+        x = flatten_patches(features).float()
+        n = max(1, int(len(x) * self.coreset_ratio))
+        bank = x if n >= len(x) else x[greedy_coreset(x, n, self.proj_dim, self.seed)]
+        self.state = {"memory_bank": bank.contiguous()}
+        return self
+
+    @torch.no_grad()
+    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        self._check_features(features)
+        b, _, h, w = features.shape
+        dist, _ = nearest(flatten_patches(features).float(), self.state["memory_bank"])
+        return dist.view(b, h, w)
+
+    @torch.no_grad()
+    def image_scores(self, features: torch.Tensor, pixel_maps: torch.Tensor) -> torch.Tensor:
+        """The paper's reweighted score: the most anomalous patch's distance, scaled by how
+        isolated its nearest bank patch is among that patch's own neighbours."""
+        bank = self.state["memory_bank"]
+        patches = features.flatten(2).transpose(1, 2).float()  # (B, P, D)
+        dist, idx = nearest(patches.reshape(-1, patches.shape[-1]), bank)
+        dist, idx = dist.view(len(patches), -1), idx.view(len(patches), -1)
+        worst = dist.argmax(1)
+        rows = torch.arange(len(patches))
+        score, anchor = dist[rows, worst], idx[rows, worst]
+        k = min(self.num_neighbors, len(bank))
+        _, support = nearest(bank[anchor], bank, k=k)  # includes the anchor itself, first
+        d_support = torch.linalg.vector_norm(patches[rows, worst][:, None] - bank[support], dim=-1)
+        weight = 1 - torch.softmax(d_support, dim=1)[:, 0]
+        return weight * score
