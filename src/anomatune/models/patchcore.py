@@ -20,11 +20,13 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) 
         x = x @ (torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim**0.5).to(x)
     first = int(torch.randint(len(x), (1,), generator=generator))
     selected = [first]
-    min_dist = torch.linalg.vector_norm(x - x[first], dim=1)
+    sq_norms = (x**2).sum(1)
+    # squared distances by |x|² − 2 x·c + |c|²: one matrix-vector product per step, no N x D temporary
+    min_dist = sq_norms - 2 * (x @ x[first]) + sq_norms[first]
     for _ in tqdm(range(n - 1), desc="coreset", leave=False, mininterval=1.0):
         idx = int(torch.argmax(min_dist))
         selected.append(idx)
-        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(x - x[idx], dim=1))
+        min_dist = torch.minimum(min_dist, sq_norms - 2 * (x @ x[idx]) + sq_norms[idx])
     return torch.tensor(selected)
 
 
