@@ -37,6 +37,9 @@ def backbones_cmd() -> None:
         click.echo(f"{name:20s} layers {list(extractor.layers)}  channels {list(extractor.stage_channels)}  weights {extractor.weights_id}")
 
 
+device_option = click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+
+
 def _parse_layers(value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
@@ -72,7 +75,7 @@ def _parse_settings(pairs: tuple[str, ...]) -> dict:
 @click.option("--proj", default="random", type=click.Choice(["random", "pca"]), help="Projection kind when --proj-dim is set.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Detector setting, e.g. --set n_components=8 (repeatable).")
 @click.option("--batch-size", default=8, help="Images per feature-extraction batch.")
-@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@device_option
 @click.option("--seed", default=0, help="Seed for subsampling, projections and initialisation.")
 def fit_cmd(data, category, out, model, backbone, backbone_weights, layers, image_size, pool, proj_dim, proj, settings, batch_size, device, seed):
     """Fit a detector on the good training images of a category and save the run."""
@@ -90,7 +93,7 @@ def fit_cmd(data, category, out, model, backbone, backbone_weights, layers, imag
 @click.option("--data", default=None, type=click.Path(), help="Dataset root; default: the one the run was fitted on.")
 @click.option("--category", default=None, help="Category; default: the one the run was fitted on.")
 @click.option("--batch-size", default=8, help="Images per batch.")
-@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@device_option
 @click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs.")
 def evaluate_cmd(run, data, category, batch_size, device, no_figures):
     """Score the test split: metrics.json, metrics.md, ROC/PRO curves and heatmaps in the run folder."""
@@ -105,7 +108,7 @@ def evaluate_cmd(run, data, category, batch_size, device, no_figures):
 @click.option("--backbone", default="efficientnet_lite0", help="Backbone name (registered or timm).")
 @click.option("--image-size", default=256, help="Side of the square input images in pixels.")
 @click.option("--out", default="runs/demo", type=click.Path(), help="Folder for the demo's data and runs.")
-@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@device_option
 def demo_cmd(backbone: str, image_size: int, out: str, device: str) -> None:
     """Fit and evaluate each detector on a dataset built from scikit-image's images (no data, no network needed)."""
     from .demo import run_demo

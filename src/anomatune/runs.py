@@ -29,7 +29,7 @@ from .data import MVTecAD, collate
 from .errors import AnomatuneError
 from .features import FeatureExtractor
 from .metrics import evaluate_scores
-from .models import Detector, create_detector, postprocess
+from .models import Detector, create_detector
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, category: str 
     loaded = extract_features(run.extractor, test, batch_size, device, desc="test features", keep_images=figures)
     maps, scores = [], []
     for chunk in torch.split(loaded["features"], batch_size):
-        chunk = chunk.to(device)
-        m = postprocess(run.detector.anomaly_map(chunk), run.image_size, run.config["sigma"])
-        scores.append(run.detector.image_scores(chunk, m).cpu())
+        m, s = run.detector.predict(chunk.to(device), run.image_size, run.config["sigma"])
         maps.append(m.cpu())
+        scores.append(s.cpu())
     seconds = time.perf_counter() - start
     maps_np, scores_np = torch.cat(maps).numpy(), torch.cat(scores).numpy()
     metrics = evaluate_scores(loaded["labels"], scores_np, loaded["masks"], maps_np)

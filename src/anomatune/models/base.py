@@ -1,9 +1,9 @@
 """What every detector shares: fitting on patch features, maps, scores, saving.
 
 A detector sees patch features ``(N, D, h, w)``. ``anomaly_map`` gives a patch-level map
-``(B, h, w)`` (higher = more anomalous); ``postprocess`` upsamples it bilinearly to the
-image size and smooths it with a Gaussian (sigma 4 px, the MVTec protocol);
-``image_scores`` is the maximum of the smoothed map unless a detector knows better.
+``(B, h, w)`` (higher = more anomalous); ``predict`` turns it into pixel maps (bilinear
+upsampling to the image size, then a Gaussian with sigma 4 px, the MVTec protocol) and
+image scores (the maximum of the smoothed map, unless a detector knows better).
 The fitted state is a flat dict of tensors (``state_dict``) plus plain settings
 (``config``): both are saved as safetensors and YAML, never pickled.
 """
@@ -74,15 +74,25 @@ class Detector:
         if not torch.isfinite(features).all():
             raise AnomatuneError("patch features contain NaN or infinite values: check the input images and the backbone weights")
 
+    def _check_grid(self, features: torch.Tensor) -> None:
+        """Per-position models only score the grid they were fitted on."""
+        grid = tuple(self.state["grid"].tolist())
+        if tuple(features.shape[-2:]) != grid:
+            raise AnomatuneError(
+                f"{self.name} was fitted on a {grid[0]}x{grid[1]} grid, got {features.shape[-2]}x{features.shape[-1]}: use the same image size"
+            )
+
     def fit(self, features: torch.Tensor) -> "Detector":
         raise NotImplementedError
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def image_scores(self, features: torch.Tensor, pixel_maps: torch.Tensor) -> torch.Tensor:
-        """Image score: the maximum of the smoothed pixel map."""
-        return pixel_maps.flatten(1).amax(1)
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel maps ``(B, H, W)`` and image scores ``(B,)``: the maximum of the smoothed map."""
+        maps = postprocess(self.anomaly_map(features), image_size, sigma)
+        return maps, maps.flatten(1).amax(1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._check_fitted()

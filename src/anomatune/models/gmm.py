@@ -39,6 +39,11 @@ def precision_cholesky(cov: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
 
 
+def half_log_det_precision(prec_chol: torch.Tensor) -> torch.Tensor:
+    """½ log det Σ⁻¹ from the precision factor(s): the Gaussian's normalising log-term."""
+    return torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
+
+
 class GMM(Detector):
     """Gaussian mixture model: score = −log GMM(u).
 
@@ -65,16 +70,19 @@ class GMM(Detector):
 
     # -- densities ---------------------------------------------------------------------
 
-    def component_log_prob(self, u: torch.Tensor) -> torch.Tensor:
-        """log π_k + log N(u | μ_k, Σ_k) for patches ``u`` (N, D) → (N, K), differentiable in u."""
+    def component_log_normal(self, u: torch.Tensor) -> torch.Tensor:
+        """log N(u | μ_k, Σ_k) for patches ``u`` (N, D) → (N, K), differentiable in u."""
         self._check_fitted()
         s = self.state
         prec = s["prec_chol"].to(u.dtype)
         k, d = s["means"].shape
         y = (u @ prec.permute(1, 0, 2).reshape(d, k * d)).view(-1, k, d)
         y = y - torch.einsum("kd,kde->ke", s["means"].to(u.dtype), prec)
-        log_det = torch.log(torch.diagonal(prec, dim1=-2, dim2=-1)).sum(-1)
-        return -0.5 * (y**2).sum(-1) + log_det - 0.5 * d * math.log(2 * math.pi) + torch.log(s["weights"].to(u.dtype))
+        return -0.5 * (y**2).sum(-1) + half_log_det_precision(prec) - 0.5 * d * math.log(2 * math.pi)
+
+    def component_log_prob(self, u: torch.Tensor) -> torch.Tensor:
+        """log π_k + log N(u | μ_k, Σ_k) → (N, K): the joint of patch and component."""
+        return self.component_log_normal(u) + torch.log(self.state["weights"].to(u.dtype))
 
     def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """log GMM(u) for patches ``u`` (N, D); ``positions`` is ignored (the mixture is global)."""
@@ -110,7 +118,7 @@ class GMM(Detector):
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         collapsed = nk < max(2.0, 1e-3 * n)
         if collapsed.any():  # re-seed on the worst-explained patches: never a NaN
-            worst = torch.argsort(self.log_density(x.float()).double())[: int(collapsed.sum()) * 16]
+            worst = torch.argsort(self.log_density(x))[: int(collapsed.sum()) * 16]
             for k in torch.nonzero(collapsed).flatten().tolist():
                 pick = worst[torch.randint(len(worst), (1,), generator=generator)]
                 resp[:, k] = 0.0
@@ -218,11 +226,10 @@ class GLAD(GMM):
         """log Σ_k π_k(x, y) N(u | μ_k, Σ_k); ``positions`` are flat grid indices (y*w + x), one per patch."""
         if positions is None:
             raise AnomatuneError("GLAD needs the grid position of every patch (positions = y * w + x)")
-        log_prob = self.component_log_prob(u) - torch.log(self.state["weights"].to(u.dtype))
-        return torch.logsumexp(log_prob + torch.log(self.state["position_weights"][positions].to(u.dtype)), dim=-1)
+        log_weights = torch.log(self.state["position_weights"][positions].to(u.dtype))
+        return torch.logsumexp(self.component_log_normal(u) + log_weights, dim=-1)
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
-        grid = tuple(self.state["grid"].tolist()) if self.fitted else None
-        if grid is not None and tuple(features.shape[-2:]) != grid:
-            raise AnomatuneError(f"GLAD was fitted on a {grid[0]}x{grid[1]} grid, got {features.shape[-2]}x{features.shape[-1]}: use the same image size")
+        self._check_fitted()
+        self._check_grid(features)
         return super().anomaly_map(features)

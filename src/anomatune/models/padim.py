@@ -8,7 +8,7 @@ import torch
 
 from ..errors import AnomatuneError
 from .base import Detector
-from .gmm import precision_cholesky
+from .gmm import half_log_det_precision, precision_cholesky
 
 
 class PaDiM(Detector):
@@ -57,16 +57,14 @@ class PaDiM(Detector):
         self._check_fitted()
         if positions is None:
             raise AnomatuneError("PaDiM needs the grid position of every patch (positions = y * w + x)")
-        prec = self.state["prec_chol"][positions].to(u.dtype)
-        log_det = torch.log(torch.diagonal(prec, dim1=-2, dim2=-1)).sum(-1)
+        log_det = half_log_det_precision(self.state["prec_chol"][positions].to(u.dtype))
         return -0.5 * self._mahalanobis_sq(u, positions) + log_det - 0.5 * u.shape[-1] * math.log(2 * math.pi)
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
         self._check_features(features)
+        self._check_grid(features)
         b, d, h, w = features.shape
-        if tuple(self.state["grid"].tolist()) != (h, w):
-            raise AnomatuneError(f"PaDiM was fitted on a {self.state['grid'][0]}x{self.state['grid'][1]} grid, got {h}x{w}: use the same image size")
         x = features.flatten(2)  # (B, D, P)
         diff = x - self.state["means"].T.to(x.dtype)
         # (P, D, D) x (B, D, P) per position: Mahalanobis distance of every image's patch

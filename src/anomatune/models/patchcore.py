@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AnomatuneError
-from .base import Detector, flatten_patches
+from .base import Detector, flatten_patches, postprocess
 
 
 def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -72,27 +72,31 @@ class PatchCore(Detector):
         self.state = {"memory_bank": bank.contiguous()}
         return self
 
-    @torch.no_grad()
-    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+    def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""
         self._check_fitted()
         self._check_features(features)
         b, _, h, w = features.shape
-        dist, _ = nearest(flatten_patches(features).float(), self.state["memory_bank"])
-        return dist.view(b, h, w)
+        dist, idx = nearest(flatten_patches(features).float(), self.state["memory_bank"])
+        return dist.view(b, h, w), idx.view(b, h * w)
 
     @torch.no_grad()
-    def image_scores(self, features: torch.Tensor, pixel_maps: torch.Tensor) -> torch.Tensor:
-        """The paper's reweighted score: the most anomalous patch's distance, scaled by how
-        isolated its nearest bank patch is among that patch's own neighbours."""
+    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+        return self._nearest_patches(features)[0]
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel maps as for every detector; image scores by the paper's reweighting: the most
+        anomalous patch's distance, scaled by how isolated its nearest bank patch is among
+        that patch's own neighbours. One nearest-neighbour search serves both."""
+        dist, idx = self._nearest_patches(features)
         bank = self.state["memory_bank"]
-        patches = features.flatten(2).transpose(1, 2).float()  # (B, P, D)
-        dist, idx = nearest(patches.reshape(-1, patches.shape[-1]), bank)
-        dist, idx = dist.view(len(patches), -1), idx.view(len(patches), -1)
-        worst = dist.argmax(1)
-        rows = torch.arange(len(patches))
-        score, anchor = dist[rows, worst], idx[rows, worst]
-        k = min(self.num_neighbors, len(bank))
-        _, support = nearest(bank[anchor], bank, k=k)  # includes the anchor itself, first
+        patches = flatten_patches(features).float().view(len(features), -1, bank.shape[1])  # (B, P, D)
+        flat = dist.flatten(1)
+        worst = flat.argmax(1)
+        rows = torch.arange(len(features))
+        score, anchor = flat[rows, worst], idx[rows, worst]
+        _, support = nearest(bank[anchor], bank, k=min(self.num_neighbors, len(bank)))  # the anchor itself first
         d_support = torch.linalg.vector_norm(patches[rows, worst][:, None] - bank[support], dim=-1)
         weight = 1 - torch.softmax(d_support, dim=1)[:, 0]
-        return weight * score
+        return postprocess(dist, image_size, sigma), weight * score
