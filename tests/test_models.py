@@ -56,11 +56,13 @@ def test_gmm_em_improves_likelihood_and_is_seeded():
     assert a.log_density(x).mean() >= one_step.log_density(x).mean() - 1e-9
 
 
-def test_gmm_collapsing_component_is_reseeded_never_nan():
+@pytest.mark.parametrize("cls", [GMM, GLAD])
+def test_gmm_collapsing_component_is_reseeded_never_nan(cls, caplog):
     x = torch.zeros(40, 3, 2, 2)
-    x[:20] += 5.0  # two tight clusters and three components: one must collapse
-    x += 1e-3 * torch.randn_like(x)
-    gmm = GMM(n_components=3).fit(x)
+    x[:20] += 5.0  # two repeated points and three components: one must collapse
+    with caplog.at_level("DEBUG", logger="anomatune.models.gmm"):
+        gmm = cls(n_components=3).fit(x)
+    assert any("collapsed and was re-seeded" in r.message for r in caplog.records)
     assert all(torch.isfinite(v).all() for v in gmm.state.values())
     assert torch.isfinite(gmm.anomaly_map(x)).all()
 
@@ -79,10 +81,10 @@ def test_glad_position_weights_localise_the_mixture():
     f = torch.zeros(30, 2, 1, 2)
     f[:, :, 0, 0] = torch.randn(30, 2) * 0.1 - 3  # left position always near -3
     f[:, :, 0, 1] = torch.randn(30, 2) * 0.1 + 3  # right position always near +3
-    glad = GLAD(n_components=2).fit(f)
+    glad = GLAD(n_components=2, normalize=False).fit(f)
     swapped = f.flip(-1)[:2]  # each position now shows the other's content
     assert (glad.anomaly_map(swapped) > glad.anomaly_map(f[:2]) + 5).all()  # GLAD sees it
-    gmm = GMM(n_components=2).fit(f)
+    gmm = GMM(n_components=2, normalize=False).fit(f)
     assert torch.allclose(gmm.anomaly_map(swapped), gmm.anomaly_map(f[:2]).flip(-1), atol=1e-6)  # a global GMM cannot
     assert torch.allclose(glad.state["position_weights"].sum(1), torch.ones(2, dtype=torch.float64))
 
@@ -125,3 +127,20 @@ def test_errors_are_explained():
     padim = PaDiM().fit(_features())
     with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
         padim.anomaly_map(_features(h=2, w=2))
+
+
+@pytest.mark.parametrize("name", ["gmm", "glad", "padim"])
+def test_normalize_standardises_each_position(name):
+    train = _features(n=40)
+    train[:, :, 0, 0] *= 4.0  # one position whose good patches vary much more
+    plain = create_detector(name, **SMALL[name], normalize=False).fit(train)
+    normed = create_detector(name, **SMALL[name], normalize=True).fit(train)
+    assert normed.config()["normalize"] is True and plain.config()["normalize"] is False
+    train_maps = normed.anomaly_map(train)
+    assert torch.allclose(train_maps.mean(0), torch.zeros(4, 4, dtype=train_maps.dtype), atol=1e-4)
+    assert torch.allclose(train_maps.std(0), torch.ones(4, 4, dtype=train_maps.dtype), atol=1e-4)
+    assert (train_maps.flatten(1).argmax(1) == 0).float().mean() < 0.3
+    if name != "padim":  # a global density's noisy position dominates the plain maps of good images
+        assert (plain.anomaly_map(train).flatten(1).argmax(1) == 0).float().mean() > 0.5
+    with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
+        normed.anomaly_map(_features(h=2, w=2))

@@ -4,6 +4,11 @@ A detector sees patch features ``(N, D, h, w)``. ``anomaly_map`` gives a patch-l
 ``(B, h, w)`` (higher = more anomalous); ``predict`` turns it into pixel maps (bilinear
 upsampling to the image size, then a Gaussian with sigma 4 px, the MVTec protocol) and
 image scores (the maximum of the smoothed map, unless a detector knows better).
+
+``normalize=True`` (ours, not in the papers) standardises each grid position's scores by
+the mean and standard deviation of the training patches' scores there: a position whose
+good patches always score high (an edge, a busy part) then stops dominating the image
+score. Measured in ``benchmarks/results/detectors.md``.
 The fitted state is a flat dict of tensors (``state_dict``) plus plain settings
 (``config``): both are saved as safetensors and YAML, never pickled.
 """
@@ -45,7 +50,7 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 
 
 class Detector:
-    """Base class: subclasses set ``name``, implement ``fit`` and ``anomaly_map``.
+    """Base class: subclasses set ``name``, implement ``_fit`` and ``_patch_scores``.
 
     ``config()`` returns the constructor's settings, so ``type(d)(**d.config())`` followed
     by ``load_state_dict`` rebuilds a fitted detector.
@@ -54,11 +59,12 @@ class Detector:
     name: ClassVar[str]
     differentiable: ClassVar[bool] = False
 
-    def __init__(self):
+    def __init__(self, normalize: bool = False):
+        self.normalize = normalize
         self.state: dict[str, torch.Tensor] = {}
 
     def config(self) -> dict:
-        raise NotImplementedError
+        return {"normalize": self.normalize}
 
     @property
     def fitted(self) -> bool:
@@ -82,11 +88,34 @@ class Detector:
                 f"{self.name} was fitted on a {grid[0]}x{grid[1]} grid, got {features.shape[-2]}x{features.shape[-1]}: use the same image size"
             )
 
-    def fit(self, features: torch.Tensor) -> "Detector":
+    def _fit(self, features: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+    def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def fit(self, features: torch.Tensor) -> "Detector":
+        """Fit on good patch features ``(N, D, h, w)``."""
+        self._check_features(features)
+        self.state = {}
+        self._fit(features)
+        self.state["grid"] = torch.tensor(features.shape[-2:])
+        if self.normalize:
+            with torch.no_grad():
+                scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
+            self.state["score_mean"] = scores.mean(0)
+            self.state["score_std"] = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
+        return self
+
+    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch anomaly scores ``(B, h, w)``, higher = more anomalous."""
+        self._check_fitted()
+        self._check_features(features)
+        scores = self._patch_scores(features)
+        if "score_mean" in self.state:
+            self._check_grid(features)
+            scores = ((scores - self.state["score_mean"]) / self.state["score_std"]).to(scores.dtype)
+        return scores
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:

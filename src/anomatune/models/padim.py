@@ -21,16 +21,15 @@ class PaDiM(Detector):
     name = "padim"
     differentiable = True
 
-    def __init__(self, ridge: float = 0.01):
-        super().__init__()
+    def __init__(self, ridge: float = 0.01, normalize: bool = False):
+        super().__init__(normalize)
         self.ridge = ridge
 
     def config(self) -> dict:
-        return {"ridge": self.ridge}
+        return super().config() | {"ridge": self.ridge}
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> "PaDiM":
-        self._check_features(features)
+    def _fit(self, features: torch.Tensor) -> None:
         n, d, h, w = features.shape
         if n < 2:
             raise AnomatuneError("PaDiM needs at least 2 training images")
@@ -44,8 +43,7 @@ class PaDiM(Detector):
             cov = centred.transpose(1, 2) @ centred / (n - 1) + self.ridge * eye
             means.append(mean.float())
             precs.append(precision_cholesky(cov).float())
-        self.state = {"means": torch.cat(means), "prec_chol": torch.cat(precs), "grid": torch.tensor([h, w])}
-        return self
+        self.state.update(means=torch.cat(means), prec_chol=torch.cat(precs))
 
     def _mahalanobis_sq(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         diff = u - self.state["means"][positions].to(u.dtype)
@@ -60,9 +58,7 @@ class PaDiM(Detector):
         log_det = half_log_det_precision(self.state["prec_chol"][positions].to(u.dtype))
         return -0.5 * self._mahalanobis_sq(u, positions) + log_det - 0.5 * u.shape[-1] * math.log(2 * math.pi)
 
-    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        self._check_features(features)
+    def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         self._check_grid(features)
         b, d, h, w = features.shape
         x = features.flatten(2)  # (B, D, P)

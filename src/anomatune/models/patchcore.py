@@ -50,6 +50,9 @@ class PatchCore(Detector):
         num_neighbors: neighbourhood of the image score's reweighting (the paper's b).
         proj_dim: random-projection dimension for the coreset selection distances.
         seed: for the projection and the first coreset patch.
+
+    No ``normalize``: the memory bank holds training patches, so their own scores are ~0
+    and say nothing about the spread of good scores.
     """
 
     name = "patchcore"
@@ -64,13 +67,11 @@ class PatchCore(Detector):
         return dict(coreset_ratio=self.coreset_ratio, num_neighbors=self.num_neighbors, proj_dim=self.proj_dim, seed=self.seed)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> "PatchCore":
-        self._check_features(features)
+    def _fit(self, features: torch.Tensor) -> None:
         x = flatten_patches(features).float()
         n = max(1, int(len(x) * self.coreset_ratio))
         bank = x if n >= len(x) else x[greedy_coreset(x, n, self.proj_dim, self.seed)]
-        self.state = {"memory_bank": bank.contiguous()}
-        return self
+        self.state["memory_bank"] = bank.contiguous()
 
     def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""
@@ -81,7 +82,7 @@ class PatchCore(Detector):
         return dist.view(b, h, w), idx.view(b, h * w)
 
     @torch.no_grad()
-    def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
+    def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self._nearest_patches(features)[0]
 
     @torch.no_grad()
