@@ -1,0 +1,101 @@
+"""How the detectors' defaults were chosen: settings swept on cached frozen features.
+
+Features of each (dataset, layers, projection) are extracted once; every detector
+setting is then fitted and evaluated on them. Writes ``benchmarks/results/settings.json``
+and ``settings.md``.
+
+    python benchmarks/settings.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from anomatune.data import MVTecAD, collate
+from anomatune.features import FeatureExtractor
+from anomatune.metrics import evaluate_scores
+from anomatune.models import create_detector
+from anomatune.runs import extract_features
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASETS = {"transistor": (SHARED / "mvtec", "transistor"), "magnetic_tile": (SHARED / "mtd", "magnetic_tile")}
+RESULTS = Path(__file__).parent / "results"
+
+OLD_GMM = {"n_components": 16, "ridge": 1e-3, "max_patches": 20_000, "normalize": False}
+DETECTOR_GRID = [
+    ("gmm", OLD_GMM),
+    ("gmm", {"normalize": False}),
+    ("gmm", {}),
+    ("glad", OLD_GMM | {"floor": 1e-3}),
+    ("glad", {"floor": 1e-3, "normalize": False}),
+    ("glad", {"normalize": False}),
+    ("glad", {}),
+    ("padim", {}),
+    ("padim", {"normalize": True}),
+]
+# (layers, PCA dimension or None); the default is the first
+FEATURE_GRID = [((2, 3), None), ((2, 3), 64)]
+LAYER_GRID = [((1, 2, 3), None), ((2, 3, 4), None), ((2,), None), ((3,), None)]
+
+
+def features(dataset: str, layers: tuple[int, ...], proj_dim: int | None) -> tuple[torch.Tensor, dict]:
+    root, category = DATASETS[dataset]
+    train = MVTecAD(root, category, "train")
+    extractor = FeatureExtractor("efficientnet_lite0", layers=layers, proj_dim=proj_dim, proj="pca").eval()
+    extractor.fit_projection(DataLoader(train, batch_size=8, collate_fn=collate))
+    return extract_features(extractor, train)["features"], extract_features(extractor, MVTecAD(root, category, "test"))
+
+
+def evaluate(name: str, settings: dict, train: torch.Tensor, test: dict) -> dict:
+    start = time.perf_counter()
+    detector = create_detector(name, **settings).fit(train)
+    fit_seconds = time.perf_counter() - start
+    maps, scores = [], []
+    for chunk in torch.split(test["features"], 16):
+        m, s = detector.predict(chunk, (256, 256))
+        maps.append(m)
+        scores.append(s)
+    metrics = evaluate_scores(test["labels"], torch.cat(scores).numpy(), test["masks"], torch.cat(maps).numpy())
+    return {k: round(v, 4) for k, v in metrics.items()} | {"fit_seconds": round(fit_seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    args = parser.parse_args()
+    for root, _ in DATASETS.values():
+        if not root.exists():
+            sys.exit(f"{root} is absent: this benchmark needs ../shared/data")
+    rows = []
+    plans = [(d, layers, proj, DETECTOR_GRID) for d in args.datasets for layers, proj in FEATURE_GRID]
+    plans += [("transistor", layers, proj, [("padim", {})]) for layers, proj in LAYER_GRID]
+    for dataset, layers, proj, grid in plans:
+        train, test = features(dataset, layers, proj)
+        for name, settings in grid:
+            row = {"dataset": dataset, "layers": list(layers), "pca": proj, "detector": name, "settings": settings,
+                   **evaluate(name, settings, train, test)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    command = ("python benchmarks/settings.py " + " ".join(sys.argv[1:])).strip()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "settings.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    lines = ["# Detector settings on frozen efficientnet_lite0 features", "",
+             f"Command: `{command}` (2-core CPU). Settings not listed are the defaults.", "",
+             "| dataset | layers | PCA | detector | settings | image AUROC | pixel AUROC | AUPRO | fit s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
+        lines.append(f"| {r['dataset']} | {','.join(map(str, r['layers']))} | {r['pca'] or '-'} | {r['detector']} | {settings} | "
+                     f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_seconds']} |")
+    (RESULTS / "settings.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
