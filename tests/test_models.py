@@ -144,3 +144,13 @@ def test_normalize_standardises_each_position(name):
         assert (plain.anomaly_map(train).flatten(1).argmax(1) == 0).float().mean() > 0.5
     with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
         normed.anomaly_map(_features(h=2, w=2))
+
+
+@pytest.mark.parametrize("cls", [GMM, GLAD])
+def test_component_holding_a_single_outlier_is_reseeded_never_nan(cls):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, 1, 1, generator=g)
+    x[7] += 100.0  # k-means++ seeds a component on this lone patch, which then collapses
+    detector = cls(n_components=2).fit(x)
+    assert all(torch.isfinite(v).all() for v in detector.state.values() if v.is_floating_point())
+    assert torch.isfinite(detector.anomaly_map(x)).all()

@@ -131,7 +131,8 @@ class GMM(Detector):
                 resp[:, k] = 0.0
                 resp[pick, k] = 1.0
                 log.debug("GMM component %d collapsed and was re-seeded", k)
-            resp = resp / resp.sum(1, keepdim=True)
+            row_sums = resp.sum(1, keepdim=True)  # a patch that belonged only to a collapsed component has 0
+            resp = torch.where(row_sums > 0, resp / row_sums.clamp_min(1e-300), 1.0 / resp.shape[1])
             nk = resp.sum(0)
         means = (resp.T @ x.double()) / nk[:, None]
         weights32 = resp.float()
