@@ -16,12 +16,10 @@ import tempfile
 from pathlib import Path
 
 from anomatune.runs import evaluate, fit
+from common import DATASETS, RESULTS, dataset as dataset_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {"transistor": (SHARED / "mvtec", "transistor"), "magnetic_tile": (SHARED / "mtd", "magnetic_tile")}
 # PatchCore's coreset ratio on magnetic_tile follows anomalib's peer run (0.01): 0.1 takes hours there.
 SETTINGS = {("patchcore", "magnetic_tile"): {"coreset_ratio": 0.01}}
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -33,13 +31,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for dataset in args.datasets:
-        root, category = DATASETS[dataset]
-        if not root.exists():
-            sys.exit(f"{root} is absent: this benchmark needs ../shared/data")
+        root, category = dataset_path(dataset)
         for model in args.models:
             with tempfile.TemporaryDirectory() as tmp:
                 settings = SETTINGS.get((model, dataset), {})
-                fit(root, category, tmp, model=model, backbone=args.backbone, detector_settings=settings)
+                fit(root, category, tmp, model=model, backbone=args.backbone, detector_settings=settings, threshold_holdout=0)  # MVTec protocol: all train images
                 result = evaluate(tmp, figures=False)
                 size = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
             row = {"dataset": dataset, "model": model, "settings": settings, **{k: result[k] for k in

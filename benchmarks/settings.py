@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,10 +22,7 @@ from anomatune.features import FeatureExtractor
 from anomatune.metrics import evaluate_scores
 from anomatune.models import create_detector
 from anomatune.runs import extract_features
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {"transistor": (SHARED / "mvtec", "transistor"), "magnetic_tile": (SHARED / "mtd", "magnetic_tile")}
-RESULTS = Path(__file__).parent / "results"
+from common import DATASETS, RESULTS, dataset as dataset_path
 
 OLD_GMM = {"n_components": 16, "ridge": 1e-3, "max_patches": 20_000, "normalize": False}
 DETECTOR_GRID = [
@@ -46,7 +42,7 @@ LAYER_GRID = [((1, 2, 3), None), ((2, 3, 4), None), ((2,), None), ((3,), None)]
 
 
 def features(dataset: str, layers: tuple[int, ...], proj_dim: int | None) -> tuple[torch.Tensor, dict]:
-    root, category = DATASETS[dataset]
+    root, category = dataset_path(dataset)
     train = MVTecAD(root, category, "train")
     extractor = FeatureExtractor("efficientnet_lite0", layers=layers, proj_dim=proj_dim, proj="pca").eval()
     extractor.fit_projection(DataLoader(train, batch_size=8, collate_fn=collate))
@@ -70,9 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     args = parser.parse_args()
-    for root, _ in DATASETS.values():
-        if not root.exists():
-            sys.exit(f"{root} is absent: this benchmark needs ../shared/data")
+    for name in args.datasets:
+        dataset_path(name)  # exits early when ../shared/data is absent
     rows = []
     plans = [(d, layers, proj, DETECTOR_GRID) for d in args.datasets for layers, proj in FEATURE_GRID]
     plans += [("transistor", layers, proj, [("padim", {})]) for layers, proj in LAYER_GRID]

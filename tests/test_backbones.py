@@ -1,6 +1,5 @@
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -54,3 +54,39 @@ def test_user_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     result = _cli("evaluate", str(tmp_path))
     assert result.returncode == 2 and "is not a run folder" in result.stderr
+
+
+def test_finetune_help_lists_every_setting_with_its_default():
+    from anomatune.finetune.settings import setting_fields
+
+    result = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for name, _, _, _ in setting_fields():
+        assert "--" + name.replace("_", "-") in result.output
+    assert "--dry-run" in result.output and "--resume" in result.output and "[default: threshold]" in result.output
+
+
+def test_color_transfer_draws_the_figure(tmp_path):
+    from skimage import data
+    from PIL import Image
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "source.png")
+    Image.fromarray(data.camera()).save(tmp_path / "grey.png")
+    result = _cli("color-transfer", str(tmp_path / "source.png"), str(tmp_path / "grey.png"), "--rho", "0.5", "0.75", "1",
+                  "--out", str(tmp_path / "fig.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "fig.png").size[0] > Image.open(tmp_path / "fig.png").size[1]  # 2 rows x 5 columns
+    bad = _cli("color-transfer", str(tmp_path / "source.png"), str(tmp_path / "grey.png"), "--rho", "2", "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "rho" in bad.stderr
+
+
+def test_finetune_dry_run_from_the_command_line(tmp_path):
+    data = build_dataset(tmp_path / "data", n_train=6, n_good_test=1, n_defect=1, crop=64)
+    from anomatune.demo import write_negatives
+
+    photos = write_negatives(tmp_path / "photos")
+    result = _cli("finetune", "--data", str(data), "--category", "brick", "--negatives", str(photos), "--out", str(tmp_path / "ft"),
+                  "--image-size", "64", "--proj-dim", "8", "--n-components", "2", "--diag-images", "2", "--dry-run", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "negative patches" in result.stdout and (tmp_path / "ft" / "dry_run_weights.png").is_file()
+    assert not (tmp_path / "ft" / "backbone.safetensors").exists()

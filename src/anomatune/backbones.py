@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FINETUNED_WEIGHTS = "backbone.safetensors"  # what an 'anomatune finetune' run folder holds
 
 
 @dataclass
@@ -239,7 +240,10 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
     weights_id = f"timm:{name}" if pretrained else "random"
     if weights is not None:
         state = load_state_dict_file(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches: weights of another architecture
+            raise BackboneError(f"{weights}: does not fit {name!r} ({str(exc).splitlines()[-1].strip()})") from None
         missing = [k for k in missing if not k.startswith(("fc.", "head", "classifier"))]
         if missing:
             raise BackboneError(f"{weights}: does not fit {name!r} (missing {', '.join(missing[:3])}, ...)")
@@ -262,9 +266,15 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
 def create_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
     """Build a backbone by registered or timm name, with pretrained or file weights.
 
-    ``weights`` (a safetensors or state_dict file) overrides the packaged or hub weights,
+    ``weights`` (a safetensors or state_dict file, or an ``anomatune finetune`` run folder)
+    overrides the packaged or hub weights,
     e.g. to use a WideResNet50-2 downloaded elsewhere.
     """
+    if weights is not None and Path(weights).is_dir():  # a fine-tuning run folder
+        folder = Path(weights)
+        weights = folder / FINETUNED_WEIGHTS
+        if not weights.is_file():
+            raise BackboneError(f"{folder} is a folder without {FINETUNED_WEIGHTS}: pass a weights file or an 'anomatune finetune' run folder")
     if name in _REGISTRY and weights is None:
         if not pretrained:
             raise BackboneError(f"{name!r} is a packaged pretrained backbone; for random weights use its timm name")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFECTS = ("scratch", "spot", "stain")
+NEGATIVE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
 
 
 def _texture() -> np.ndarray:
@@ -73,19 +74,40 @@ def build_dataset(root: str | Path, n_train: int = 60, n_good_test: int = 20, n_
     return root
 
 
-def run_demo(backbone: str = "efficientnet_lite0", image_size: int = 256, out: str | Path = "runs/demo", device="cpu") -> list[dict]:
-    """Build the demo data, then fit and evaluate each detector on it; print one line each."""
+def write_negatives(folder: str | Path) -> Path:
+    """scikit-image's colour photos, the demo's negatives (natural images that are not bricks)."""
+    from skimage import data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in NEGATIVE_PHOTOS:
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(folder / f"{name}.png")
+    return folder
+
+
+def run_demo(backbone: str = "efficientnet_lite0", image_size: int = 256, out: str | Path = "runs/demo", device="cpu",
+             model: str = "glad", steps: int = 40) -> dict:
+    """Build the demo data, then fit → fine-tune → refit → evaluate → report; print frozen and fine-tuned side by side."""
+    from .finetune import FinetuneSettings
+    from .finetune.loop import finetune
+    from .report import build_report
     from .runs import evaluate, fit
 
     out = Path(out)
     root = build_dataset(out / "data")
-    print(f"demo data: {root / 'brick'} (60 good training images; 20 good and 24 defective test images)")
-    results = []
-    for model in ("glad", "padim", "patchcore"):
-        run_dir = out / model
-        fit(root, "brick", run_dir, model=model, backbone=backbone, image_size=image_size, device=device)
-        result = evaluate(run_dir, device=device)
-        results.append(result)
-        print(f"{model:10s} image AUROC {result['image_auroc']:.3f}  pixel AUROC {result['pixel_auroc']:.3f}  "
-              f"AUPRO {result['aupro']:.3f}  fit {result['fit_seconds']:.1f} s  -> {run_dir}/heatmaps.png")
+    negatives = write_negatives(out / "negatives")
+    print(f"demo data: {root / 'brick'} (60 good training images; 20 good and 24 defective test images); "
+          f"negatives: {len(NEGATIVE_PHOTOS)} scikit-image photos")
+    settings = FinetuneSettings(backbone=backbone, image_size=image_size, steps=steps, checkpoint_every=steps)
+    finetune(root, "brick", negatives, out / "finetune", settings, device=device)
+    results = {}
+    for name, weights in (("frozen", None), ("fine-tuned", out / "finetune")):
+        run_dir = out / f"{model}-{name}"
+        fit(root, "brick", run_dir, model=model, backbone=backbone, backbone_weights=weights, image_size=image_size, device=device)
+        results[name] = evaluate(run_dir, device=device)
+        results[name]["report"] = str(build_report(run_dir))
+    print(f"\n{'':12s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'AUPRO':>8s}{'F1 learnt thr.':>16s}")
+    for name, r in results.items():
+        print(f"{name:12s}{r['image_auroc']:13.3f}{r['pixel_auroc']:13.3f}{r['aupro']:8.3f}{r.get('f1_at_learnt_threshold', float('nan')):16.3f}")
+    print(f"\nreport: {results['fine-tuned']['report']}")
     return results

@@ -99,3 +99,20 @@ def evaluate_scores(labels, image_scores, masks, maps, fpr_limit: float = 0.3) -
 def image_roc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = roc_curve(labels, scores)
     return fpr, tpr
+
+
+def f1_at(labels, scores, threshold: float) -> float:
+    """F1 of "defective" = score > threshold."""
+    labels, predicted = np.asarray(labels).astype(bool), np.asarray(scores) > threshold
+    tp = np.sum(labels & predicted)
+    return float(2 * tp / max(labels.sum() + predicted.sum(), 1))
+
+
+def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
+    """The threshold with the best F1 on these labels, and that F1: tuned on test data, optimistic by construction."""
+    scores = np.asarray(scores, dtype=np.float64)
+    candidates = np.unique(scores)
+    candidates = np.concatenate([[candidates[0] - 1.0], candidates])  # "everything defective" too
+    f1 = [f1_at(labels, scores, t) for t in candidates]
+    best = int(np.argmax(f1))
+    return float(candidates[best]), float(f1[best])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -28,7 +28,7 @@ from .backbones import create_backbone
 from .data import MVTecAD, collate
 from .errors import AnomatuneError
 from .features import FeatureExtractor
-from .metrics import evaluate_scores
+from .metrics import evaluate_scores, f1_at, f1_optimal_threshold
 from .models import Detector, create_detector
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,22 @@ def fit(
     device: str | torch.device = "cpu",
     seed: int = 0,
     detector_settings: dict | None = None,
+    threshold_holdout: float = 0.1,
+    threshold_quantile: float = 0.99,
 ) -> Run:
-    """Fit a detector on the good training images of ``data/category`` and save the run in ``out``."""
+    """Fit a detector on the good training images of ``data/category`` and save the run in ``out``.
+
+    A ``threshold_holdout`` share of the good images (seeded) is kept out of the fit; the
+    ``threshold_quantile`` of their image scores is the run's decision threshold, learnt
+    from good images only (0 keeps every image in the fit and learns no threshold).
+    """
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not 0 <= threshold_holdout < 1 or not 0 < threshold_quantile <= 1:
+        raise AnomatuneError("threshold_holdout must be in [0, 1) and threshold_quantile in (0, 1]")
     train = MVTecAD(data, category, "train", image_size=image_size)
+    train, held_out = _hold_out(train, threshold_holdout, seed)
     extractor = FeatureExtractor(create_backbone(backbone, weights=backbone_weights), layers=layers, pool=pool,
                                  proj_dim=proj_dim, proj=proj, seed=seed).to(device).eval()
     start = time.perf_counter()
@@ -114,12 +124,20 @@ def fit(
     features = extract_features(extractor, train, batch_size, device, desc="train features")["features"]
     detector = create_detector(model, **(detector_settings or {}))
     detector.fit(features.to(device))
+    threshold = None
+    if held_out is not None:
+        held = extract_features(extractor, held_out, batch_size, device, desc="held-out good features")["features"]
+        maps, scores = zip(*(detector.predict(chunk.to(device), (image_size, image_size), sigma) for chunk in torch.split(held, batch_size)))
+        scores, pixels = torch.cat(scores).cpu().double(), torch.cat(maps).cpu().flatten()[:: 97].double()
+        threshold = {"value": float(torch.quantile(scores, threshold_quantile)), "quantile": threshold_quantile,
+                     "holdout_images": len(held_out), "good_map_median": float(pixels.median()),
+                     "learnt_from": "held-out good training images"}
     fit_seconds = time.perf_counter() - start
     config = {
         "anomatune_version": __version__,
         "run_format": RUN_FORMAT,
         "backbone": backbone,
-        "backbone_weights": str(backbone_weights) if backbone_weights else None,
+        "backbone_weights": str(Path(backbone_weights).resolve()) if backbone_weights else None,
         "weights_id": extractor.weights_id,
         "layers": list(extractor.layers),
         "image_size": [image_size, image_size],
@@ -128,6 +146,7 @@ def fit(
         "proj_dim": proj_dim,
         "sigma": sigma,
         "seed": seed,
+        "threshold": threshold,
         "detector": {"name": detector.name, **detector.config()},
         "data": {"root": str(Path(data).resolve()), "category": category, "n_train": len(train)},
         "fit_seconds": round(fit_seconds, 2),
@@ -135,6 +154,20 @@ def fit(
     save_run(out, extractor, detector, config)
     log.info("fitted %s on %d images in %.1f s; run saved in %s", detector.name, len(train), fit_seconds, out)
     return Run(extractor, detector, config)
+
+
+def _hold_out(train, share: float, seed: int):
+    """Split off ``share`` of the training images (at least 1, seeded) to learn the threshold on."""
+    n_held = round(share * len(train)) if share > 0 else 0
+    if share > 0 and n_held == 0:
+        n_held = 1
+    if n_held and len(train) - n_held < 2:
+        log.warning("only %d training images: no threshold is learnt (pass --threshold to predict)", len(train))
+        n_held = 0
+    if not n_held:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(train, sorted(order[n_held:])), Subset(train, sorted(order[:n_held]))
 
 
 def save_run(out: Path, extractor: FeatureExtractor, detector: Detector, config: dict) -> None:
@@ -180,7 +213,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
 def evaluate(run_dir: str | Path, data: str | Path | None = None, category: str | None = None, batch_size: int = 8,
              device: str | torch.device = "cpu", figures: bool = True) -> dict:
     """Score the test split, write ``metrics.json``, ``metrics.md`` and figures in the run folder."""
-    from .plots import save_evaluation_figures
+    from .plots import save_evaluation_figures, save_gallery
 
     run_dir = Path(run_dir)
     run = load_run(run_dir, device)
@@ -197,6 +230,12 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, category: str 
     seconds = time.perf_counter() - start
     maps_np, scores_np = torch.cat(maps).numpy(), torch.cat(scores).numpy()
     metrics = evaluate_scores(loaded["labels"], scores_np, loaded["masks"], maps_np)
+    if loaded["labels"].min() != loaded["labels"].max():
+        tuned, best_f1 = f1_optimal_threshold(loaded["labels"], scores_np)
+        metrics |= {"f1_threshold_tuned_on_test": tuned, "f1_tuned_on_test": best_f1}
+    if run.config.get("threshold"):
+        learnt = run.config["threshold"]["value"]
+        metrics |= {"learnt_threshold": learnt, "f1_at_learnt_threshold": f1_at(loaded["labels"], scores_np, learnt)}
     result = {
         "run": str(run_dir),
         "category": category,
@@ -212,4 +251,5 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, category: str 
     _atomic_write(run_dir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
     if figures:
         save_evaluation_figures(run_dir, loaded, scores_np, maps_np)
+        save_gallery(run_dir, loaded, scores_np, maps_np, metrics.get("learnt_threshold", metrics.get("f1_threshold_tuned_on_test", float(np.median(scores_np)))))
     return result

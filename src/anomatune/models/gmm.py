@@ -180,29 +180,31 @@ class GMM(Detector):
     # -- online EM -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def online_update(self, u: torch.Tensor, decay: float = 0.99) -> None:
-        """One online-EM step on patches ``u`` (N, D), detached.
+    def online_update(self, u: torch.Tensor, positions: torch.Tensor | None = None, decay: float = 0.99) -> None:
+        """One online-EM step on patches ``u`` (N, D), detached; ``positions`` is ignored.
 
         Sufficient statistics (Σ r_k, Σ r_k u, Σ r_k u uᵀ, per patch) decay by ``decay`` and
         take the batch's share ``1 − decay``; the parameters are recomputed from them.
+        GLAD's per-position weights stay as fitted: only the shared components move.
         """
         self._check_fitted()
         s = self.state
         x = u.detach().double()
+        n, d = x.shape
         if "s0" not in s:  # start from the fitted parameters
-            plain = s["covariances"] - s["reg"] * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+            plain = s["covariances"] - s["reg"] * torch.eye(d, dtype=x.dtype, device=x.device)
             s["s0"] = s["weights"].clone()
             s["s1"] = s["weights"][:, None] * s["means"]
             s["s2"] = s["weights"][:, None, None] * (plain + torch.einsum("kd,ke->kde", s["means"], s["means"]))
-        log_prob = self.component_log_prob(x)
-        resp = torch.softmax(log_prob, dim=1)
-        n = len(x)
+        resp = torch.softmax(torch.cat([self.component_log_prob(c) for c in torch.split(x, 8192)]), dim=1)
+        k = resp.shape[1]
+        second = ((resp[:, :, None] * x[:, None, :]).reshape(n, k * d).T @ x).view(k, d, d)
         s["s0"] = decay * s["s0"] + (1 - decay) * resp.mean(0)
         s["s1"] = decay * s["s1"] + (1 - decay) * (resp.T @ x) / n
-        s["s2"] = decay * s["s2"] + (1 - decay) * torch.einsum("nk,nd,ne->kde", resp, x, x) / n
+        s["s2"] = decay * s["s2"] + (1 - decay) * second / n
         means = s["s1"] / s["s0"][:, None]
         cov = s["s2"] / s["s0"][:, None, None] - torch.einsum("kd,ke->kde", means, means)
-        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
         self._set_parameters(s["s0"] / s["s0"].sum(), means, cov + s["reg"] * eye)
 
 

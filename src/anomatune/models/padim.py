@@ -45,6 +45,34 @@ class PaDiM(Detector):
             precs.append(precision_cholesky(cov).float())
         self.state.update(means=torch.cat(means), prec_chol=torch.cat(precs))
 
+    @torch.no_grad()
+    def online_update(self, u: torch.Tensor, positions: torch.Tensor, decay: float = 0.99) -> None:
+        """Online update of each position's Gaussian from patches ``u`` (N, D) at flat ``positions``.
+
+        Per-position running moments (mean of u and of u uᵀ) decay by ``decay``; the batch's
+        patches at each position take the share ``1 − decay``. Positions absent from the batch keep theirs.
+        """
+        self._check_fitted()
+        s = self.state
+        x = u.detach().double()
+        n_pos, d = s["means"].shape
+        eye = torch.eye(d, dtype=torch.float64, device=x.device)
+        if "s1" not in s:  # start from the fitted Gaussians
+            prec = s["prec_chol"].double()
+            cov = torch.cholesky_inverse(torch.linalg.cholesky(prec @ prec.transpose(1, 2))) - self.ridge * eye
+            s["s1"] = s["means"].double()
+            s["s2"] = cov + torch.einsum("pd,pe->pde", s["s1"], s["s1"])
+        counts = torch.bincount(positions, minlength=n_pos).double()
+        seen = counts > 0
+        first = torch.zeros(n_pos, d, dtype=torch.float64, device=x.device).index_add_(0, positions, x)
+        second = torch.zeros(n_pos, d, d, dtype=torch.float64, device=x.device).index_add_(0, positions, x[:, :, None] * x[:, None, :])
+        rate = torch.where(seen, 1 - decay, 0.0)
+        s["s1"] = s["s1"] + rate[:, None] * (first / counts.clamp_min(1)[:, None] - s["s1"])
+        s["s2"] = s["s2"] + rate[:, None, None] * (second / counts.clamp_min(1)[:, None, None] - s["s2"])
+        cov = s["s2"] - torch.einsum("pd,pe->pde", s["s1"], s["s1"]) + self.ridge * eye
+        s["means"] = s["s1"].float()
+        s["prec_chol"] = precision_cholesky(cov).float()
+
     def _mahalanobis_sq(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         diff = u - self.state["means"][positions].to(u.dtype)
         y = torch.einsum("nd,nde->ne", diff, self.state["prec_chol"][positions].to(u.dtype))

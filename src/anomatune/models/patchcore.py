@@ -34,7 +34,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
     """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory)."""
     dists, idxs = [], []
     bank_sq = (bank**2).sum(1)
-    for q in torch.split(queries, chunk):
+    for q in (queries[i : i + chunk] for i in range(0, len(queries), chunk)):  # slices, not split: exports to ONNX
         d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
         d, i = torch.topk(d2, k, dim=1, largest=False)
         dists.append(d.clamp_min(0).sqrt())
