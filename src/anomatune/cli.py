@@ -67,24 +67,28 @@ def _parse_settings(pairs: tuple[str, ...]) -> dict:
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors).")
 @click.option("--model", default="glad", type=click.Choice(["gmm", "glad", "padim", "patchcore"]), help="Detector.")
 @click.option("--backbone", default="efficientnet_lite0", help="Backbone: a packaged name (see 'anomatune backbones') or a timm name.")
-@click.option("--backbone-weights", type=click.Path(), default=None, help="Weights file (safetensors or state_dict) for the backbone.")
+@click.option("--backbone-weights", type=click.Path(), default=None, help="Weights file (safetensors or state_dict), or an 'anomatune finetune' run folder.")
 @click.option("--layers", default=None, help="Comma-separated stage indices; default: the backbone's (2,3 for EfficientNet-Lite).")
 @click.option("--image-size", default=256, help="Images are resized to this square size in pixels.")
 @click.option("--pool", default=3, help="Side of the average-pooling neighbourhood of patch features.")
 @click.option("--proj-dim", default=None, type=int, help="Project features to this many dimensions (default: keep all).")
 @click.option("--proj", default="random", type=click.Choice(["random", "pca"]), help="Projection kind when --proj-dim is set.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Detector setting, e.g. --set n_components=8 (repeatable).")
+@click.option("--threshold-holdout", default=0.1, help="Share of the good training images held out to learn the decision threshold (0: none).")
+@click.option("--threshold-quantile", default=0.99, help="Quantile of the held-out good images' scores that becomes the threshold.")
 @click.option("--batch-size", default=8, help="Images per feature-extraction batch.")
 @device_option
 @click.option("--seed", default=0, help="Seed for the random projection and the held-out threshold images (a detector's own seed is a setting: --set seed=N).")
-def fit_cmd(data, category, out, model, backbone, backbone_weights, layers, image_size, pool, proj_dim, proj, settings, batch_size, device, seed):
+def fit_cmd(data, category, out, model, backbone, backbone_weights, layers, image_size, pool, proj_dim, proj, settings,
+            threshold_holdout, threshold_quantile, batch_size, device, seed):
     """Fit a detector on the good training images of a category and save the run."""
     from .device import resolve_device
     from .runs import fit
 
     fit(data, category, out, model=model, backbone=backbone, backbone_weights=backbone_weights, layers=_parse_layers(layers),
         image_size=image_size, pool=pool, proj_dim=proj_dim, proj=proj, batch_size=batch_size, device=resolve_device(device),
-        seed=seed, detector_settings=_parse_settings(settings))
+        seed=seed, detector_settings=_parse_settings(settings), threshold_holdout=threshold_holdout,
+        threshold_quantile=threshold_quantile)
     click.echo(f"run saved in {out}")
 
 
