@@ -83,6 +83,14 @@ def extract_features(extractor: FeatureExtractor, dataset, batch_size: int = 8, 
     }
 
 
+def predict_features(detector: Detector, features: torch.Tensor, image_size, sigma: float, batch_size: int = 8,
+                     device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel maps and image scores of precomputed features, batch by batch, gathered on the CPU."""
+    maps, scores = zip(*((m.cpu(), s.cpu()) for m, s in (detector.predict(chunk.to(device), tuple(image_size), sigma)
+                                                        for chunk in torch.split(features, batch_size))))
+    return torch.cat(maps), torch.cat(scores)
+
+
 def fit(
     data: str | Path,
     category: str,
@@ -127,8 +135,8 @@ def fit(
     threshold = None
     if held_out is not None:
         held = extract_features(extractor, held_out, batch_size, device, desc="held-out good features")["features"]
-        maps, scores = zip(*(detector.predict(chunk.to(device), (image_size, image_size), sigma) for chunk in torch.split(held, batch_size)))
-        scores, pixels = torch.cat(scores).cpu().double(), torch.cat(maps).cpu().flatten()[:: 97].double()
+        maps, scores = predict_features(detector, held, (image_size, image_size), sigma, batch_size, device)
+        scores, pixels = scores.double(), maps.flatten()[:: 97].double()
         threshold = {"value": float(torch.quantile(scores, threshold_quantile)), "quantile": threshold_quantile,
                      "holdout_images": len(held_out), "good_map_median": float(pixels.median()),
                      "learnt_from": "held-out good training images"}
@@ -222,13 +230,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, category: str 
     test = MVTecAD(data, category, "test", image_size=run.image_size)
     start = time.perf_counter()
     loaded = extract_features(run.extractor, test, batch_size, device, desc="test features", keep_images=figures)
-    maps, scores = [], []
-    for chunk in torch.split(loaded["features"], batch_size):
-        m, s = run.detector.predict(chunk.to(device), run.image_size, run.config["sigma"])
-        maps.append(m.cpu())
-        scores.append(s.cpu())
+    maps, scores = predict_features(run.detector, loaded["features"], run.image_size, run.config["sigma"], batch_size, device)
     seconds = time.perf_counter() - start
-    maps_np, scores_np = torch.cat(maps).numpy(), torch.cat(scores).numpy()
+    maps_np, scores_np = maps.numpy(), scores.numpy()
     metrics = evaluate_scores(loaded["labels"], scores_np, loaded["masks"], maps_np)
     if loaded["labels"].min() != loaded["labels"].max():
         tuned, best_f1 = f1_optimal_threshold(loaded["labels"], scores_np)
