@@ -1,4 +1,4 @@
-"""What every benchmark shares: where ../shared/data is, its two categories, where results go."""
+"""What every benchmark shares: where ../shared/data is, its categories, where results go, scoring cached features."""
 
 from __future__ import annotations
 
@@ -6,9 +6,18 @@ import sys
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {"transistor": (SHARED / "mvtec", "transistor"), "magnetic_tile": (SHARED / "mtd", "magnetic_tile")}
+DATASETS = {
+    "transistor": (SHARED / "mvtec", "transistor"),
+    "magnetic_tile": (SHARED / "mtd", "magnetic_tile"),
+    "kolektorsdd1": (SHARED / "more", "kolektorsdd1"),
+    "bsdata_pitting": (SHARED / "more", "bsdata_pitting"),
+    "loco_juice_bottle_logical": (SHARED / "more", "loco_juice_bottle_logical"),
+    "elpv_mono": (SHARED / "more", "elpv_mono"),
+}
+FIRST_TWO = ["transistor", "magnetic_tile"]  # the categories of the tables committed before the other four arrived
 NEGATIVES = SHARED / "natural" / "imagenet_samples"
 RESULTS = Path(__file__).parent / "results"
+SQUARE = "256x256"  # anomalib's protocol (and these tables'): every image resized to a 256 px square
 
 
 def dataset(name: str) -> tuple[Path, str]:
@@ -17,3 +26,15 @@ def dataset(name: str) -> tuple[Path, str]:
     if not (root / category).exists():
         sys.exit(f"{root / category} is absent: this benchmark needs ../shared/data beside the checkout")
     return root, category
+
+
+def score_features(detector, features, size_hw, batch: int = 16):
+    """Pixel maps and image scores of cached test features, through the pipeline's post-processing."""
+    import torch
+
+    from anomatune.pipeline.postprocess import PostProcessor
+    from anomatune.pipeline.settings import PostprocessSettings
+
+    post = PostProcessor(PostprocessSettings(), size_hw)
+    maps, scores = zip(*(post(*detector.detect(chunk)) for chunk in torch.split(features, batch)))
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()

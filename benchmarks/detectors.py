@@ -1,7 +1,8 @@
 """All detectors on the frozen default backbone, on ../shared/data transistor and magnetic_tile.
 
 Image AUROC, pixel AUROC, AUPRO, fit seconds, test images/s and model size on disk.
-Writes ``benchmarks/results/detectors.json`` and ``detectors.md``.
+Every image is resized to a 256 px square (anomalib's protocol), every training image is
+in the fit (no threshold hold-out). Writes ``benchmarks/results/<name>.json`` and ``.md``.
 
     python benchmarks/detectors.py
     python benchmarks/detectors.py --datasets transistor --models padim glad
@@ -15,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from anomatune.runs import evaluate, fit
-from common import DATASETS, RESULTS, dataset as dataset_path
+from anomatune import Pipeline, open_dataset
+from anomatune.evaluation.evaluate import score_dataset
+from common import DATASETS, FIRST_TWO, RESULTS, SQUARE, dataset as dataset_path
 
 # PatchCore's coreset ratio on magnetic_tile follows anomalib's peer run (0.01): 0.1 takes hours there.
 SETTINGS = {("patchcore", "magnetic_tile"): {"coreset_ratio": 0.01}}
@@ -24,28 +26,34 @@ SETTINGS = {("patchcore", "magnetic_tile"): {"coreset_ratio": 0.01}}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=["gmm", "glad", "padim", "patchcore"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", default=SQUARE, help="Input size: a short side, or WxH.")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default="detectors", help="Results file stem.")
     args = parser.parse_args()
     rows = []
-    for dataset in args.datasets:
-        root, category = dataset_path(dataset)
+    for name in args.datasets:
+        root, category = dataset_path(name)
         for model in args.models:
+            settings = SETTINGS.get((model, name), {})
+            pipeline = Pipeline(detector={"name": model, **settings}, backbone=args.backbone, image_size=args.image_size,
+                                threshold_holdout=0, device=args.device)  # MVTec protocol: every training image in the fit
+            pipeline.fit(open_dataset(data=root, category=category))
+            evaluation = score_dataset(pipeline, open_dataset(data=root, category=category, split="test"))
             with tempfile.TemporaryDirectory() as tmp:
-                settings = SETTINGS.get((model, dataset), {})
-                fit(root, category, tmp, model=model, backbone=args.backbone, detector_settings=settings, threshold_holdout=0)  # MVTec protocol: all train images
-                result = evaluate(tmp, figures=False)
-                size = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-            row = {"dataset": dataset, "model": model, "settings": settings, **{k: result[k] for k in
-                   ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "test_images_per_s")}, "model_mib": round(size / 2**20, 1)}
+                pipeline.save(Path(tmp) / "run")
+                size = sum(p.stat().st_size for p in (Path(tmp) / "run").glob("*.safetensors"))
+            row = {"dataset": name, "model": model, "settings": settings, **{k: round(evaluation.metrics[k], 4) for k in
+                   ("image_auroc", "pixel_auroc", "aupro")}, "fit_seconds": pipeline.fit_record_.fit_seconds,
+                   "test_images_per_s": round(len(evaluation.scores) / evaluation.seconds, 2), "model_mib": round(size / 2**20, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    command = "python benchmarks/detectors.py " + " ".join(sys.argv[1:])
+    command = ("python benchmarks/detectors.py " + " ".join(sys.argv[1:])).strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command.strip(), "backbone": args.backbone, "rows": rows}, indent=2) + "\n")
-    lines = [f"# Detectors on the frozen {args.backbone} backbone", "", f"Command: `{command.strip()}` (2-core CPU, torch default threads).", "",
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "backbone": args.backbone, "rows": rows}, indent=2) + "\n")
+    lines = [f"# Detectors on the frozen {args.backbone} backbone", "", f"Command: `{command}` (2-core CPU, torch default threads).", "",
              "| dataset | detector | image AUROC | pixel AUROC | AUPRO | fit s | test images/s | model MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["model"] + (f" ({', '.join(f'{k}={v}' for k, v in r['settings'].items())})" if r["settings"] else "")

@@ -23,16 +23,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
-from anomatune.device import resolve_device
+from anomatune import Pipeline, RunFolder, open_dataset
+from anomatune.apps.options import parse_pairs
+from anomatune.evaluation.evaluate import score_dataset
 from anomatune.finetune import FinetuneSettings, finetune
-from anomatune.finetune.settings import setting_fields
-from anomatune.runs import evaluate, fit
-from common import DATASETS, NEGATIVES, RESULTS, dataset as dataset_path
+from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE, dataset as dataset_path
 
 # PatchCore at coreset 0.01 on both datasets (0.1 takes 4+ minutes a fit on this CPU); same for frozen and fine-tuned.
 DETECTOR_SETTINGS = {"patchcore": {"coreset_ratio": 0.01}}
@@ -83,7 +80,7 @@ def combine(files: list[str], name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=["gmm", "glad", "padim", "patchcore"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Fine-tuning settings to change.")
@@ -95,9 +92,9 @@ def main() -> None:
     if args.combine:
         return combine(args.combine, args.name)
     logging.basicConfig(level=logging.WARNING)
-    kinds = {name: kind for name, kind, _, _ in setting_fields()}
-    changes = {k: kinds[k](yaml.safe_load(v)) for k, v in (c.split("=", 1) for c in args.changes)}
-    device = resolve_device(args.device)
+    changes = parse_pairs(args.changes)  # flat names of FinetuneSettings, e.g. temperature=16 or proj_dim=64
+    base = FinetuneSettings().updated(image_size=SQUARE, **changes)  # the 256 px square protocol of the committed tables
+    device = args.device
     command = ("python benchmarks/finetune.py " + " ".join(sys.argv[1:])).strip()
     rows: list[dict] = []
     RESULTS.mkdir(exist_ok=True)
@@ -105,35 +102,35 @@ def main() -> None:
     def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        settings = {k: v for k, v in vars(replace(FinetuneSettings(), **changes)).items()}
-        (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "settings": settings, "rows": rows}, indent=1) + "\n")
+        (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "settings": base.to_dict(), "rows": rows}, indent=1) + "\n")
         (RESULTS / f"{args.name}.md").write_text(_table(rows, [command], changes or {"defaults": True}))
 
     for dataset in args.datasets:
         root, category = dataset_path(dataset)
+        train, test = (open_dataset(data=root, category=category, split=split) for split in ("train", "test"))
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 tuned = Path(tmp) / "finetune"
-                settings = replace(FinetuneSettings(), **(changes | {"seed": seed}))
-                report = finetune(root, category, NEGATIVES, tuned, settings, device=device)
-                seconds = yaml.safe_load((tuned / "finetune.yaml").read_text())["seconds_this_session"]
+                settings = base.updated(seed=seed)
+                report = finetune(train, NEGATIVES, tuned, settings, device=device)
+                folder = RunFolder(tuned)
+                seconds = folder.read_yaml(RunFolder.FINETUNE)["seconds_this_session"]
                 if seed == args.seeds[0]:
-                    shutil.copy(tuned / "finetune_weights.png", RESULTS / f"{args.name}_weights_{dataset}.png")
-                    shutil.copy(tuned / "finetune_loss.png", RESULTS / f"{args.name}_loss_{dataset}.png")
+                    shutil.copy(folder / RunFolder.WEIGHTS_FIGURE, RESULTS / f"{args.name}_weights_{dataset}.png")
+                    shutil.copy(folder / RunFolder.LOSS_FIGURE, RESULTS / f"{args.name}_loss_{dataset}.png")
                 tune_stats = {"finetune_seconds": seconds, "visible_start": report["start"]["negative_visible_share"],
                               "visible_end": report["end"]["negative_visible_share"],
                               "kept_visible_start": report["start"]["kept_visible_share"], "kept_visible_end": report["end"]["kept_visible_share"],
                               "variance_ratio": report["feature_variance_ratio"], "collapsed": report["collapsed"]}
                 for i, model in enumerate(args.models):
-                    for backbone, weights in ([] if args.no_frozen else [("frozen", None)]) + [("fine-tuned", tuned)]:
-                        run = Path(tmp) / f"{model}-{backbone}"
-                        fit(root, category, run, model=model, backbone=settings.backbone, backbone_weights=weights, seed=seed,
-                            image_size=settings.image_size, device=device, detector_settings=DETECTOR_SETTINGS.get(model),
-                            threshold_holdout=0)  # MVTec protocol: every training image in the fit
-                        result = evaluate(run, figures=False, device=device)
+                    for backbone, weights in ([] if args.no_frozen else [("frozen", None)]) + [("fine-tuned", str(tuned))]:
+                        pipeline = Pipeline(detector={"name": model, **DETECTOR_SETTINGS.get(model, {})}, backbone=settings.features.backbone,
+                                            backbone_weights=weights, seed=seed, image_size=settings.features.image_size,
+                                            threshold_holdout=0, device=device)  # MVTec protocol: every training image in the fit
+                        metrics = score_dataset(pipeline.fit(train), test).metrics
                         extra = tune_stats if (backbone == "fine-tuned" and i == 0) else {}
                         record({"dataset": dataset, "model": model, "backbone": backbone, "seed": seed,
-                                **{m: result[m] for m in METRICS}, **extra})
+                                **{m: round(metrics[m], 4) for m in METRICS}, **extra})
 
 
 if __name__ == "__main__":

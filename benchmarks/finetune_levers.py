@@ -17,20 +17,19 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import replace
-
+from anomatune import open_dataset
 from anomatune.finetune import FinetuneSettings, dry_run
-from common import DATASETS, NEGATIVES, RESULTS, dataset as dataset_path
+from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE, dataset as dataset_path
 
 # The paper's settings (quantile calibration, no temperature, fraction filter); each row changes them.
 PAPER = {"calibration": "quantile", "temperature": 1.0, "filter": "fraction"}
 LEVERS = [
     {},
-    {"proj_dim": 0},
+    {"proj_dim": None},
     {"proj_dim": 16},
     {"proj_dim": 64},
-    {"model": "glad"},
-    {"model": "padim"},
+    {"guide": "glad"},
+    {"guide": "padim"},
     {"calibration": "midpoint"},
     {"temperature": 4.0},
     {"temperature": 16.0},
@@ -45,17 +44,18 @@ COLUMNS = ["negative_visible_share", "negative_band_share", "kept_visible_share"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for dataset in args.datasets:
         root, category = dataset_path(dataset)
+        train = open_dataset(data=root, category=category)
         for lever in LEVERS:
-            settings = replace(FinetuneSettings(), **(PAPER | lever))
+            settings = FinetuneSettings().updated(image_size=SQUARE, **(PAPER | lever))
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                summary = dry_run(root, category, NEGATIVES, tmp, settings)
+                summary = dry_run(train, NEGATIVES, tmp, settings)
             row = {"dataset": dataset, "lever": lever, **{k: round(summary[k], 4) for k in COLUMNS},
                    "seconds": round(time.perf_counter() - start, 1)}
             print(row, flush=True)

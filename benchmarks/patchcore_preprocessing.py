@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-from anomatune.backbones import IMAGENET_MEAN, IMAGENET_STD
-from anomatune.data import MVTecAD
+from anomatune.data import MVTecAD, collate
+from anomatune.evaluation.metrics import evaluate_scores
 from anomatune.features import FeatureExtractor
-from anomatune.metrics import evaluate_scores
+from anomatune.features.backbones import IMAGENET_MEAN, IMAGENET_STD
 from anomatune.models import PatchCore
-from anomatune.runs import extract_features
+from common import score_features
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
 RESULTS = Path(__file__).parent / "results"
@@ -52,15 +53,12 @@ def run(variant: str) -> dict:
         extractor.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         extractor.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     view = CentreCrop if "crop" in variant else (lambda dataset: dataset)
-    train = extract_features(extractor, view(MVTecAD(ROOT, "transistor", "train")))["features"]
-    test = extract_features(extractor, view(MVTecAD(ROOT, "transistor", "test")))
+    train = extractor.extract(DataLoader(view(MVTecAD(ROOT, "transistor", "train")), batch_size=8, collate_fn=collate))
+    test = list(DataLoader(view(MVTecAD(ROOT, "transistor", "test")), batch_size=8, collate_fn=collate))
+    masks = torch.cat([b["mask"] for b in test]).numpy().astype(bool)[:, 0]
     detector = PatchCore().fit(train)
-    maps, scores = [], []
-    for chunk in torch.split(test["features"], 16):
-        m, s = detector.predict(chunk, tuple(test["masks"].shape[-2:]))
-        maps.append(m)
-        scores.append(s)
-    metrics = evaluate_scores(test["labels"], torch.cat(scores).numpy(), test["masks"], torch.cat(maps).numpy())
+    maps, scores = score_features(detector, extractor.extract(test), masks.shape[-2:])
+    metrics = evaluate_scores(torch.cat([b["label"] for b in test]).numpy(), scores, masks, maps)
     return {"variant": variant, **{k: round(v, 4) for k, v in metrics.items()}}
 
 

@@ -18,11 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomatune.data import MVTecAD, collate
+from anomatune.evaluation.metrics import evaluate_scores
 from anomatune.features import FeatureExtractor
-from anomatune.metrics import evaluate_scores
 from anomatune.models import create_detector
-from anomatune.runs import extract_features
-from common import DATASETS, RESULTS, dataset as dataset_path
+from common import FIRST_TWO, DATASETS, RESULTS, SQUARE, dataset as dataset_path, score_features
 
 OLD_GMM = {"n_components": 16, "ridge": 1e-3, "max_patches": 20_000, "normalize": False}
 DETECTOR_GRID = [
@@ -42,29 +41,29 @@ LAYER_GRID = [((1, 2, 3), None), ((2, 3, 4), None), ((2,), None), ((3,), None)]
 
 
 def features(dataset: str, layers: tuple[int, ...], proj_dim: int | None) -> tuple[torch.Tensor, dict]:
+    """Train features, and test features with labels and masks, on the 256 px square protocol."""
     root, category = dataset_path(dataset)
-    train = MVTecAD(root, category, "train")
+    train, test = (MVTecAD(root, category, split, image_size=SQUARE) for split in ("train", "test"))
     extractor = FeatureExtractor("efficientnet_lite0", layers=layers, proj_dim=proj_dim, proj="pca").eval()
     extractor.fit_projection(DataLoader(train, batch_size=8, collate_fn=collate))
-    return extract_features(extractor, train)["features"], extract_features(extractor, MVTecAD(root, category, "test"))
+    batches = list(DataLoader(test, batch_size=8, collate_fn=collate))
+    return extractor.extract(DataLoader(train, batch_size=8, collate_fn=collate)), {
+        "features": extractor.extract(batches), "labels": test.labels,
+        "masks": torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0], "size": test.size_hw}
 
 
 def evaluate(name: str, settings: dict, train: torch.Tensor, test: dict) -> dict:
     start = time.perf_counter()
-    detector = create_detector(name, **settings).fit(train)
+    detector = create_detector({"name": name, **settings}).fit(train)
     fit_seconds = time.perf_counter() - start
-    maps, scores = [], []
-    for chunk in torch.split(test["features"], 16):
-        m, s = detector.predict(chunk, (256, 256))
-        maps.append(m)
-        scores.append(s)
-    metrics = evaluate_scores(test["labels"], torch.cat(scores).numpy(), test["masks"], torch.cat(maps).numpy())
+    maps, scores = score_features(detector, test["features"], test["size"])
+    metrics = evaluate_scores(test["labels"], scores, test["masks"], maps)
     return {k: round(v, 4) for k, v in metrics.items()} | {"fit_seconds": round(fit_seconds, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
     args = parser.parse_args()
     for name in args.datasets:
         dataset_path(name)  # exits early when ../shared/data is absent

@@ -1,5 +1,11 @@
-"""Shared fixtures: the real data in ../shared (skipped with a reason when absent) and tiny synthetic folders."""
+"""Shared fixtures: tiny synthetic folders, a fast backbone, and the real data in ../shared (skipped with a reason when absent).
 
+Tests that need the packaged pretrained weights or ../shared are marked ``slow``:
+``pytest -m "not slow"`` runs the rest in under a minute on 2 CPU cores. The fast tests
+use timm's ``test_efficientnet`` with random weights (drawn from a fixed seed).
+"""
+
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before timm reads it: no test waits on the hub (no internet here)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAST = {"backbone": "test_efficientnet", "backbone_weights": "random", "image_size": 32}  # tiny, random weights: fast tests
 
 
 def shared_path(*parts: str) -> Path:
@@ -19,8 +27,8 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    """Test inputs drawn with torch.rand are the same every run (the library itself never reseeds)."""
     torch.manual_seed(0)
-    np.random.seed(0)
 
 
 def save_image(path: Path, size=(40, 30), mode="RGB", value=None, rng=None) -> Path:
@@ -39,18 +47,44 @@ def save_image(path: Path, size=(40, 30), mode="RGB", value=None, rng=None) -> P
     return path
 
 
+def save_mask(path: Path, size=(40, 30), box=(10, 5, 20, 15)) -> Path:
+    """A 0/255 mask (width, height) with a defective box (x0, y0, x1, y1)."""
+    w, h = size
+    mask = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask, "L").save(path)
+    return path
+
+
 @pytest.fixture
 def mvtec_tree(tmp_path):
-    """A tiny MVTec-layout category: 4 train, 2 good + 2 defective test images with masks."""
+    """A tiny MVTec-layout category: 6 train, 2 good + 2 defective test images with masks."""
+    rng = np.random.default_rng(0)
     cat = tmp_path / "widget"
-    for i in range(4):
-        save_image(cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(6):
+        save_image(cat / "train" / "good" / f"{i:03d}.png", rng=rng)
     for i in range(2):
-        save_image(cat / "test" / "good" / f"{i:03d}.png")
-    for i in range(2):
-        save_image(cat / "test" / "scratch" / f"{i:03d}.png")
-        mask = np.zeros((30, 40), np.uint8)
-        mask[5:15, 10:20] = 255
-        (cat / "ground_truth" / "scratch").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask, "L").save(cat / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+        save_image(cat / "test" / "good" / f"{i:03d}.png", rng=rng)
+        save_image(cat / "test" / "scratch" / f"{i:03d}.png", rng=rng)
+        save_mask(cat / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def brick(tmp_path_factory) -> Path:
+    """The demo's brick dataset (scikit-image texture, synthetic defects with masks), small: MVTec layout root."""
+    from anomatune.apps.demo import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("brick") / "data", n_train=12, n_good_test=4, n_defect=2, crop=64)
+
+
+@pytest.fixture(scope="session")
+def fast_run(brick, tmp_path_factory) -> Path:
+    """A run fitted on the brick data with the fast backbone and PaDiM (with a learnt threshold)."""
+    from anomatune import Pipeline, open_dataset
+
+    out = tmp_path_factory.mktemp("fast_run") / "run"
+    Pipeline(detector="padim", device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(out)
+    return out

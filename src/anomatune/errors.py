@@ -1,6 +1,7 @@
 """Errors a user can act on: each message names the file or setting and what to do.
 
-The CLI prints them as one line (no traceback); the library raises them as usual.
+The CLI prints them as one line (no traceback) and exits with code 2; the library
+raises them as usual.
 """
 
 
@@ -14,3 +15,15 @@ class DataError(AnomatuneError, ValueError):
 
 class BackboneError(AnomatuneError, ValueError):
     """A backbone name, layer choice or weights file cannot be used."""
+
+
+class SettingsError(AnomatuneError, ValueError):
+    """A setting (from Python, YAML or the command line) has a value it cannot take."""
+
+
+class NotFittedError(AnomatuneError, AttributeError):
+    """A detector or pipeline was used before ``fit`` (scikit-learn's name for it)."""
+
+
+class RunFolderError(AnomatuneError):
+    """A run folder is missing, of another kind or version, incomplete, or in use."""

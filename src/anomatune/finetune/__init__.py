@@ -5,15 +5,8 @@ mixture loss and the outlier filter) → ``loop`` (Adam, online guiding model,
 checkpoints) → ``diagnostics`` (gradient weights, feature norms, figures).
 """
 
-from .settings import FinetuneSettings
+from ..lazy import lazy_exports
 
-
-def __getattr__(name):  # the loop imports torch: load it only when used
-    if name in ("finetune", "dry_run", "Finetuner"):
-        from . import loop
-
-        return getattr(loop, name)
-    raise AttributeError(name)
-
-
-__all__ = ["FinetuneSettings", "Finetuner", "dry_run", "finetune"]
+_EXPORTS = {"FinetuneSettings": "settings", "Finetuner": "loop", "finetune": "loop", "dry_run": "loop"}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

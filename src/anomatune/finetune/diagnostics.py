@@ -10,51 +10,48 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-from ..models.base import flatten_patches
+from ..models.base import flatten_patches, in_chunks
 from .loss import MixtureLoss, keep_negatives
+from .negatives import patch_mask
 
 BINS = np.linspace(0.0, 1.0, 51)
 VISIBLE = 0.01  # a gradient weight above this is "non-negligible"
+FEATURE_BATCH = 8  # images per feature batch of the set-up and the diagnostics
 
 
 @torch.no_grad()
-def patch_features(extractor, images: torch.Tensor, device, batch_size: int = 8):
+def patch_features(extractor, images: torch.Tensor, batch_size: int):
     """Raw (unprojected) and projected patch features of ``images``, flattened ``(N*h*w, D)``, on the CPU."""
     extractor.eval()
-    raw, projected = [], []
-    for chunk in torch.split(images, batch_size):
-        features = extractor.raw_features(chunk.to(device))
-        raw.append(flatten_patches(features).float().cpu())
-        projected.append(flatten_patches(extractor.project(features)).float().cpu())
-    grid = features.shape[-2:]
-    return torch.cat(raw), torch.cat(projected), grid
+    device = extractor.mean.device
+    raw = extractor.extract(torch.split(images, batch_size), desc="diagnostic features", raw=True)
+    projected = torch.cat([extractor.project(chunk.to(device)).cpu() for chunk in torch.split(raw, batch_size)])
+    return flatten_patches(raw).float(), flatten_patches(projected).float(), raw.shape[-2:]
 
 
-def log_densities(guide, u: torch.Tensor, grid, device) -> torch.Tensor:
-    """The guide's log-density of flattened patches (whole images, in order), chunked."""
-    per_image = grid[0] * grid[1]
-    positions = torch.arange(per_image).repeat(len(u) // per_image)
+def log_densities(guide, u: torch.Tensor, grid) -> torch.Tensor:
+    """The guide's log-density of flattened patches (whole images, in order), on the CPU in float64."""
+    device = guide.grid_.device
+    positions = torch.arange(grid[0] * grid[1]).repeat(len(u) // (grid[0] * grid[1]))
     with torch.no_grad():
-        return torch.cat([guide.log_density(u[i : i + 8192].to(device), positions[i : i + 8192].to(device)).cpu()
-                          for i in range(0, len(u), 8192)]).double()
+        return in_chunks(lambda x, where: guide.log_density(x.to(device), where.to(device)).cpu(), u, positions).double()
 
 
 def weight_summary(guide, loss: MixtureLoss, extractor, good: torch.Tensor, negatives: torch.Tensor, negative_masks: torch.Tensor,
-                   device, filter_mode: str, filter_fraction: float, batch_neg: int) -> dict:
+                   filter_mode: str, filter_fraction: float, batch_neg: int) -> dict:
     """Gradient-weight distributions and feature statistics on fixed good and negative images.
 
     Only the negative patches of ``negative_masks`` count; the filter sees them in groups of
     ``batch_neg`` images, as in a training step.
     """
-    from .negatives import patch_mask
-
-    good_raw, good_u, grid = patch_features(extractor, good, device)
-    neg_raw, neg_u, _ = patch_features(extractor, negatives, device)
+    good_raw, good_u, grid = patch_features(extractor, good, FEATURE_BATCH)
+    neg_raw, neg_u, _ = patch_features(extractor, negatives, FEATURE_BATCH)
     inside = patch_mask(negative_masks, grid)
     step_of_patch = (torch.arange(len(negatives)) // batch_neg).repeat_interleave(grid[0] * grid[1])[inside]
     neg_raw = neg_raw[inside]
-    ld_good, ld_neg = log_densities(guide, good_u, grid, device), log_densities(guide, neg_u, grid, device)[inside]
+    ld_good, ld_neg = log_densities(guide, good_u, grid), log_densities(guide, neg_u, grid)[inside]
     w_pos = 1 - loss.p_inside(ld_good)  # P(z=−|u+)
     w_neg = loss.p_inside(ld_neg)  # P(z=+|u−)
     kept = torch.cat([torch.nonzero(step_of_patch == k).flatten()[keep_negatives(ld_neg[step_of_patch == k], loss, filter_mode, filter_fraction)]
@@ -92,14 +89,10 @@ def describe(summary: dict) -> str:
     )
 
 
-def save_weight_figure(start: dict, end: dict | None, out, title: str = "") -> None:
+def weight_figure(start: dict, end: dict | None, title: str = "") -> Figure:
     """The supplementary's Figure 2: gradient-weight histograms at the start (and end) of fine-tuning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
     centres = 0.5 * (BINS[1:] + BINS[:-1])
     for ax, key, label in zip(axes, ("positive_histogram", "negative_histogram"), ("P(z=−|u+), good patches", "P(z=+|u−), negative patches")):
         for summary, name, colour in ((start, "start", "tab:red"), (end, "end", "tab:blue")):
@@ -113,19 +106,14 @@ def save_weight_figure(start: dict, end: dict | None, out, title: str = "") -> N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def save_loss_figure(history: list[dict], out) -> None:
+def loss_figure(history: list[dict]) -> Figure:
     """Loss terms and mean gradient weights per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
     for key in ("loss", "loss_pos", "loss_neg"):
         axes[0].plot(steps, [h[key] for h in history], label=key)
     for key in ("p_pos_misclassified", "p_neg_inside", "p_kept_inside"):
@@ -135,5 +123,4 @@ def save_loss_figure(history: list[dict], out) -> None:
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return fig

@@ -1,53 +1,52 @@
 """The fine-tuning loop: Adam on the backbone, guided by an online density model.
 
 Each step takes ``batch_pos`` good training images and ``batch_neg`` negatives (natural
-crops colour-mapped onto good images, whole or pasted into them); the guiding model (GMM, GLAD or PaDiM, fitted on the frozen features in
-the fixed projection space) first follows the detached good features by online EM,
-then scores both: loss = mean L_pos over good patches + mean L_neg over the negatives
-kept by the outlier filter. Batch-norm statistics stay frozen.
+crops colour-mapped onto good images, whole or pasted into them); the guiding model (a
+:class:`DensityModel`: GMM, GLAD or PaDiM, fitted on the frozen features in the fixed
+projection space) first follows the detached good features by online EM, then scores
+both: loss = mean L_pos over good patches + mean L_neg over the negatives kept by the
+outlier filter. Batch-norm statistics stay frozen.
 
-A run folder gets ``checkpoint.pt`` every ``checkpoint_every`` steps (written to a
-temporary file, then renamed; read back with ``weights_only=True``) and, at the end,
-``backbone.safetensors`` (the whole backbone, usable by ``fit --backbone-weights``),
-``finetune.yaml``, ``diagnostics.json`` and the figures.
+The run folder (a :class:`RunFolder` of kind ``finetune``) gets ``checkpoint.pt`` every
+``checkpoint_every`` steps (atomically; read back with ``weights_only=True``) and, at the
+end, ``backbone.safetensors`` (the whole backbone, for ``fit --backbone-weights``),
+``finetune.yaml``, ``diagnostics.json`` and the figures. Every draw goes through one
+seeded generator saved in the checkpoints: ``--resume`` reproduces an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..backbones import FINETUNED_WEIGHTS, create_backbone
-from ..data import MVTecAD, NaturalImages, collate
-from ..errors import AnomatuneError
-from ..features import FeatureExtractor
-from ..models import create_detector
-from ..models.base import flatten_patches
-from ..runs import _atomic_write
+from ..data.datasets import AnomalyDataset, NaturalImages, collate
+from ..device import resolve_device
+from ..errors import AnomatuneError, RunFolderError
+from ..features.backbones import create_backbone
+from ..features.extractor import FeatureExtractor
+from ..models.base import DensityModel, flatten_patches
+from ..models.registry import DETECTORS, create_detector
+from ..pipeline.folders import RunFolder, resolve_weights
+from ..pipeline.settings import RuntimeSettings
 from . import diagnostics
 from .loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
 from .negatives import NegativeSampler, patch_mask
-from .settings import FinetuneSettings, check_settings
+from .settings import FinetuneSettings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 COLLAPSE_RATIO = 0.25  # good-feature variance falling below this share of the start's is a collapse
 
 
-def _load_images(dataset, batch_size: int = 16) -> torch.Tensor:
+def _load_images(dataset: AnomalyDataset, batch_size: int = 16) -> torch.Tensor:
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     return torch.cat([batch["image"] for batch in tqdm(loader, desc="load good images", leave=False)])
 
@@ -61,32 +60,44 @@ def _flip(images: torch.Tensor, flip: str, generator: torch.Generator) -> torch.
     return images
 
 
-class Finetuner:
-    """One fine-tuning run: set-up on the frozen backbone, steps, checkpoints, outputs."""
+def guide_for(settings: FinetuneSettings):
+    """The guiding model: a fresh detector of the guide settings, seeded by the fine-tuning's seed.
 
-    def __init__(self, data, category: str, negatives, out, settings: FinetuneSettings | None = None, device="cpu"):
+    It must be a :class:`DensityModel`; anything else is refused before any work starts.
+    """
+    guide = create_detector(settings.guide.updated(seed=settings.seed) if "seed" in settings.guide.setting_names() else settings.guide)
+    if not isinstance(guide, DensityModel):
+        usable = [name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)]
+        raise AnomatuneError(f"{guide.name} cannot guide the fine-tuning: it has no log_density and online_update; "
+                             f"use one of {', '.join(usable)}")
+    return guide
+
+
+class Finetuner:
+    """One fine-tuning run: set-up on the frozen backbone, steps, checkpoints, outputs.
+
+    ``train``: the good training images (any layout, see ``anomatune.data.open_dataset``);
+    ``negatives``: a folder of natural photos; ``out``: the run folder; ``runtime``: ``device``.
+    """
+
+    def __init__(self, train: AnomalyDataset, negatives: str | Path, out: str | Path, settings: FinetuneSettings | None = None,
+                 **runtime):
         self.settings = s = settings or FinetuneSettings()
-        problems = check_settings(s)
-        if problems:
-            raise AnomatuneError("; ".join(problems))
-        self.out, self.device = Path(out), torch.device(device)
-        self.data = {"root": str(Path(data).resolve()), "category": category, "negatives": str(Path(negatives).resolve())}
-        torch.manual_seed(s.seed)
-        train = MVTecAD(data, category, "train", image_size=s.image_size)
-        self.good = _load_images(train)
-        self.sampler = NegativeSampler(NaturalImages(negatives, image_size=s.image_size), self.good, s.rho_min, s.crop_min,
-                                       s.color_method, s.negative_mode, s.paste_min, s.paste_max)
-        self.extractor = FeatureExtractor(create_backbone(s.backbone), layers=s.layer_tuple(), pool=s.pool,
-                                          proj_dim=s.proj_dim or None, proj=s.proj, seed=s.seed).to(self.device)
+        self.guide = guide_for(s)
+        self.folder, self.device = RunFolder(out), resolve_device(RuntimeSettings().updated(**runtime).device)
+        self.size = train.size_for(s.features.image_size)
+        self.data = {"train": train.source.to_dict() if train.source else train.name, "negatives": str(Path(negatives).resolve()),
+                     "input_size": list(self.size)}
+        self.good = _load_images(train.at_size(self.size))
+        self.sampler = NegativeSampler(NaturalImages(negatives, image_size=self.size), self.good, s)
+        self.weights = resolve_weights(s.features.backbone_weights)
+        backbone = create_backbone(s.features.backbone, weights=self.weights)
+        self.extractor = FeatureExtractor(s.features, backbone=backbone, seed=s.seed).to(self.device)
         self.weights_id = self.extractor.weights_id
         self.generator = torch.Generator().manual_seed(s.seed)
         n_diag = min(s.diag_images, len(self.good))
         self.diag_good = self.good[torch.linspace(0, len(self.good) - 1, n_diag).long()]
         self.diag_negatives, self.diag_masks = self.sampler.sample(s.diag_images, torch.Generator().manual_seed(s.seed + 1))
-        guide_settings = {"ridge": s.ridge, "normalize": False}
-        if s.model != "padim":
-            guide_settings |= {"n_components": s.n_components, "seed": s.seed}
-        self.guide = create_detector(s.model, **guide_settings)
         self.loss = MixtureLoss(s.alpha, temperature=s.temperature)
         self.history: list[dict] = []
         self.step_done = 0
@@ -97,17 +108,15 @@ class Finetuner:
     def setup(self) -> dict:
         """Fit the projection and the guiding model on the frozen features, calibrate log L, diagnose."""
         s = self.settings
-        if s.proj_dim and s.proj == "pca":
-            self.extractor.fit_projection(torch.split(self.good, 8), seed=s.seed)
-        with torch.no_grad():
-            features = torch.cat([self.extractor.eval()(chunk.to(self.device)).cpu() for chunk in
-                                  tqdm(torch.split(self.good, 8), desc="frozen features", leave=False)])
+        if s.features.proj_dim is not None and s.features.proj == "pca":
+            self.extractor.fit_projection(torch.split(self.good, diagnostics.FEATURE_BATCH), seed=s.seed)
+        features = self.extractor.eval().extract(torch.split(self.good, diagnostics.FEATURE_BATCH), desc="frozen features")
         self.guide.fit(features.to(self.device))
         self.guide.to(self.device)
         grid = features.shape[-2:]
-        good_ld = diagnostics.log_densities(self.guide, flatten_patches(features), grid, self.device)
-        _, neg_u, _ = diagnostics.patch_features(self.extractor, self.diag_negatives, self.device)
-        neg_ld = diagnostics.log_densities(self.guide, neg_u, grid, self.device)[patch_mask(self.diag_masks, grid)]
+        good_ld = diagnostics.log_densities(self.guide, flatten_patches(features), grid)
+        _, neg_u, _ = diagnostics.patch_features(self.extractor, self.diag_negatives, diagnostics.FEATURE_BATCH)
+        neg_ld = diagnostics.log_densities(self.guide, neg_u, grid)[patch_mask(self.diag_masks, grid)]
         if s.temperature == 0:
             self.loss.temperature = auto_temperature(good_ld, neg_ld)
             log.info("temperature (auto): %.3g", self.loss.temperature)
@@ -118,11 +127,12 @@ class Finetuner:
     def diagnose(self) -> dict:
         s = self.settings
         return diagnostics.weight_summary(self.guide, self.loss, self.extractor, self.diag_good, self.diag_negatives, self.diag_masks,
-                                          self.device, s.filter, s.filter_fraction, s.batch_neg)
+                                          s.filter, s.filter_fraction, s.batch_neg)
 
     # -- training ------------------------------------------------------------------------------
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adam on the trained blocks (the stem and the first ``frozen_blocks`` blocks stay pretrained)."""
         model, n_frozen = self.extractor.model, self.settings.frozen_blocks
         if n_frozen:
             stem = ("conv_stem", "bn1", "patch_embed", "cls_token", "pos_embed", "reg_token")  # CNN and ViT names
@@ -145,7 +155,7 @@ class Finetuner:
         u = flatten_patches(features.float())
         positions = torch.arange(h * w, device=self.device).repeat(b)
         n_pos = s.batch_pos * h * w
-        self.guide.online_update(u[:n_pos].detach(), positions[:n_pos], decay=s.decay)
+        self.guide.online_update(u[:n_pos].detach(), positions[:n_pos], s.decay)
         inside = n_pos + torch.nonzero(patch_mask(masks, (h, w))).flatten().to(self.device)
         ld_pos = self.guide.log_density(u[:n_pos], positions[:n_pos])
         ld_neg = self.guide.log_density(u[inside], positions[inside])
@@ -166,26 +176,21 @@ class Finetuner:
                     "p_pos_misclassified": (1 - self.loss.p_inside(ld_pos)).mean().item(), "p_neg_inside": p_neg.mean().item() if len(p_neg) else 0.0,
                     "p_kept_inside": p_neg[kept].mean().item() if len(kept) else 0.0}
 
-    def _checkpoint_state(self, optimizer) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step_done, "settings": asdict(self.settings),
-                "extractor": self.extractor.state_dict(), "optimizer": optimizer.state_dict(),
-                "guide": {k: v.cpu() for k, v in self.guide.state.items()}, "log_volume": self.loss.log_volume,
-                "temperature": self.loss.temperature,
-                "generator": self.generator.get_state(), "history": self.history, "start": self.start_summary}
+    # -- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self, optimizer) -> None:
-        state = self._checkpoint_state(optimizer)
-        _atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        self.folder.write_torch(RunFolder.CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT, "step": self.step_done, "settings": self.settings.to_dict(),
+            "extractor": self.extractor.state_dict(), "optimizer": optimizer.state_dict(), "guide": self.guide.state_dict(),
+            "log_volume": self.loss.log_volume, "temperature": self.loss.temperature, "generator": self.generator.get_state(),
+            "history": self.history, "start": self.start_summary})
 
     def load_checkpoint(self, optimizer) -> None:
-        path = self.out / CHECKPOINT
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AnomatuneError(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from exc
+        path = self.folder / RunFolder.CHECKPOINT
+        state = self.folder.read_torch(RunFolder.CHECKPOINT)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise AnomatuneError(f"{path}: checkpoint of another format; delete it to start over")
-        mine = asdict(self.settings) | {"steps": None}
+            raise RunFolderError(f"{path}: checkpoint of another format (another anomatune version); delete it to start over")
+        mine = self.settings.to_dict() | {"steps": None}
         theirs = state["settings"] | {"steps": None}
         changed = sorted(k for k in mine if mine[k] != theirs.get(k))
         if changed:
@@ -193,22 +198,29 @@ class Finetuner:
                                  "resume with the same settings (only --steps may change) or use another --out")
         self.extractor.load_state_dict(state["extractor"])
         optimizer.load_state_dict(state["optimizer"])
-        self.guide.load_state_dict({k: v.to(self.device) for k, v in state["guide"].items()})
+        self.guide.load_state_dict(state["guide"], source=str(path)).to(self.device)
         self.loss.log_volume, self.loss.temperature = state["log_volume"], state["temperature"]
         self.generator.set_state(state["generator"])
         self.history, self.step_done, self.start_summary = state["history"], state["step"], state["start"]
 
     def run(self, resume: bool = False) -> dict:
         """Set up (or resume), train, write the fine-tuned backbone and the diagnostics."""
+        with self.folder.claim("finetune"):
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            return self._train(resume)
+
+    def _train(self, resume: bool) -> dict:
         s = self.settings
-        self.out.mkdir(parents=True, exist_ok=True)
-        optimizer = self._optimizer()
-        if (self.out / CHECKPOINT).exists():
-            if not resume:
-                raise AnomatuneError(f"{self.out} already holds a fine-tuning checkpoint: pass --resume to continue it, or another --out")
+        optimizer = self.optimizer()
+        has_checkpoint = (self.folder / RunFolder.CHECKPOINT).is_file()
+        if has_checkpoint and resume:
             self.load_checkpoint(optimizer)
-            log.info("resumed from step %d of %s", self.step_done, self.out / CHECKPOINT)
+            log.info("resumed from step %d of %s", self.step_done, self.folder / RunFolder.CHECKPOINT)
+        elif has_checkpoint or (self.folder / RunFolder.BACKBONE).is_file():
+            raise RunFolderError(f"{self.folder.path} already holds a fine-tuning: pass --resume to continue it, or another --out")
         else:
+            if resume:
+                log.warning("--resume: %s holds no checkpoint, so the fine-tuning starts from step 0", self.folder.path)
             self.setup()
             log.info("frozen features:\n%s", diagnostics.describe(self.start_summary))
         start = time.perf_counter()
@@ -219,7 +231,7 @@ class Finetuner:
             except FloatingPointError as exc:
                 raise AnomatuneError(
                     f"fine-tuning stopped at step {self.step_done + 1}: {exc}. The last good checkpoint (step {self.step_done}) "
-                    f"is {self.out / CHECKPOINT}: lower --lr or set --clip-grad, then --resume"
+                    f"is {self.folder / RunFolder.CHECKPOINT}: lower --lr or set --clip-grad, then --resume"
                 ) from None
             self.step_done += 1
             self.history.append(record)
@@ -232,13 +244,10 @@ class Finetuner:
     # -- outputs ---------------------------------------------------------------------------------
 
     def save_backbone(self) -> Path:
-        """The whole backbone (pruned stages restored from the pretrained weights) as safetensors."""
-        full = create_backbone(self.settings.backbone).model
+        """The whole backbone (pruned stages restored from the starting weights) as safetensors."""
+        full = create_backbone(self.settings.features.backbone, weights=self.weights).model
         full.load_state_dict(self.extractor.model.state_dict(), strict=False)
-        state = {k: v.detach().cpu().contiguous() for k, v in full.state_dict().items()}
-        path = self.out / FINETUNED_WEIGHTS
-        _atomic_write(path, lambda tmp: save_file(state, tmp))
-        return path
+        return self.folder.write_tensors(RunFolder.BACKBONE, full.state_dict())
 
     def finish(self, seconds: float) -> dict:
         end = self.diagnose()
@@ -250,29 +259,32 @@ class Finetuner:
         self.save_backbone()
         report = {"start": self.start_summary, "end": end, "history": self.history,
                   "feature_variance_ratio": variance_ratio, "collapsed": collapsed}
-        _atomic_write(self.out / "diagnostics.json", lambda tmp: Path(tmp).write_text(json.dumps(report)))
-        config = {"anomatune_version": __version__, "kind": "finetune", "settings": asdict(self.settings), "data": self.data,
-                  "base_weights_id": self.weights_id, "log_volume": self.loss.log_volume, "temperature": self.loss.temperature, "steps_done": self.step_done,
-                  "seconds_this_session": round(seconds, 1), "collapsed": collapsed}
-        _atomic_write(self.out / "finetune.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
-        title = f"{self.data['category']}: {self.settings.model}, {self.step_done} steps"
-        diagnostics.save_weight_figure(self.start_summary, end, self.out / "finetune_weights.png", title)
-        diagnostics.save_loss_figure(self.history, self.out / "finetune_loss.png")
+        self.folder.write_json(RunFolder.DIAGNOSTICS, report, indent=None)
+        record = {"anomatune_version": __version__, "kind": "finetune", "settings": self.settings.to_dict(), "data": self.data,
+                  "base_weights_id": self.weights_id, "log_volume": self.loss.log_volume, "temperature": self.loss.temperature,
+                  "steps_done": self.step_done, "seconds_this_session": round(seconds, 1), "collapsed": collapsed}
+        self.folder.write_yaml(RunFolder.FINETUNE, record)
+        title = f"{self.size[1]}x{self.size[0]} px: {self.settings.guide.name} guide, {self.step_done} steps"
+        self.folder.write_figure(RunFolder.WEIGHTS_FIGURE, diagnostics.weight_figure(self.start_summary, end, title), dpi=110)
+        self.folder.write_figure(RunFolder.LOSS_FIGURE, diagnostics.loss_figure(self.history), dpi=110)
         log.info("after fine-tuning:\n%s", diagnostics.describe(end))
         return report
 
+    def dry_run(self) -> dict:
+        """Set up on the frozen backbone only: the gradient-weight diagnostics, no training."""
+        with self.folder.claim("finetune"):
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            summary = self.setup()
+            self.folder.write_json(RunFolder.DRY_RUN, summary)
+            self.folder.write_figure(RunFolder.DRY_RUN_FIGURE, diagnostics.weight_figure(summary, None, "frozen features"), dpi=110)
+        return summary
 
-def finetune(data, category: str, negatives, out, settings: FinetuneSettings | None = None, device="cpu",
-             resume: bool = False) -> dict:
-    """Fine-tune the backbone on ``data/category`` against ``negatives``; see :class:`Finetuner`."""
-    return Finetuner(data, category, negatives, out, settings, device).run(resume)
+
+def finetune(train: AnomalyDataset, negatives, out, settings: FinetuneSettings | None = None, resume: bool = False, **runtime) -> dict:
+    """Fine-tune the backbone on the good images of ``train`` against ``negatives``; see :class:`Finetuner`."""
+    return Finetuner(train, negatives, out, settings, **runtime).run(resume)
 
 
-def dry_run(data, category: str, negatives, out, settings: FinetuneSettings | None = None, device="cpu") -> dict:
-    """Set up on the frozen backbone only: the gradient-weight diagnostics, no training."""
-    tuner = Finetuner(data, category, negatives, out, settings, device)
-    summary = tuner.setup()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(out) / "dry_run.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    diagnostics.save_weight_figure(summary, None, Path(out) / "dry_run_weights.png", f"{category}: frozen features")
-    return summary
+def dry_run(train: AnomalyDataset, negatives, out, settings: FinetuneSettings | None = None, **runtime) -> dict:
+    """The gradient-weight diagnostics on the frozen features, no training (``anomatune finetune --dry-run``)."""
+    return Finetuner(train, negatives, out, settings, **runtime).dry_run()

@@ -11,8 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..color import transfer
-from ..data import NaturalImages
+from ..data.color import transfer
+from ..data.datasets import NaturalImages
+from .settings import FinetuneSettings
 
 
 def random_resized_crop(image: torch.Tensor, size: tuple[int, int], min_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -36,32 +37,31 @@ def patch_mask(masks: torch.Tensor, grid) -> torch.Tensor:
 class NegativeSampler:
     """Batches of natural crops colour-mapped onto randomly drawn good images with ρ ~ U[ρ_min, 1].
 
-    ``mode="photos"`` (the paper): whole images. ``mode="pasted"`` (ours): the mapped crop,
-    of side U[paste_min, paste_max] of the image's, is pasted at a random place into the
-    good image it was mapped onto, so the negative patches live in the product's context;
-    the mask says which pixels are negative.
+    ``negative_mode="photos"`` (the paper): whole images. ``"pasted"`` (ours): the mapped
+    crop, of side U[paste_min, paste_max] of the image's, is pasted at a random place into
+    the good image it was mapped onto, so the negative patches live in the product's
+    context; the mask says which pixels are negative. The settings are the
+    :class:`FinetuneSettings`' negative fields.
     """
 
-    def __init__(self, natural: NaturalImages, good_images: torch.Tensor, rho_min: float = 0.5, crop_min: float = 0.25,
-                 color_method: str = "mk", mode: str = "photos", paste_min: float = 0.1, paste_max: float = 0.35):
-        self.natural, self.good_images = natural, good_images
-        self.rho_min, self.crop_min, self.color_method = rho_min, crop_min, color_method
-        self.mode, self.paste_min, self.paste_max = mode, paste_min, paste_max
+    def __init__(self, natural: NaturalImages, good_images: torch.Tensor, settings: FinetuneSettings):
+        self.natural, self.good_images, self.settings = natural, good_images, settings
         self.size = tuple(good_images.shape[-2:])
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` negatives ``(n, 3, H, W)`` in [0, 1] and their negative-pixel masks ``(n, 1, H, W)``."""
         picks = torch.randint(len(self.natural), (n,), generator=generator).tolist()
-        crops = torch.stack([random_resized_crop(self.natural[i], self.size, self.crop_min, generator) for i in picks])
+        s = self.settings
+        crops = torch.stack([random_resized_crop(self.natural[i], self.size, s.crop_min, generator) for i in picks])
         targets = self.good_images[torch.randint(len(self.good_images), (n,), generator=generator)]
-        rho = self.rho_min + (1 - self.rho_min) * torch.rand(n, generator=generator, dtype=torch.float64)
-        mapped = transfer(crops, targets, rho, self.color_method).clamp(0, 1)
-        if self.mode == "photos":
+        rho = s.rho_min + (1 - s.rho_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+        mapped = transfer(crops, targets, rho, s.color_method).clamp(0, 1)
+        if s.negative_mode == "photos":
             return mapped, torch.ones(n, 1, *self.size)
         images, masks = targets.clone(), torch.zeros(n, 1, *self.size)
         h, w = self.size
         for i in range(n):
-            side = self.paste_min + (self.paste_max - self.paste_min) * torch.rand(2, generator=generator)
+            side = s.paste_min + (s.paste_max - s.paste_min) * torch.rand(2, generator=generator)
             ph, pw = max(1, round(side[0].item() * h)), max(1, round(side[1].item() * w))
             top, left = int(torch.randint(h - ph + 1, (), generator=generator)), int(torch.randint(w - pw + 1, (), generator=generator))
             patch = F.interpolate(mapped[i : i + 1], size=(ph, pw), mode="bilinear", align_corners=False, antialias=True)[0]

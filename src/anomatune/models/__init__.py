@@ -1,20 +1,17 @@
-"""Detectors on patch features: fit on good images, map where a new image is unlike them."""
+"""Detectors on patch features: fit on good images, map where a new image is unlike them.
 
-from .base import Detector, gaussian_blur, postprocess
-from .gmm import GLAD, GMM
-from .padim import PaDiM
-from .patchcore import PatchCore
+``create_detector(name_or_settings)`` builds one from the registry; the settings of every
+detector are in ``models.settings`` (torch-free).
+"""
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (GMM, GLAD, PaDiM, PatchCore)}
+from ..lazy import lazy_exports
 
-
-def create_detector(name: str, **settings) -> Detector:
-    """A detector by name (``gmm``, ``glad``, ``padim``, ``patchcore``) with its settings."""
-    from ..errors import AnomatuneError
-
-    if name not in DETECTORS:
-        raise AnomatuneError(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
-    return DETECTORS[name](**settings)
-
-
-__all__ = ["DETECTORS", "GLAD", "GMM", "Detector", "PaDiM", "PatchCore", "create_detector", "gaussian_blur", "postprocess"]
+_EXPORTS = {
+    "DetectorSettings": "settings", "GMMSettings": "settings", "GLADSettings": "settings", "PaDiMSettings": "settings",
+    "PatchCoreSettings": "settings", "DEFAULT_DETECTOR": "settings", "detector_settings": "settings",
+    "Detector": "base", "DensityModel": "base",
+    "GMM": "gmm", "GLAD": "gmm", "PaDiM": "padim", "PatchCore": "patchcore",
+    "DETECTORS": "registry", "create_detector": "registry",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

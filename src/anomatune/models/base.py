@@ -1,47 +1,33 @@
-"""What every detector shares: fitting on patch features, maps, scores, saving.
+"""What every detector shares: fitting on patch features, anomaly maps, fitted state, saving.
 
 A detector sees patch features ``(N, D, h, w)``. ``anomaly_map`` gives a patch-level map
-``(B, h, w)`` (higher = more anomalous); ``predict`` turns it into pixel maps (bilinear
-upsampling to the image size, then a Gaussian with sigma 4 px, the MVTec protocol) and
-image scores (the maximum of the smoothed map, unless a detector knows better).
+``(B, h, w)`` (higher = more anomalous); ``detect`` adds image scores where a detector has
+its own (PatchCore). Turning maps into pixel maps and image scores is the pipeline's
+post-processing: one path for every detector.
 
-``normalize=True`` (ours, not in the papers) standardises each grid position's scores by
-the mean and standard deviation of the training patches' scores there: a position whose
-good patches always score high (an edge, a busy part) then stops dominating the image
-score. Measured in ``benchmarks/results/detectors.md``.
-The fitted state is a flat dict of tensors (``state_dict``) plus plain settings
-(``config``): both are saved as safetensors and YAML, never pickled.
+Settings live in a frozen dataclass (``detector.settings``, see ``models.settings``);
+fitted parameters are attributes with a trailing underscore (scikit-learn's convention:
+``means_``, ``grid_``), saved by ``state_dict`` as tensors (safetensors, never pickled).
+Density models (GMM, GLAD, PaDiM) also follow :class:`DensityModel`: what the
+fine-tuning needs of its guide.
 """
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import AnomatuneError
+from ..errors import AnomatuneError, NotFittedError
+from .settings import DetectorSettings
 
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, H, W)`` maps, truncated at 4 sigma, reflect padding."""
-    if sigma <= 0:
-        return maps
-    radius = int(math.ceil(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = maps.unsqueeze(1)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return out.squeeze(1)
+CHUNK = 8192  # patches per step of the per-patch computations: bounds their memory
 
 
-def postprocess(maps: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """Patch maps ``(B, h, w)`` → pixel maps ``(B, H, W)``: bilinear upsampling, then Gaussian smoothing."""
-    up = F.interpolate(maps.unsqueeze(1).float(), size=image_size, mode="bilinear", align_corners=False).squeeze(1)
-    return gaussian_blur(up, sigma)
+def in_chunks(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None, size: int = CHUNK) -> torch.Tensor:
+    """``fn`` over aligned row chunks of ``tensors`` (``None`` passes through), concatenated."""
+    n = len(tensors[0])
+    return torch.cat([fn(*(None if t is None else t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
@@ -49,44 +35,118 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-class Detector:
-    """Base class: subclasses set ``name``, implement ``_fit`` and ``_patch_scores``.
+@runtime_checkable
+class DensityModel(Protocol):
+    """A detector that can guide the fine-tuning: a differentiable log-density that follows moving features.
 
-    ``config()`` returns the constructor's settings, so ``type(d)(**d.config())`` followed
-    by ``load_state_dict`` rebuilds a fitted detector.
+    ``positions`` are flat grid indices (``y * w + x``), one per patch; global models ignore them.
     """
 
-    name: ClassVar[str]
-    differentiable: ClassVar[bool] = False
+    def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(u) of patches ``u`` (N, D), differentiable in ``u``."""
 
-    def __init__(self, normalize: bool = False):
-        self.normalize = normalize
-        self.state: dict[str, torch.Tensor] = {}
+    def online_update(self, u: torch.Tensor, positions: torch.Tensor | None, decay: float) -> None:
+        """Follow the detached patches ``u``: statistics decay by ``decay`` and take the batch's share ``1 − decay``."""
 
-    def config(self) -> dict:
-        return {"normalize": self.normalize}
+
+class Detector:
+    """Base class: subclasses set ``Settings`` and ``state`` and implement ``_fit`` and ``_patch_scores``.
+
+    ``Detector(settings)`` or ``Detector(**changes)`` (e.g. ``GMM(n_components=8)``).
+    """
+
+    Settings: ClassVar[type[DetectorSettings]]
+    state: ClassVar[tuple[str, ...]] = ()  # names of the fitted tensors besides grid and n_features
+    online_state: ClassVar[tuple[str, ...]] = ()  # statistics of online_update, saved when present
+
+    def __init__(self, settings: DetectorSettings | None = None, **changes):
+        settings = self.Settings() if settings is None else settings
+        if type(settings) is not self.Settings:
+            raise AnomatuneError(f"{type(self).__name__} takes {self.Settings.__name__}, not {type(settings).__name__}")
+        self.settings = settings.updated(**changes) if changes else settings
+
+    @property
+    def name(self) -> str:
+        return self.Settings.name
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.to_dict().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    # -- fitted state ----------------------------------------------------------------------
+
+    @property
+    def normalized(self) -> bool:
+        return bool(getattr(self.settings, "normalize", False))
+
+    def state_names(self) -> tuple[str, ...]:
+        """The fitted tensors every fitted detector of these settings has."""
+        return ("grid", "n_features") + self.state + (("score_mean", "score_std") if self.normalized else ())
 
     @property
     def fitted(self) -> bool:
-        return bool(self.state)
+        return hasattr(self, "grid_")
 
-    def _check_fitted(self) -> None:
+    def check_is_fitted(self) -> None:
         if not self.fitted:
-            raise AnomatuneError(f"{self.name} is not fitted: call fit(train_features) first")
+            raise NotFittedError(f"this {self.name} detector is not fitted: call fit(train_features) first")
 
-    def _check_features(self, features: torch.Tensor) -> None:
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and isinstance(v, torch.Tensor)}
+
+    def _reset(self) -> None:
+        for name in self._fitted_tensors():
+            delattr(self, name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors by name (without the trailing underscore), on the CPU."""
+        self.check_is_fitted()
+        return {k[:-1]: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the detector state") -> "Detector":
+        """Set the fitted tensors, refusing a state written for another detector or other settings."""
+        required, allowed = set(self.state_names()), set(self.state_names()) | set(self.online_state)
+        missing, unknown = sorted(required - set(state)), sorted(set(state) - allowed)
+        if missing or unknown:
+            what = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
+                                         f"unexpected {', '.join(unknown)}" if unknown else "") if p)
+            raise AnomatuneError(f"{source} does not fit a {self.name} detector with these settings ({what}): refit the run")
+        self._reset()
+        for key, value in state.items():
+            setattr(self, key + "_", value)
+        return self
+
+    def to(self, device: torch.device | str) -> "Detector":
+        for key, value in self._fitted_tensors().items():
+            setattr(self, key, value.to(device))
+        return self
+
+    # -- checks --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_features(features: torch.Tensor) -> None:
         if features.dim() != 4:
             raise AnomatuneError(f"expected patch features (N, D, h, w), got shape {tuple(features.shape)}")
         if not torch.isfinite(features).all():
             raise AnomatuneError("patch features contain NaN or infinite values: check the input images and the backbone weights")
 
+    def _check_input(self, features: torch.Tensor) -> None:
+        """Fitted, and features of the fit's dimension: another dimension means other layers or projection."""
+        self.check_is_fitted()
+        self._check_features(features)
+        if features.shape[1] != int(self.n_features_):
+            raise AnomatuneError(f"{self.name} was fitted on {int(self.n_features_)}-d patch features, got {features.shape[1]}-d: "
+                                 "the feature layers or projection differ from the fit's")
+
     def _check_grid(self, features: torch.Tensor) -> None:
         """Per-position models only score the grid they were fitted on."""
-        grid = tuple(self.state["grid"].tolist())
+        grid = tuple(self.grid_.tolist())
         if tuple(features.shape[-2:]) != grid:
             raise AnomatuneError(
-                f"{self.name} was fitted on a {grid[0]}x{grid[1]} grid, got {features.shape[-2]}x{features.shape[-1]}: use the same image size"
+                f"{self.name} was fitted on a {grid[0]}x{grid[1]} grid, got {features.shape[-2]}x{features.shape[-1]}: use the same input size"
             )
+
+    # -- fitting and scoring -------------------------------------------------------------
 
     def _fit(self, features: torch.Tensor) -> None:
         raise NotImplementedError
@@ -97,40 +157,28 @@ class Detector:
     def fit(self, features: torch.Tensor) -> "Detector":
         """Fit on good patch features ``(N, D, h, w)``."""
         self._check_features(features)
-        self.state = {}
+        self._reset()
         self._fit(features)
-        self.state["grid"] = torch.tensor(features.shape[-2:])
-        if self.normalize:
+        self.grid_ = torch.tensor(features.shape[-2:])
+        self.n_features_ = torch.tensor(features.shape[1])
+        if self.normalized:
             with torch.no_grad():
                 scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
-            self.state["score_mean"] = scores.mean(0)
-            self.state["score_std"] = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
+            self.score_mean_ = scores.mean(0)
+            self.score_std_ = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
         return self
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
         """Patch anomaly scores ``(B, h, w)``, higher = more anomalous."""
-        self._check_fitted()
-        self._check_features(features)
+        self._check_input(features)
         scores = self._patch_scores(features)
-        if "score_mean" in self.state:
+        if self.normalized:
             self._check_grid(features)
-            scores = ((scores - self.state["score_mean"]) / self.state["score_std"]).to(scores.dtype)
+            scores = ((scores - self.score_mean_) / self.score_std_).to(scores.dtype)
         return scores
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel maps ``(B, H, W)`` and image scores ``(B,)``: the maximum of the smoothed map."""
-        maps = postprocess(self.anomaly_map(features), image_size, sigma)
-        return maps, maps.flatten(1).amax(1)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        self._check_fitted()
-        return {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "Detector":
-        self.state = dict(state)
-        return self
-
-    def to(self, device: torch.device | str) -> "Detector":
-        self.state = {k: v.to(device) for k, v in self.state.items()}
-        return self
+    def detect(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch maps ``(B, h, w)`` and the detector's own image scores ``(B,)``, or ``None``
+        to score an image by the maximum of its smoothed pixel map (the default)."""
+        return self.anomaly_map(features), None

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AnomatuneError
-from .base import Detector, flatten_patches
+from .base import Detector, flatten_patches, in_chunks
+from .settings import GLADSettings, GMMSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,66 +46,48 @@ def half_log_det_precision(prec_chol: torch.Tensor) -> torch.Tensor:
 
 
 class GMM(Detector):
-    """Gaussian mixture model: score = −log GMM(u).
+    """Gaussian mixture model: score = −log GMM(u). Settings: :class:`GMMSettings`.
 
-    Args:
-        n_components: K.
-        ridge: added to every covariance's diagonal, relative to the mean feature variance.
-        max_iter, tol: EM stops when the mean log-likelihood gains less than ``tol``.
-        max_patches: random subsample of training patches that EM sees (bounds time and memory).
-        seed: for the subsample and the k-means++ start.
-        normalize: standardise scores per grid position (see ``models.base``).
-
-    Defaults measured on transistor and magnetic_tile (``benchmarks/results/detectors.md``):
-    K = 32, a ridge of 0.1 and 50k patches beat K = 16, a ridge of 1e-3 and 20k patches
-    (transistor image AUROC 0.80 → 0.91 unnormalised, 0.99 normalised).
+    Fitted: ``weights_`` (K,), ``means_`` (K, D), ``covariances_`` (K, D, D) with the ridge,
+    ``prec_chol_`` (their precision factors), ``reg_`` (the absolute ridge), ``n_iter_``.
+    ``online_update`` keeps decayed sufficient statistics ``s0_``, ``s1_``, ``s2_``
+    (the zeroth, first and second moments per component).
     """
 
-    name = "gmm"
-    differentiable = True
-
-    def __init__(self, n_components: int = 32, ridge: float = 0.1, max_iter: int = 30, tol: float = 1e-2,
-                 max_patches: int = 50_000, seed: int = 0, normalize: bool = True):
-        super().__init__(normalize)
-        self.n_components, self.ridge, self.max_iter, self.tol = n_components, ridge, max_iter, tol
-        self.max_patches, self.seed = max_patches, seed
-
-    def config(self) -> dict:
-        return super().config() | dict(n_components=self.n_components, ridge=self.ridge, max_iter=self.max_iter,
-                                       tol=self.tol, max_patches=self.max_patches, seed=self.seed)
+    Settings = GMMSettings
+    state = ("reg", "weights", "means", "covariances", "prec_chol", "n_iter")
+    online_state = ("s0", "s1", "s2")
 
     # -- densities ---------------------------------------------------------------------
 
     def component_log_normal(self, u: torch.Tensor) -> torch.Tensor:
         """log N(u | μ_k, Σ_k) for patches ``u`` (N, D) → (N, K), differentiable in u."""
-        self._check_fitted()
-        s = self.state
-        prec = s["prec_chol"].to(u.dtype)
-        k, d = s["means"].shape
+        prec = self.prec_chol_.to(u.dtype)
+        k, d = self.means_.shape
         y = (u @ prec.permute(1, 0, 2).reshape(d, k * d)).view(-1, k, d)
-        y = y - torch.einsum("kd,kde->ke", s["means"].to(u.dtype), prec)
+        y = y - torch.einsum("kd,kde->ke", self.means_.to(u.dtype), prec)
         return -0.5 * (y**2).sum(-1) + half_log_det_precision(prec) - 0.5 * d * math.log(2 * math.pi)
 
     def component_log_prob(self, u: torch.Tensor) -> torch.Tensor:
         """log π_k + log N(u | μ_k, Σ_k) → (N, K): the joint of patch and component."""
-        return self.component_log_normal(u) + torch.log(self.state["weights"].to(u.dtype))
+        return self.component_log_normal(u) + torch.log(self.weights_.to(u.dtype))
 
     def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """log GMM(u) for patches ``u`` (N, D); ``positions`` is ignored (the mixture is global)."""
+        self.check_is_fitted()
         return torch.logsumexp(self.component_log_prob(u), dim=-1)
 
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         b, _, h, w = features.shape
         positions = torch.arange(h * w, device=features.device).repeat(b)
-        u = flatten_patches(features)
-        scores = torch.cat([-self.log_density(u[i : i + 8192], positions[i : i + 8192]) for i in range(0, len(u), 8192)])
+        scores = in_chunks(lambda chunk, where: -self.log_density(chunk, where), flatten_patches(features), positions)
         return scores.view(b, h, w)
 
     # -- fitting -------------------------------------------------------------------------
 
     def _set_parameters(self, weights: torch.Tensor, means: torch.Tensor, cov: torch.Tensor) -> None:
         """Store parameters (float64) with their precision factors; a non-PD covariance gets more ridge."""
-        reg = self.state["reg"]
+        reg = self.reg_
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         for attempt in range(6):
             try:
@@ -114,7 +97,7 @@ class GMM(Detector):
                 continue
         else:
             raise AnomatuneError("GMM covariances are not positive definite even with 1e5x the ridge: check the features for constant channels")
-        self.state.update(weights=weights, means=means, covariances=cov, prec_chol=prec)
+        self.weights_, self.means_, self.covariances_, self.prec_chol_ = weights, means, cov, prec
 
     def _m_step(self, x: torch.Tensor, resp: torch.Tensor, generator: torch.Generator) -> None:
         """M-step on float32 patches: sums are float64, the O(N K D²) products float32 (2x faster, ample precision)."""
@@ -141,37 +124,40 @@ class GMM(Detector):
             for k in range(len(nk))
             for centred in [x - means[k].float()]
         ])
-        self._set_parameters(nk / n, means, cov + self.state["reg"] * eye)
+        self._set_parameters(nk / n, means, cov + self.reg_ * eye)
 
     def _subsample(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = flatten_patches(features)
-        if len(x) > self.max_patches:
-            x = x[torch.randperm(len(x), generator=generator)[: self.max_patches].to(x.device)]
+        if len(x) > self.settings.max_patches:
+            x = x[torch.randperm(len(x), generator=generator)[: self.settings.max_patches].to(x.device)]
         return x.float()
 
     def _fit(self, features: torch.Tensor) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
+        s = self.settings
+        generator = torch.Generator().manual_seed(s.seed)
         x = self._subsample(features, generator)
-        if len(x) < self.n_components * 2:
-            raise AnomatuneError(f"{len(x)} training patches are too few for {self.n_components} components")
-        self.state["reg"] = torch.tensor(self.ridge * x.double().var(0).mean().item(), dtype=torch.float64)
-        centres = kmeans_plus_plus(x, self.n_components, generator)
-        resp = torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(1), self.n_components)
-        self.state.update(weights=torch.full((self.n_components,), 1.0 / self.n_components, dtype=torch.float64),
-                          means=centres.double(), prec_chol=torch.eye(x.shape[1], dtype=torch.float64).repeat(self.n_components, 1, 1))
+        if len(x) < s.n_components * 2:
+            raise AnomatuneError(f"{len(x)} training patches are too few for {s.n_components} components: "
+                                 "add training images or lower n_components")
+        self.reg_ = torch.tensor(s.ridge * x.double().var(0).mean().item(), dtype=torch.float64)
+        centres = kmeans_plus_plus(x, s.n_components, generator)
+        resp = torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(1), s.n_components)
+        self.weights_ = torch.full((s.n_components,), 1.0 / s.n_components, dtype=torch.float64)
+        self.means_ = centres.double()
+        self.prec_chol_ = torch.eye(x.shape[1], dtype=torch.float64).repeat(s.n_components, 1, 1)
         self._m_step(x, resp, generator)
         previous = -math.inf
-        progress = tqdm(range(self.max_iter), desc=f"EM ({self.name}, K={self.n_components})", leave=False, mininterval=1.0)
+        progress = tqdm(range(s.max_iter), desc=f"EM ({self.name}, K={s.n_components})", leave=False, mininterval=1.0)
         for iteration in progress:
             log_prob = self.component_log_prob(x)
             log_norm = torch.logsumexp(log_prob, 1)
             mean_ll = log_norm.mean().item()
             progress.set_postfix(loglik=f"{mean_ll:.2f}", refresh=False)
-            if abs(mean_ll - previous) < self.tol:
+            if abs(mean_ll - previous) < s.tol:
                 break
             previous = mean_ll
             self._m_step(x, torch.exp(log_prob - log_norm[:, None]), generator)
-        self.state["n_iter"] = torch.tensor(iteration + 1)
+        self.n_iter_ = torch.tensor(iteration + 1)
         self._finish_fit(features)
 
     def _finish_fit(self, features: torch.Tensor) -> None:
@@ -180,66 +166,59 @@ class GMM(Detector):
     # -- online EM -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def online_update(self, u: torch.Tensor, positions: torch.Tensor | None = None, decay: float = 0.99) -> None:
+    def online_update(self, u: torch.Tensor, positions: torch.Tensor | None, decay: float) -> None:
         """One online-EM step on patches ``u`` (N, D), detached; ``positions`` is ignored.
 
         Sufficient statistics (Σ r_k, Σ r_k u, Σ r_k u uᵀ, per patch) decay by ``decay`` and
         take the batch's share ``1 − decay``; the parameters are recomputed from them.
         GLAD's per-position weights stay as fitted: only the shared components move.
         """
-        self._check_fitted()
-        s = self.state
+        self.check_is_fitted()
         x = u.detach().double()
         n, d = x.shape
-        if "s0" not in s:  # start from the fitted parameters
-            plain = s["covariances"] - s["reg"] * torch.eye(d, dtype=x.dtype, device=x.device)
-            s["s0"] = s["weights"].clone()
-            s["s1"] = s["weights"][:, None] * s["means"]
-            s["s2"] = s["weights"][:, None, None] * (plain + torch.einsum("kd,ke->kde", s["means"], s["means"]))
-        resp = torch.softmax(torch.cat([self.component_log_prob(c) for c in torch.split(x, 8192)]), dim=1)
+        if not hasattr(self, "s0_"):  # start from the fitted parameters
+            plain = self.covariances_ - self.reg_ * torch.eye(d, dtype=x.dtype, device=x.device)
+            self.s0_ = self.weights_.clone()
+            self.s1_ = self.weights_[:, None] * self.means_
+            self.s2_ = self.weights_[:, None, None] * (plain + torch.einsum("kd,ke->kde", self.means_, self.means_))
+        resp = torch.softmax(in_chunks(self.component_log_prob, x), dim=1)
         k = resp.shape[1]
         second = ((resp[:, :, None] * x[:, None, :]).reshape(n, k * d).T @ x).view(k, d, d)
-        s["s0"] = decay * s["s0"] + (1 - decay) * resp.mean(0)
-        s["s1"] = decay * s["s1"] + (1 - decay) * (resp.T @ x) / n
-        s["s2"] = decay * s["s2"] + (1 - decay) * second / n
-        means = s["s1"] / s["s0"][:, None]
-        cov = s["s2"] / s["s0"][:, None, None] - torch.einsum("kd,ke->kde", means, means)
+        self.s0_ = decay * self.s0_ + (1 - decay) * resp.mean(0)
+        self.s1_ = decay * self.s1_ + (1 - decay) * (resp.T @ x) / n
+        self.s2_ = decay * self.s2_ + (1 - decay) * second / n
+        means = self.s1_ / self.s0_[:, None]
+        cov = self.s2_ / self.s0_[:, None, None] - torch.einsum("kd,ke->kde", means, means)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        self._set_parameters(s["s0"] / s["s0"].sum(), means, cov + s["reg"] * eye)
+        self._set_parameters(self.s0_ / self.s0_.sum(), means, cov + self.reg_ * eye)
 
 
 class GLAD(GMM):
-    """GLAD: the global mixture with per-position weights π_k(x, y).
+    """GLAD: the global mixture with per-position weights π_k(x, y). Settings: :class:`GLADSettings`.
 
-    The weights are the share of training patches at each position whose most likely
-    component is k (a K-MLE-style hard-assignment pass), floored at ``floor`` so that no
-    component is ruled out anywhere. The floor is tiny because log-densities of patches
-    spread over hundreds of nats: a floor of 1e-3 (−7 nats) left GLAD equal to the GMM. Score: −log Σ_k π_k(x, y) N(u | μ_k, Σ_k).
+    The weights (``position_weights_``, (h*w, K)) are the share of training patches at
+    each position whose most likely component is k (a K-MLE-style hard-assignment pass),
+    floored so that no component is ruled out anywhere.
+    Score: −log Σ_k π_k(x, y) N(u | μ_k, Σ_k).
     """
 
-    name = "glad"
-
-    def __init__(self, n_components: int = 32, floor: float = 1e-12, **kwargs):
-        super().__init__(n_components=n_components, **kwargs)
-        self.floor = floor
-
-    def config(self) -> dict:
-        return super().config() | {"floor": self.floor}
+    Settings = GLADSettings
+    state = GMM.state + ("position_weights",)
 
     @torch.no_grad()
     def _finish_fit(self, features: torch.Tensor) -> None:
         n, _, h, w = features.shape
-        u = flatten_patches(features)
-        best = torch.cat([self.component_log_prob(u[i : i + 8192].double()).argmax(1) for i in range(0, len(u), 8192)])
-        counts = torch.nn.functional.one_hot(best.view(n, h * w), self.n_components).double().sum(0)
-        weights = torch.clamp(counts / n, min=self.floor)
-        self.state["position_weights"] = weights / weights.sum(1, keepdim=True)  # (h*w, K)
+        best = in_chunks(lambda chunk: self.component_log_prob(chunk.double()).argmax(1), flatten_patches(features))
+        counts = torch.nn.functional.one_hot(best.view(n, h * w), self.settings.n_components).double().sum(0)
+        weights = torch.clamp(counts / n, min=self.settings.floor)
+        self.position_weights_ = weights / weights.sum(1, keepdim=True)
 
     def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """log Σ_k π_k(x, y) N(u | μ_k, Σ_k); ``positions`` are flat grid indices (y*w + x), one per patch."""
+        self.check_is_fitted()
         if positions is None:
             raise AnomatuneError("GLAD needs the grid position of every patch (positions = y * w + x)")
-        log_weights = torch.log(self.state["position_weights"][positions].to(u.dtype))
+        log_weights = torch.log(self.position_weights_[positions].to(u.dtype))
         return torch.logsumexp(self.component_log_normal(u) + log_weights, dim=-1)
 
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:

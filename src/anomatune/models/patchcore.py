@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import AnomatuneError
-from .base import Detector, flatten_patches, postprocess
+from .base import Detector, flatten_patches
+from .settings import PatchCoreSettings
 
 
-def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int) -> torch.Tensor:
     """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection.
 
     Distances for the selection are computed after a Gaussian random projection to
@@ -45,40 +45,24 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
 class PatchCore(Detector):
     """PatchCore (Roth et al., CVPR 2022): patch score = distance to the nearest coreset patch.
 
-    Args:
-        coreset_ratio: share of training patches kept in the memory bank.
-        num_neighbors: neighbourhood of the image score's reweighting (the paper's b).
-        proj_dim: random-projection dimension for the coreset selection distances.
-        seed: for the projection and the first coreset patch.
-
-    No ``normalize``: the memory bank holds training patches, so their own scores are ~0
-    and say nothing about the spread of good scores.
+    Settings: :class:`PatchCoreSettings`. Fitted: ``memory_bank_`` (M, D).
     """
 
-    name = "patchcore"
-
-    def __init__(self, coreset_ratio: float = 0.1, num_neighbors: int = 9, proj_dim: int = 128, seed: int = 0):
-        super().__init__()
-        if not 0 < coreset_ratio <= 1:
-            raise AnomatuneError(f"coreset_ratio must be in (0, 1], not {coreset_ratio}")
-        self.coreset_ratio, self.num_neighbors, self.proj_dim, self.seed = coreset_ratio, num_neighbors, proj_dim, seed
-
-    def config(self) -> dict:
-        return dict(coreset_ratio=self.coreset_ratio, num_neighbors=self.num_neighbors, proj_dim=self.proj_dim, seed=self.seed)
+    Settings = PatchCoreSettings
+    state = ("memory_bank",)
 
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
+        s = self.settings
         x = flatten_patches(features).float()
-        n = max(1, int(len(x) * self.coreset_ratio))
-        bank = x if n >= len(x) else x[greedy_coreset(x, n, self.proj_dim, self.seed)]
-        self.state["memory_bank"] = bank.contiguous()
+        n = max(1, int(len(x) * s.coreset_ratio))
+        bank = x if n >= len(x) else x[greedy_coreset(x, n, s.proj_dim, s.seed)]
+        self.memory_bank_ = bank.contiguous()
 
     def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""
-        self._check_fitted()
-        self._check_features(features)
         b, _, h, w = features.shape
-        dist, idx = nearest(flatten_patches(features).float(), self.state["memory_bank"])
+        dist, idx = nearest(flatten_patches(features).float(), self.memory_bank_)
         return dist.view(b, h, w), idx.view(b, h * w)
 
     @torch.no_grad()
@@ -86,18 +70,19 @@ class PatchCore(Detector):
         return self._nearest_patches(features)[0]
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel maps as for every detector; image scores by the paper's reweighting: the most
+    def detect(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch maps as for every detector; image scores by the paper's reweighting: the most
         anomalous patch's distance, scaled by how isolated its nearest bank patch is among
         that patch's own neighbours. One nearest-neighbour search serves both."""
+        self._check_input(features)
         dist, idx = self._nearest_patches(features)
-        bank = self.state["memory_bank"]
+        bank = self.memory_bank_
         patches = flatten_patches(features).float().view(len(features), -1, bank.shape[1])  # (B, P, D)
         flat = dist.flatten(1)
         worst = flat.argmax(1)
         rows = torch.arange(len(features))
         score, anchor = flat[rows, worst], idx[rows, worst]
-        _, support = nearest(bank[anchor], bank, k=min(self.num_neighbors, len(bank)))  # the anchor itself first
+        _, support = nearest(bank[anchor], bank, k=min(self.settings.num_neighbors, len(bank)))  # the anchor itself first
         d_support = torch.linalg.vector_norm(patches[rows, worst][:, None] - bank[support], dim=-1)
         weight = 1 - torch.softmax(d_support, dim=1)[:, 0]
-        return postprocess(dist, image_size, sigma), weight * score
+        return dist, weight * score

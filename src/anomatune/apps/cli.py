@@ -1,0 +1,245 @@
+"""Command line: ``anomatune <command> --help`` explains every option with its default.
+
+Options are generated from the settings dataclasses (``apps.options``): every setting is
+validated before any work starts, and a bad value, a missing folder or a damaged run
+ends in one line on stderr with exit code 2, never a traceback. Heavy modules (torch)
+are imported inside the commands, so ``--help`` and option errors stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..data.settings import DataSettings
+from ..errors import AnomatuneError
+from ..features.settings import FeatureSettings
+from ..finetune.settings import FinetuneSettings
+from ..pipeline.settings import PipelineSettings, RuntimeSettings
+from . import options
+from .settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
+
+log = logging.getLogger("anomatune")
+
+CONFIG_OPTION = click.option("--config", type=click.Path(dir_okay=False), default=None,
+                             help="YAML file of settings (the groups features, detector, postprocess, threshold, ...; "
+                                  "a run's config.yaml works too); options given here override it.")
+DEVICE_ONLY = ("device",)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 120})
+@click.version_option(__version__, prog_name="anomatune")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step (debug level).")
+def app(verbose: bool) -> None:
+    """Industrial visual anomaly detection with model-guided contrastive fine-tuning.
+
+    Data: your own folder of good images (--good DIR, with --defect DIR and --masks DIR to
+    evaluate), an MVTec AD category (--data ROOT --category C) or a VisA category (--data
+    ROOT --category C, with ROOT/split_csv/1cls.csv).
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="anomatune: %(levelname)s: %(message)s")
+    logging.getLogger("timm").setLevel(logging.WARNING)
+
+
+@app.command("backbones")
+def backbones_cmd() -> None:
+    """List the backbones whose weights ship in a package, with their default feature layers."""
+    from ..features.backbones import create_backbone, list_backbones
+    from ..features.extractor import FeatureExtractor
+
+    for name in list_backbones():
+        try:
+            extractor = FeatureExtractor(FeatureSettings(backbone=name), backbone=create_backbone(name))
+        except AnomatuneError as exc:
+            click.echo(f"{name:20s} unavailable: {exc}")
+            continue
+        click.echo(f"{name:20s} layers {list(extractor.layers)}  channels {list(extractor.stage_channels)}  weights {extractor.weights_id}")
+
+
+@app.command("detectors")
+def detectors_cmd() -> None:
+    """List the detectors and their settings (set them with --set KEY=VALUE), with defaults."""
+    from ..models.settings import DetectorSettings
+    from ..schema import leaves
+
+    for name, cls in DetectorSettings.registry.items():
+        click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for leaf in leaves(cls):
+            click.echo(f"  {leaf.key} = {leaf.default!r}: {leaf.help}" + (f" Range: {leaf.interval}." if leaf.interval else ""))
+
+
+@app.command("fit")
+@options.options(DataSettings)
+@options.options(PipelineSettings)
+@options.options(RuntimeSettings)
+@CONFIG_OPTION
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors), replaced as one set.")
+def fit_cmd(out, config, **values):
+    """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images)."""
+    data = options.build(DataSettings, values)
+    settings = options.build(PipelineSettings, values, config=config)
+    runtime = options.build(RuntimeSettings, values)
+    from ..data.layouts import open_dataset
+    from ..pipeline.folders import RunFolder
+    from ..pipeline.pipeline import Pipeline
+
+    with RunFolder(out).claim("run"):  # a second command on --out stops now, not after the fit
+        Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train")).save(out)
+    click.echo(f"run saved in {out}")
+
+
+@app.command("evaluate")
+@click.argument("run", type=click.Path())
+@options.options(DataSettings)
+@options.options(RuntimeSettings)
+@click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
+def evaluate_cmd(run, no_figures, **values):
+    """Score the test split (of the run's data unless given): RUN/evaluation/ with metrics, curves and heatmaps."""
+    data = options.build(DataSettings, values)
+    runtime = options.build(RuntimeSettings, values)
+    from ..evaluation.evaluate import evaluate
+
+    result = evaluate(run, data, figures=not no_figures, **runtime.to_dict())
+    shown = "  ".join(f"{k.replace('_', ' ')} {result[k]}" for k in ("image_auroc", "pixel_auroc", "aupro"))
+    click.echo(f"{shown}  ({run}/evaluation/metrics.json)")
+
+
+@app.command("finetune")
+@options.options(DataSettings)
+@click.option("--negatives", required=True, type=click.Path(), help="Folder of natural photos (searched recursively), e.g. ImageNet samples.")
+@click.option("--out", required=True, type=click.Path(), help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (same settings; --steps may grow).")
+@click.option("--dry-run", is_flag=True, help="Only diagnose the frozen features: gradient-weight distributions, no training.")
+@options.options(FinetuneSettings)
+@options.options(RuntimeSettings, only=DEVICE_ONLY)
+@CONFIG_OPTION
+def finetune_cmd(negatives, out, resume, dry_run, config, **values):
+    """Fine-tune the backbone on good images, guided by a density model (the paper's method).
+
+    Then refit any detector on the fine-tuned features: anomatune fit --backbone-weights OUT ...
+    """
+    data = options.build(DataSettings, values)
+    settings = options.build(FinetuneSettings, values, config=config)
+    runtime = options.build(RuntimeSettings, values, only=DEVICE_ONLY)
+    from ..data.layouts import open_dataset
+    from ..finetune import diagnostics
+    from ..finetune.loop import Finetuner
+
+    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, **runtime.to_dict())
+    if dry_run:
+        click.echo(diagnostics.describe(tuner.dry_run()))
+        click.echo(f"histograms: {out}/dry_run_weights.png")
+        return
+    report = tuner.run(resume=resume)
+    click.echo(diagnostics.describe(report["end"]))
+    click.echo(f"fine-tuned backbone in {out}; refit with: anomatune fit --backbone-weights {out} --backbone {settings.features.backbone} ...")
+
+
+@app.command("predict")
+@click.argument("run", type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
+@options.options(DataSettings)
+@click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, overlays/ and masks/, replaced as one set.")
+@options.options(PredictSettings)
+@options.options(RuntimeSettings)
+def predict_cmd(run, images, out, **values):
+    """Score IMAGES (files or folders; or the test split of --data/--good) with RUN: score, decision, overlay and mask per image.
+
+    Unreadable files are reported in results.csv and skipped; the exit code is 1 if any failed.
+    """
+    data = options.build(DataSettings, values)
+    predict_settings = options.build(PredictSettings, values)
+    runtime = options.build(RuntimeSettings, values)
+    if not images and not data.given:
+        raise click.UsageError("give IMAGES (files or folders) or a dataset (--data/--category or --good)")
+    from ..apps.predict import predict
+    from ..data.layouts import open_dataset
+
+    sources = list(images) + ([str(r.path) for r in open_dataset(data, "test").records] if data.given else [])
+    results = predict(run, sources, out, threshold=predict_settings.threshold, **runtime.to_dict())
+    failed = [r for r in results if r.error]
+    defective = sum(r.decision == "defective" for r in results)
+    click.echo(f"{len(results) - len(failed)} images scored, {defective} defective, {len(failed)} failed; {out}/results.csv")
+    if failed:
+        sys.exit(1)
+
+
+@app.command("report")
+@click.argument("run", type=click.Path())
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html].")
+def report_cmd(run, out):
+    """One self-contained HTML page for an evaluated RUN: metrics, curves, fine-tuning diagnostics, heatmaps."""
+    from .report import build_report
+
+    click.echo(f"report written to {build_report(run, out)}")
+
+
+@app.command("export")
+@click.argument("run", type=click.Path())
+@options.options(ExportSettings)
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Model file [default: RUN/model.onnx or RUN/model.pt]; a .json with the preprocessing and threshold goes beside it.")
+def export_cmd(run, out, **values):
+    """Export RUN as one model (backbone + detector + upsampling + smoothing): normalised images in, maps and scores out."""
+    settings = options.build(ExportSettings, values)
+    from .export import export
+
+    path = export(run, out, settings)
+    click.echo(f"model written to {path}; preprocessing and threshold in {path.with_suffix('.json')}")
+
+
+@app.command("color-transfer")
+@click.argument("source", type=click.Path())
+@click.argument("target", type=click.Path())
+@click.argument("more_rho", nargs=-1, metavar="")
+@options.options(ColorTransferSettings)
+@click.option("--out", default="color_transfer.png", type=click.Path(dir_okay=False), help="PNG to write.")
+def color_transfer_cmd(source, target, more_rho, out, **values):
+    """Map SOURCE's colours onto TARGET's: diagonal and Monge–Kantorovich rows (the supplementary's Figure 1)."""
+    if more_rho and values.get("rho"):
+        values["rho"] = ",".join((values["rho"], *more_rho))
+    settings = options.build(ColorTransferSettings, values)
+    from ..data.color import save_transfer_figure
+    from ..data.images import image_to_tensor, read_image
+
+    size = (settings.size, settings.size)
+    save_transfer_figure(image_to_tensor(read_image(source), size), image_to_tensor(read_image(target), size), settings.rho, out)
+    click.echo(f"figure saved in {out}")
+
+
+DEMO_PIPELINE = ("backbone", "image_size", "detector")
+
+
+@app.command("demo")
+@options.options(PipelineSettings, only=DEMO_PIPELINE)
+@options.options(DemoSettings)
+@click.option("--out", default="runs/demo", type=click.Path(file_okay=False), help="Folder for the demo's data, runs and reports.")
+@options.options(RuntimeSettings, only=DEVICE_ONLY)
+def demo_cmd(out, **values):
+    """Fine-tune → fit → evaluate → report on a dataset built from scikit-image's images (no data, no network needed)."""
+    pipeline = options.build(PipelineSettings, values, only=DEMO_PIPELINE)
+    demo = options.build(DemoSettings, values)
+    runtime = options.build(RuntimeSettings, values, only=DEVICE_ONLY)
+    from .demo import run_demo
+
+    run_demo(out, pipeline, demo.steps, **runtime.to_dict())
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("anomatune: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AnomatuneError as exc:
+        click.echo(f"anomatune: error: {exc}", err=True)
+        sys.exit(2)

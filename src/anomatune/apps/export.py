@@ -1,0 +1,80 @@
+"""Export a fitted run as one model: backbone + detector + upsampling + smoothing.
+
+The exported model takes a batch of images already normalised the backbone's way
+(RGB, resized to the run's input size, scaled to [0, 1], minus ``mean``, divided by
+``std``) and returns the pixel anomaly maps ``(B, H, W)`` and the image scores ``(B,)``:
+the pipeline's own ``forward``, so the exported model and the command line cannot
+disagree. The preprocessing, the batch size and the decision threshold go in a side
+JSON beside it. The batch size is fixed at export (the detectors' chunked loops are
+traced for it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import RunFolderError
+from ..pipeline.folders import RunFolder, atomic_write, json_text
+from ..pipeline.pipeline import Pipeline
+from .settings import ExportSettings
+
+
+class ScoringModel(nn.Module):
+    """Normalised images → (pixel maps, image scores), exactly as the pipeline computes them."""
+
+    def __init__(self, pipeline: Pipeline):
+        super().__init__()
+        self.pipeline = pipeline
+        self.extractor = pipeline.extractor_.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = x * self.extractor.std + self.extractor.mean  # the extractor normalises [0, 1] images itself
+        return self.pipeline.postprocessor_(*self.pipeline.detector_.detect(self.extractor(images)))
+
+
+def preprocessing(pipeline: Pipeline, batch_size: int) -> dict:
+    extractor = pipeline.extractor_
+    return {"batch_size": batch_size, "size_hw": list(pipeline.input_size), "color": "RGB", "layout": "NCHW float32",
+            "scale": "pixel / 255", "mean": extractor.mean.flatten().tolist(), "std": extractor.std.flatten().tolist()}
+
+
+def export(run_dir, out=None, settings: ExportSettings | None = None, **changes) -> Path:
+    """Write the run as ``model.onnx`` or ``model.pt`` (TorchScript) plus a ``.json`` beside it; return the model path.
+
+    ``settings`` (or ``format=``, ``batch_size=``): see :class:`ExportSettings`. Without
+    ``out`` the model goes into the run folder.
+    """
+    settings = (settings or ExportSettings()).updated(**changes) if changes else (settings or ExportSettings())
+    run = RunFolder(run_dir).require("run")
+    if out is not None and not Path(out).parent.is_dir():
+        raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")
+    pipeline = Pipeline.load(run.path, device="cpu")
+    model = ScoringModel(pipeline).eval()
+    example = torch.zeros(settings.batch_size, 3, *pipeline.input_size)
+
+    def write_model(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks evaluated once
+            if settings.format == "onnx":
+                torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=17, input_names=["image"], output_names=["maps", "scores"])
+            else:
+                torch.jit.trace(model, example, check_trace=False).save(tmp)
+
+    config = pipeline.config()
+    side = {"anomatune_version": config.anomatune_version, "format": settings.format, "input": preprocessing(pipeline, settings.batch_size),
+            "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
+            "threshold": pipeline.threshold, "detector": config.settings.detector.name,
+            "backbone": config.settings.features.backbone, "weights_id": config.fitted.weights_id}
+    if out is None:
+        with run.lock():
+            path = run.write_with(RunFolder.MODELS[settings.format], write_model)
+            run.write_json(Path(RunFolder.MODELS[settings.format]).with_suffix(".json").name, side | {"model": path.name})
+        return path
+    path = Path(out)
+    atomic_write(path, write_model)
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8"))
+    return path

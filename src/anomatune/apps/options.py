@@ -1,0 +1,142 @@
+"""Command-line options generated from the settings dataclasses, and settings built back from them.
+
+Every leaf of a settings group becomes one option named after it (``image_size`` →
+``--image-size``), with its help, its default (shown, never passed: an option that is
+not given leaves the setting to ``--config`` or to the default) and its choices or range.
+Values arrive as text and are coerced and validated by the settings classes, so the
+command line, YAML and Python refuse a bad value with the same one-line message. A
+detector (a polymorphic group) is ``--detector NAME`` plus ``--set KEY=VALUE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+import yaml
+
+from ..errors import SettingsError
+from ..models.settings import DetectorSettings
+from ..schema import Leaf, Settings, leaves
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "none"
+    if isinstance(value, DetectorSettings):
+        return value.name
+    return str(value)
+
+
+def _metavar(leaf: Leaf) -> str:
+    choices = DetectorSettings.names() if isinstance(leaf.default, DetectorSettings) else leaf.choices
+    if choices:
+        return "[" + "|".join(map(str, choices)) + "]"
+    text = str(leaf.kind)
+    if leaf.metavar:
+        return leaf.metavar
+    for word, metavar in (("tuple[int", "N,N"), ("tuple[float", "X,X"), ("int", "INTEGER"), ("float", "NUMBER")):
+        if word in text:
+            return metavar
+    return "TEXT"
+
+
+def _option(leaf: Leaf):
+    """The option of one setting; its default is shown, not passed (an unset option leaves the setting alone)."""
+    names = [f"--{leaf.flag}", *(f"--{a}" for a in leaf.aliases)]
+    help_text = leaf.help + (f" Range: {leaf.interval}." if leaf.interval else "") + f"  [default: {_show(leaf.default)}]"
+    if leaf.kind is bool:
+        return click.option(f"{names[0]}/--no-{leaf.flag}", leaf.key, default=None, help=help_text, show_default=False)
+    multiple = "tuple[str" in str(leaf.kind)
+    return click.option(*names, leaf.key, default=None, multiple=multiple, metavar=_metavar(leaf), help=help_text, show_default=False)
+
+
+SET_OPTION = click.option("--set", "detector_changes", multiple=True, metavar="KEY=VALUE",
+                          help="A setting of the detector (or guide), e.g. --set n_components=8 (repeatable; "
+                               "see 'anomatune detectors').")
+
+
+def options(cls: type[Settings], defaults: Settings | None = None, only: Iterable[str] | None = None):
+    """A decorator adding one option per setting of ``cls`` (those named in ``only``, when given)."""
+    chosen = [leaf for leaf in leaves(cls, defaults) if only is None or leaf.key in set(only)]
+
+    def decorate(command):
+        for leaf in reversed(chosen):  # the last decorator applied is listed first
+            if isinstance(leaf.default, DetectorSettings):
+                command = SET_OPTION(command)
+            command = _option(leaf)(command)
+        return command
+
+    return decorate
+
+
+def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts as a dict; each value read as YAML (numbers, true/false, lists)."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set expects KEY=VALUE, not {pair!r}")
+        try:
+            changes[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            changes[key.strip().replace("-", "_")] = value
+    return changes
+
+
+def read_config(path: str | None, cls: type[Settings]) -> dict:
+    """A YAML settings file: the groups of ``cls`` directly, or a run's config.yaml (its ``settings``)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if isinstance(data, dict) and "run_format" in data and "settings" in data:
+        data = data["settings"]
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of settings")
+    return data
+
+
+def build(cls: type[Settings], values: dict[str, Any], defaults: Settings | None = None, config: str | None = None,
+          only: Iterable[str] | None = None):
+    """The settings of ``cls`` from a command's option values (and a ``--config`` file): validated, or one-line errors."""
+    base = defaults if defaults is not None else cls()
+    file = read_config(config, cls)
+    if file:
+        merged = base.to_dict()
+        _merge(merged, file)
+        base = cls.from_dict(merged, source=config)
+    changes = {}
+    for leaf in leaves(cls, base):
+        if only is not None and leaf.key not in set(only):
+            continue
+        value = values.get(leaf.key)
+        if isinstance(leaf.default, DetectorSettings):
+            sets = parse_pairs(values.get("detector_changes") or ())
+            if value is None and not sets:
+                continue
+            current = leaf.default.to_dict() if value in (None, leaf.default.name) else {"name": value}
+            value = current | sets
+        elif value is None or value == ():
+            continue
+        changes[leaf.key] = value
+    return base.updated(**changes)
+
+
+def _merge(target: dict, update: dict) -> None:
+    """Nested update; a detector mapping naming another detector replaces the current one."""
+    for key, value in update.items():
+        old = target.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            _merge(old, value)
+        else:
+            target[key] = value

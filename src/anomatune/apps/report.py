@@ -1,0 +1,107 @@
+"""One self-contained HTML page per run: metrics, curves, fine-tuning diagnostics, heatmap gallery.
+
+Every image is inlined (base64), so the page can be mailed or archived on its own. The
+page counts its images that failed to load into ``data-broken-images`` on the body (the
+report test reads it back from headless Chromium).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from ..errors import RunFolderError
+from ..pipeline.folders import RunFolder, atomic_write
+from ..pipeline.pipeline import read_config
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; } figcaption { font-size: 0.85em; max-width: 520px; }
+img { max-width: 100%; } .gallery img { width: 512px; } .note { color: #666; font-size: 0.9em; }
+"""
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  document.body.dataset.images = images.length;
+  document.body.dataset.brokenImages = images.filter(i => !i.complete || i.naturalWidth === 0).length;
+});
+</script>"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _figure(path: Path, caption: str) -> str:
+    return f"<figure>{_img(path, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>" if path.is_file() else ""
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _finetune_section(weights: str | None) -> str:
+    if not weights:
+        return "<h2>Fine-tuning</h2><p class='note'>This run uses the frozen pretrained backbone.</p>"
+    folder = RunFolder(weights)
+    if folder.kind != "finetune" or not (folder / RunFolder.DIAGNOSTICS).is_file():
+        return f"<h2>Fine-tuning</h2><p class='note'>Backbone weights from <code>{html.escape(weights)}</code> (no fine-tuning diagnostics).</p>"
+    diagnostics = folder.read_json(RunFolder.DIAGNOSTICS)
+    record = folder.read_yaml(RunFolder.FINETUNE)
+    keys = ["negative_visible_share", "kept_visible_share", "positive_weight_mean", "negative_weight_mean",
+            "good_feature_norm", "good_feature_variance", "good_negative_distance"]
+    rows = [(k.replace("_", " "), diagnostics["start"][k], diagnostics["end"][k]) for k in keys]
+    collapsed = "<p><b>Warning: the good features collapsed during this fine-tuning.</b></p>" if diagnostics.get("collapsed") else ""
+    guide = record["settings"]["guide"]["name"]
+    return (f"<h2>Fine-tuning</h2><p>Backbone fine-tuned in <code>{html.escape(str(folder.path))}</code>: "
+            f"{record['steps_done']} steps guided by {html.escape(guide)}.</p>{collapsed}"
+            + _table(rows, ("", "start", "end"))
+            + _figure(folder / RunFolder.WEIGHTS_FIGURE, "Gradient weights P(z=−|u+) and P(z=+|u−) at the start and end (the supplementary's Figure 2)")
+            + _figure(folder / RunFolder.LOSS_FIGURE, "Loss terms and mean gradient weights per step"))
+
+
+def build_report(run_dir, out=None) -> Path:
+    """Write ``report.html`` (or ``out``) for an evaluated run and return its path."""
+    run = RunFolder(run_dir).require("run")
+    evaluation = run.evaluation
+    if evaluation.kind != "evaluation":
+        raise RunFolderError(f"{run.path} is not evaluated: run 'anomatune evaluate {run.path}' first")
+    metrics = evaluation.read_json(RunFolder.METRICS)
+    config = read_config(run)
+    title = f"anomatune: {metrics['category']}, {metrics['detector']} on {metrics['backbone']}"
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>Run folder <code>{html.escape(str(run.path.resolve()))}</code></p>",
+             "<h2>Metrics</h2>", _table([(k.replace("_", " "), v) for k, v in metrics.items() if k != "run"], ("metric", "value")),
+             "<p class='note'>The F1-optimal threshold is tuned on the test labels (optimistic); the learnt threshold comes from held-out good training images only.</p>",
+             "<h2>Curves</h2>", _figure(evaluation / RunFolder.ROC, "Image-level ROC"),
+             _figure(evaluation / RunFolder.PRO, "Per-region overlap (PRO) curve"),
+             _finetune_section(config.settings.features.backbone_weights)]
+    if (evaluation / RunFolder.GALLERY_INDEX).is_file():
+        gallery = evaluation.read_json(RunFolder.GALLERY_INDEX)
+        parts.append(f"<h2>Heatmaps</h2><p class='note'>Threshold {gallery['threshold']:.4g}. Left: the image (ground truth outlined in green); "
+                     "right: the anomaly map, red at and above the threshold. Worst false positives first, then worst false negatives.</p><div class='gallery'>")
+        parts += [_figure(evaluation / e["image"], f"{e['kind']}: {Path(e['path']).parent.name}/{Path(e['path']).name}, score {e['score']:.4g}")
+                  for e in gallery["entries"]]
+        parts.append("</div>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>{CHECK}</head>"
+            f"<body>{''.join(parts)}</body></html>")
+    if out is None:
+        with run.lock():
+            return run.write_text(RunFolder.REPORT, page)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise RunFolderError(f"folder {out.parent} does not exist: create it or choose another --out")
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return out

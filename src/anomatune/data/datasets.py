@@ -1,0 +1,297 @@
+"""Datasets: the MVTec AD and VisA layouts, your own folders, and natural photos.
+
+Every dataset is a list of records (path, label, defect type, mask path) read lazily.
+Items are dicts: ``image`` (3, H, W) float in [0, 1], RGB, resized to the dataset's input
+size; ``label`` (0 good, 1 defective); ``defect_type``; ``path``; ``mask`` ((1, H, W) of
+0/1, all zero for good images) or ``None`` when the dataset has no ground truth.
+Normalisation belongs to the backbone (the feature extractor applies it), so one dataset
+serves any backbone and the colour transfer works on plain RGB. Batch items with
+:func:`collate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .images import (DEFAULT_IMAGE_SIZE, IMAGE_EXTENSIONS, check_mask_shape, image_to_tensor, input_size, list_images,
+                     log_once, mask_to_tensor, median_aspect, read_image, read_mask)
+
+GOOD = "good"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset: where it is and what it is."""
+
+    path: Path
+    label: int  # 0 good, 1 defective
+    defect_type: str
+    mask_path: Path | None = None
+
+
+def require_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist or is not a folder: {hint}")
+    return path
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split must be 'train' or 'test', not {split!r}")
+
+
+class AnomalyDataset(Dataset):
+    """Base of the labelled datasets: records, loaded lazily, resized to one input size.
+
+    ``image_size``: the short side in pixels (the long side follows the median aspect
+    ratio of the dataset's images), ``"WxH"``, or an exact ``(height, width)``.
+    """
+
+    def __init__(self, records: Sequence[Record], has_masks: bool, image_size=DEFAULT_IMAGE_SIZE, name: str = "dataset"):
+        if not records:
+            raise DataError(f"{name} holds no images: add image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.records = list(records)
+        self.has_masks = has_masks
+        self.image_size = image_size
+        self.name = name
+        self.source = None  # the DataSettings it was opened from (open_dataset sets it); saved with a run
+
+    @cached_property
+    def aspect(self) -> float:
+        """The median width / height of the images (read from their headers)."""
+        return median_aspect(r.path for r in self.records)
+
+    def size_for(self, image_size) -> tuple[int, int]:
+        """The ``(height, width)`` that ``image_size`` gives these images: a short side follows their median aspect ratio."""
+        fixed = isinstance(image_size, tuple) or "x" in str(image_size)
+        return input_size(image_size, 1.0 if fixed else self.aspect)
+
+    @cached_property
+    def size_hw(self) -> tuple[int, int]:
+        """``(height, width)`` every image is resized to."""
+        return self.size_for(self.image_size)
+
+    def at_size(self, size_hw: tuple[int, int]) -> "AnomalyDataset":
+        """The same images resized to ``(height, width)`` (a model's input size)."""
+        view = copy.copy(self)
+        view.__dict__.pop("size_hw", None)
+        view.image_size = tuple(size_hw)
+        return view
+
+    def subset(self, indices: Sequence[int]) -> "AnomalyDataset":
+        """The records at ``indices``, same settings."""
+        view = copy.copy(self)
+        view.records = [self.records[i] for i in indices]
+        view.__dict__.pop("aspect", None)
+        view.__dict__.pop("size_hw", None)
+        return view
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        img = read_image(record.path)
+        mask = None
+        if self.has_masks:
+            if record.mask_path is None:
+                mask = torch.zeros(1, *self.size_hw)
+            else:
+                raw = read_mask(record.mask_path)
+                check_mask_shape(raw.shape[::-1], img.size, record.mask_path, record.path)
+                mask = mask_to_tensor(raw, self.size_hw)
+        return {"image": image_to_tensor(img, self.size_hw), "label": record.label, "defect_type": record.defect_type,
+                "path": str(record.path), "mask": mask}
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """Batch dataset items; ``mask`` stays ``None`` when the dataset has no ground truth."""
+    masks = [item["mask"] for item in batch]
+    return {
+        "image": torch.stack([item["image"] for item in batch]),
+        "label": torch.tensor([item["label"] for item in batch]),
+        "defect_type": [item["defect_type"] for item in batch],
+        "path": [item["path"] for item in batch],
+        "mask": None if any(m is None for m in masks) else torch.stack(masks),
+    }
+
+
+def find_mask(folder: Path, stem: str) -> Path | None:
+    """``<stem>_mask.<ext>`` or ``<stem>.<ext>`` in ``folder``."""
+    for suffix in ("_mask", ""):
+        for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"):
+            candidate = folder / f"{stem}{suffix}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class MVTecAD(AnomalyDataset):
+    """A category in the MVTec AD layout.
+
+    ``root/category/train/good``, ``root/category/test/<good|defect>`` and, when pixel
+    labels exist, ``root/category/ground_truth/<defect>/<id>_mask.png``. Without
+    ``ground_truth`` the masks are ``None`` and pixel metrics are skipped later.
+    """
+
+    def __init__(self, root: str | Path, category: str, split: str = "train", image_size=DEFAULT_IMAGE_SIZE):
+        root = require_dir(Path(root), "dataset root", "pass the folder that holds the category folders")
+        category_dir = root / category
+        if not category_dir.is_dir():
+            available = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise DataError(f"category {category!r} not found in {root}: available are {', '.join(available) or 'none'}")
+        _check_split(split)
+        split_dir = require_dir(category_dir / split, f"{split} split", f"expected the MVTec AD layout {category}/{split}/good/...")
+        gt_dir = category_dir / "ground_truth"
+        has_masks = gt_dir.is_dir()
+        if not has_masks and split == "test":
+            log_once(f"nogt:{category_dir}", "%s has no ground_truth folder: masks are None, pixel metrics will be skipped", category_dir)
+        records = []
+        for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            images = list_images(defect_dir)
+            if defect == GOOD:
+                records += [Record(p, 0, GOOD) for p in images]
+                continue
+            if split == "train":
+                raise DataError(f"{defect_dir}: the train split holds good images only; move defective images to test/")
+            masks = self._match_masks(images, gt_dir / defect) if has_masks else {}
+            records += [Record(p, 1, defect, masks.get(p)) for p in images]
+        super().__init__(records, has_masks, image_size, name=str(split_dir))
+
+    @staticmethod
+    def _match_masks(images: list[Path], mask_dir: Path) -> dict[Path, Path]:
+        """Pair every defect image with its mask, and every mask with its image."""
+        masks = {}
+        for img in images:
+            mask = find_mask(mask_dir, img.stem)
+            if mask is None:
+                raise DataError(f"{img}: no mask {mask_dir / (img.stem + '_mask.png')}; add the mask or remove the image")
+            masks[img] = mask
+        stems = {img.stem for img in images}
+        if mask_dir.is_dir():
+            for mask in list_images(mask_dir):
+                stem = mask.stem.removesuffix("_mask")
+                if stem not in stems:
+                    raise DataError(f"{mask}: mask without an image (expected {stem}.* in test/{mask_dir.name}); add the image or remove the mask")
+        return masks
+
+
+class VisA(AnomalyDataset):
+    """A category in the VisA layout: ``root/split_csv/1cls.csv`` lists every image.
+
+    Its columns are ``object, split, label, image, mask`` (``label`` normal or anomaly;
+    paths relative to ``root``). VisA has no defect types: defective images are "anomaly".
+    """
+
+    SPLIT_CSV = Path("split_csv") / "1cls.csv"
+    COLUMNS = ("object", "split", "label", "image", "mask")
+
+    def __init__(self, root: str | Path, category: str, split: str = "train", image_size=DEFAULT_IMAGE_SIZE):
+        root = require_dir(Path(root), "dataset root", "pass the VisA folder that holds split_csv/")
+        _check_split(split)
+        csv_path = root / self.SPLIT_CSV
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{csv_path}: cannot read the split file ({exc})") from exc
+        if not rows or not set(self.COLUMNS) <= set(rows[0]):
+            raise DataError(f"{csv_path}: expected the columns {', '.join(self.COLUMNS)}")
+        objects = sorted({r["object"] for r in rows})
+        if category not in objects:
+            raise DataError(f"category {category!r} not in {csv_path}: available are {', '.join(objects)}")
+        records = []
+        for row in (r for r in rows if r["object"] == category and r["split"] == split):
+            if row["label"] not in ("normal", "anomaly"):
+                raise DataError(f"{csv_path}: label {row['label']!r} of {row['image']} must be normal or anomaly")
+            path, mask = root / row["image"], (root / row["mask"]) if row["mask"] else None
+            for file in (path, mask):
+                if file is not None and not file.is_file():
+                    raise DataError(f"{file} (listed in {csv_path}) does not exist")
+            good = row["label"] == "normal"
+            records.append(Record(path, 0 if good else 1, GOOD if good else "anomaly", mask))
+        has_masks = split == "test" and any(r.mask_path for r in records)
+        super().__init__(records, has_masks, image_size, name=f"{split} split of {category} in {root}")
+
+
+class Folder(AnomalyDataset):
+    """Your own folders: good images, optional defective folders and masks.
+
+    ``split="train"`` gives good images; ``split="test"`` gives the good test images
+    (``good_test_dir``, or else a seeded ``test_split`` share of ``good_dir``) plus every
+    image of ``defect_dirs`` (defect type = folder name); ``open_dataset`` gives the
+    defaults of ``DataSettings``. Masks are looked up in
+    ``mask_dir/<defect folder name>/`` then ``mask_dir/`` as ``<stem>_mask.*`` or ``<stem>.*``.
+    """
+
+    def __init__(self, good_dir: str | Path, defect_dirs: Sequence[str | Path] = (), mask_dir: str | Path | None = None,
+                 good_test_dir: str | Path | None = None, *, test_split: float, split_seed: int, split: str = "train",
+                 image_size=DEFAULT_IMAGE_SIZE):
+        _check_split(split)
+        if not 0.0 <= test_split < 1.0:
+            raise DataError(f"test_split must be in [0, 1), not {test_split}")
+        good = list_images(require_dir(Path(good_dir), "good image folder", "pass the folder of good images"))
+        if good_test_dir is not None:
+            train, held_out = good, list_images(require_dir(Path(good_test_dir), "good test folder", "pass a folder of good test images or leave it out"))
+        else:
+            order = np.random.default_rng(split_seed).permutation(len(good))
+            n_test = int(round(test_split * len(good)))
+            held_out = [good[i] for i in sorted(order[:n_test])]
+            train = [good[i] for i in sorted(order[n_test:])]
+        has_masks = mask_dir is not None
+        if split == "train":
+            records = [Record(p, 0, GOOD) for p in train]
+        else:
+            records = [Record(p, 0, GOOD) for p in held_out]
+            for folder in map(Path, defect_dirs):
+                for img in list_images(require_dir(folder, "defect folder", "pass existing folders of defective images")):
+                    records.append(Record(img, 1, folder.name, self._mask_for(img, folder, mask_dir) if has_masks else None))
+        super().__init__(records, has_masks, image_size, name=f"{split} split of {good_dir}")
+
+    @staticmethod
+    def _mask_for(img: Path, folder: Path, mask_dir: str | Path) -> Path:
+        mask_dir = require_dir(Path(mask_dir), "mask folder", "pass the folder of defect masks or leave it out")
+        for candidate_dir in (mask_dir / folder.name, mask_dir):
+            mask = find_mask(candidate_dir, img.stem)
+            if mask is not None and mask != img:
+                return mask
+        raise DataError(f"{img}: no mask {img.stem}_mask.png in {mask_dir / folder.name} or {mask_dir}; add the mask or remove the image")
+
+
+class NaturalImages(Dataset):
+    """Any folder tree of photos (searched recursively): the negatives of the fine-tuning.
+
+    Items are (3, H, W) tensors in [0, 1] resized to ``image_size`` (a square side or an
+    exact ``(height, width)``), or whatever ``transform`` makes of the RGB ``PIL.Image``.
+    """
+
+    def __init__(self, root: str | Path, image_size=DEFAULT_IMAGE_SIZE, transform: Callable | None = None):
+        root = require_dir(Path(root), "natural image folder", "pass a folder of photos (e.g. ImageNet samples)")
+        self.paths = list_images(root, recursive=True)
+        if not self.paths:
+            raise DataError(f"{root} holds no images: add photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.size_hw = input_size(image_size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        img = read_image(self.paths[index])
+        return self.transform(img) if self.transform is not None else image_to_tensor(img, self.size_hw)

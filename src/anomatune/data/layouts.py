@@ -1,0 +1,82 @@
+"""Which layout a set of data settings describes, and the dataset for a split of it.
+
+Three layouts: your own folders (``--good``, with ``--defect`` / ``--masks`` /
+``--good-test`` for evaluation), the MVTec AD layout (``--data ROOT --category C``, or
+``--data`` pointing at the category folder itself) and the VisA layout
+(``--data ROOT --category C`` where ``ROOT/split_csv/1cls.csv`` lists the images).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import DataError
+from .datasets import VisA, AnomalyDataset, Folder, MVTecAD
+from .images import DEFAULT_IMAGE_SIZE
+from .settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("folder", "mvtec", "visa")
+LAYOUT_HELP = ("the layouts are: --good DIR (a folder of good images; --defect DIR, --masks DIR for evaluation), "
+               "--data ROOT --category C in the MVTec AD layout (C/train/good, C/test/<type>, C/ground_truth/<type>), "
+               "or --data ROOT --category C in the VisA layout (ROOT/split_csv/1cls.csv)")
+
+
+def detect_layout(settings: DataSettings) -> tuple[str, DataSettings]:
+    """The layout and the settings made explicit (an MVTec AD category folder becomes root + category)."""
+    if settings.good:
+        return "folder", settings
+    if not settings.data:
+        raise DataError(f"no images given: {LAYOUT_HELP}")
+    root = Path(settings.data)
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist or is not a folder: {LAYOUT_HELP}")
+    visa = (root / VisA.SPLIT_CSV).is_file()
+    if settings.category:
+        if visa:
+            return "visa", settings
+        if (root / settings.category / "train").is_dir() or not (root / settings.category).is_dir():
+            return "mvtec", settings  # MVTecAD names the available categories when this one is missing
+        raise DataError(f"{root / settings.category} has no train/ folder and {root} no {VisA.SPLIT_CSV}: {LAYOUT_HELP}")
+    if (root / "train").is_dir():
+        return "mvtec", settings.updated(data=str(root.parent), category=root.name)
+    categories = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    if visa or categories:
+        names = categories if categories else "the objects in " + str(root / VisA.SPLIT_CSV)
+        raise DataError(f"{root} holds several categories: pass --category (one of {', '.join(names) if categories else names})")
+    raise DataError(f"{root} is in no known layout: {LAYOUT_HELP}")
+
+
+def open_dataset(settings: DataSettings | None = None, split: str = "train", image_size=DEFAULT_IMAGE_SIZE, **changes) -> AnomalyDataset:
+    """The ``split`` of the data that ``settings`` (or the keyword arguments of ``DataSettings``) describe.
+
+    ``image_size``: a short side, ``"WxH"`` or an exact ``(height, width)``.
+    """
+    settings = (settings or DataSettings()).updated(**changes) if changes else (settings or DataSettings())
+    layout, settings = detect_layout(absolute(settings))
+    if layout == "folder":
+        dataset = Folder(settings.good, settings.defect, settings.masks, settings.good_test, test_split=settings.test_split,
+                         split_seed=settings.split_seed, split=split, image_size=image_size)
+    elif layout == "mvtec":
+        dataset = MVTecAD(settings.data, settings.category, split, image_size)
+    else:
+        dataset = VisA(settings.data, settings.category, split, image_size)
+    log.info("data: %s layout, %s (%d images)", layout, dataset.name, len(dataset))
+    dataset.source = settings
+    return dataset
+
+
+def absolute(settings: DataSettings) -> DataSettings:
+    """The same settings with absolute paths: a run remembers its data wherever it is evaluated from."""
+    def full(path):
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    return settings.updated(data=full(settings.data), good=full(settings.good), good_test=full(settings.good_test),
+                            defect=tuple(full(d) for d in settings.defect), masks=full(settings.masks))
+
+
+def describe(settings: DataSettings) -> str:
+    """A short name of the data, for tables and titles."""
+    return settings.category or Path(settings.good or settings.data or "?").name

@@ -1,0 +1,41 @@
+"""Where the images come from: one settings group for every layout (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schema import Settings, setting
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    """The images of a command: your own folders, or a category of a dataset root.
+
+    The layout is detected from what is given (see ``anomatune.data.layouts``).
+    """
+
+    section = "data"
+    data: str | None = setting(None, "Dataset root: an MVTec AD root (with --category), one MVTec AD category folder, "
+                                     "or a VisA root holding split_csv/1cls.csv (with --category).", metavar="DIR")
+    category: str | None = setting(None, "Category under --data, e.g. transistor.")
+    good: str | None = setting(None, "Your own folder of good images (instead of --data).", metavar="DIR")
+    good_test: str | None = setting(None, "Folder of good test images for --good; default: a --test-split share of --good.", metavar="DIR")
+    defect: tuple[str, ...] = setting((), "Folder of defective test images for --good (repeat for several; the folder name is the defect type).", metavar="DIR")
+    masks: str | None = setting(None, "Folder of defect masks for the --defect images: <stem>_mask.png or <stem>.png, "
+                                      "directly or in a subfolder named like the defect folder.", metavar="DIR")
+    test_split: float = setting(0.2, "Share of --good held out (seeded) as good test images when --good-test is not given.",
+                                interval="[0, 1)")
+    split_seed: int = setting(0, "Seed of the --test-split draw; keep it between fit, finetune and evaluate.")
+
+    def check(self) -> list[str]:
+        if self.good and self.data:
+            return ["pass either --good (your own folders) or --data (a dataset root), not both"]
+        if not self.good and (self.good_test or self.defect or self.masks):
+            return ["--good-test, --defect and --masks go with --good"]
+        if self.category and not self.data:
+            return ["--category goes with --data"]
+        return []
+
+    @property
+    def given(self) -> bool:
+        return bool(self.good or self.data)

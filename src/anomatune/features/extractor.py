@@ -1,0 +1,175 @@
+"""Differentiable patch features: the input of every detector and of the fine-tuning.
+
+``FeatureExtractor`` normalises a [0, 1] RGB batch with the backbone's own statistics,
+takes the maps of the chosen stages, resizes them to the finest of them (at least a
+stride-8 grid: 32x32 for a 256x256 input), concatenates them, averages each position
+over a ``pool`` x ``pool`` neighbourhood and optionally applies a fixed linear
+projection (``random`` or ``pca``) to ``proj_dim`` dimensions. Every step is
+differentiable, so the fine-tuning can backpropagate from a detector's density into the
+backbone. Stages after the last used one are dropped, and batch-norm statistics stay
+frozen in training mode by default (small batches would otherwise wreck them).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AnomatuneError, BackboneError
+from .backbones import Backbone, create_backbone
+from .settings import FeatureSettings
+
+GRID_STRIDE = 8
+
+
+class FeatureExtractor(nn.Module):
+    """Patch features ``(B, D, h, w)`` of an image batch ``(B, 3, H, W)`` in [0, 1].
+
+    Args:
+        settings: :class:`FeatureSettings`, or a backbone name; keyword ``changes``
+            override its fields (``layers=(2,)``, ``pool=1``, ``proj_dim=8``, ...).
+            The input size is the caller's: the extractor takes any size.
+        backbone: an already built :class:`Backbone` (e.g. fine-tuned weights) instead of
+            the one ``settings`` names.
+        seed: draws the random projection.
+        freeze_batchnorm: keep batch-norm layers in eval mode even in ``train()``.
+    """
+
+    def __init__(self, settings: FeatureSettings | str | None = None, *, backbone: Backbone | None = None, seed: int = 0,
+                 freeze_batchnorm: bool = True, **changes):
+        super().__init__()
+        if isinstance(settings, str):
+            settings = FeatureSettings(backbone=settings)
+        settings = (settings or FeatureSettings()).updated(**changes) if changes else (settings or FeatureSettings())
+        if backbone is None:
+            backbone = create_backbone(settings.backbone, weights=settings.backbone_weights)
+        self.settings = settings
+        self.backbone_name = backbone.name
+        self.weights_id = backbone.weights_id
+        self.layers = tuple(sorted(backbone.layers if settings.layers is None else settings.layers))
+        self.patch_size = backbone.patch_size
+        self.pool = settings.pool
+        self.proj = settings.proj
+        self.freeze_batchnorm = freeze_batchnorm
+        self.model = backbone.model
+        self._check_layers()
+        self.model.prune_intermediate_layers(list(self.layers), prune_norm=True, prune_head=True)
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        with torch.no_grad():
+            probe = self.model.eval()
+            self.stage_channels = tuple(m.shape[1] for m in self._stage_maps(torch.zeros(1, 3, 64, 64)))
+            probe.train(self.training)
+        self.raw_dim = sum(self.stage_channels)
+        self.proj_dim = proj_dim = settings.proj_dim
+        if proj_dim is not None:
+            if not 0 < proj_dim <= self.raw_dim:
+                raise AnomatuneError(f"proj_dim must be in 1..{self.raw_dim} for these layers, not {proj_dim}")
+            generator = torch.Generator().manual_seed(seed)
+            weight = torch.randn(proj_dim, self.raw_dim, generator=generator) / proj_dim**0.5
+            self.register_buffer("proj_weight", weight)
+            self.register_buffer("proj_mean", torch.zeros(self.raw_dim))
+            self.register_buffer("proj_fitted", torch.tensor(self.proj == "random"))
+        self.train(False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.proj_dim or self.raw_dim
+
+    def _check_layers(self) -> None:
+        n_stages = len(self.model.blocks) if self.patch_size > 1 else len(self.model.feature_info)
+        bad = [i for i in self.layers if not 0 <= i < n_stages]
+        if not self.layers or bad:
+            if self.patch_size > 1:
+                choices = f"blocks 0..{n_stages - 1}"
+            else:
+                choices = ", ".join(f"{i} (stride {f['reduction']}, {f['num_chs']} ch)" for i, f in enumerate(self.model.feature_info))
+            raise BackboneError(f"layers {list(self.layers)} not available in {self.backbone_name}: choose from {choices}")
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        super().train(mode)
+        if self.freeze_batchnorm:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def _stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.mean) / self.std
+        if self.patch_size > 1:  # transformers take sides that are multiples of the patch
+            h, w = (max(self.patch_size, round(s / self.patch_size) * self.patch_size) for s in x.shape[-2:])
+            if (h, w) != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        return self.model.forward_intermediates(x, indices=list(self.layers), intermediates_only=True)
+
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated, pooled stage features before the projection: ``(B, raw_dim, h, w)``."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise AnomatuneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
+        maps = self._stage_maps(x)
+        grid = (x.shape[-2] // GRID_STRIDE, x.shape[-1] // GRID_STRIDE)
+        size = max([tuple(m.shape[-2:]) for m in maps] + [grid])
+        maps = [m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        features = torch.cat(maps, dim=1)
+        if self.pool > 1:
+            features = F.avg_pool2d(features, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        return features
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply the fixed projection (identity when ``proj_dim`` is None)."""
+        if self.proj_dim is None:
+            return features
+        if not bool(self.proj_fitted):
+            raise AnomatuneError("the PCA projection is not fitted: call fit_projection(good images) first")
+        centred = features - self.proj_mean.view(1, -1, 1, 1)
+        return torch.einsum("dc,bchw->bdhw", self.proj_weight.to(features.dtype), centred)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.raw_features(x))
+
+    @torch.no_grad()
+    def extract(self, batches: Iterable, desc: str = "features", raw: bool = False) -> torch.Tensor:
+        """Features of every batch (image tensors or dataset dicts), gathered on the CPU.
+
+        The one batched loop of fitting, the fine-tuning's set-up and its diagnostics;
+        ``raw`` skips the projection. One progress bar.
+        """
+        device = self.mean.device
+        outputs = []
+        for batch in tqdm(batches, desc=desc, leave=False):
+            images = (batch["image"] if isinstance(batch, dict) else batch).to(device)
+            outputs.append((self.raw_features(images) if raw else self(images)).cpu())
+        if not outputs:
+            raise AnomatuneError("no images to extract features from")
+        return torch.cat(outputs)
+
+    @torch.no_grad()
+    def fit_projection(self, batches: Iterable, max_patches: int = 200_000, seed: int = 0) -> "FeatureExtractor":
+        """Fit the PCA projection once on good images (batches of tensors or dataset dicts).
+
+        A random projection needs no data and is left as drawn. Patches are subsampled
+        to ``max_patches`` so memory stays bounded on large training sets.
+        """
+        if self.proj_dim is None or self.proj == "random":
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        raw = self.extract(batches, desc="fit PCA projection", raw=True)
+        patches = raw.permute(0, 2, 3, 1).reshape(-1, self.raw_dim).double()
+        if len(patches) > max_patches:
+            patches = patches[torch.randperm(len(patches), generator=generator)[:max_patches]]
+        if len(patches) < 2:
+            raise AnomatuneError("fit_projection got too few patches: pass at least one batch of good images")
+        mean = patches.mean(0)
+        cov = torch.cov((patches - mean).T)
+        _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+        self.proj_weight.copy_(vectors[:, -self.proj_dim :].flip(1).T.float())
+        self.proj_mean.copy_(mean.float())
+        self.proj_fitted.fill_(True)
+        self.train(was_training)
+        return self

@@ -1,0 +1,132 @@
+"""Every detector's settings, and the registry of detector names (torch-free).
+
+A detector is chosen by name (``gmm``, ``glad``, ``padim``, ``patchcore``); its settings
+group is the dataclass registered under that name. In YAML a detector is
+``{name: glad, n_components: 32, ...}``; on the command line ``--detector glad`` with
+``--set n_components=8`` for its settings.
+
+``normalize`` (ours, not in the papers): each grid position's scores are standardised by
+the mean and standard deviation of the training patches' scores at that position, so a
+position whose good patches always score high (an edge, a busy part of the object) stops
+deciding the image score. Measured in ``benchmarks/results/settings.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+from ..errors import SettingsError
+from ..schema import Settings, setting
+
+DEFAULT_DETECTOR = "glad"
+NORMALIZE_HELP = "Standardise scores per grid position by the training patches' scores there (ours; see the README)."
+
+
+@dataclass(frozen=True)
+class DetectorSettings(Settings):
+    """Base of the detectors' settings; the subclass registered under a name is chosen by it."""
+
+    section = "detector"
+    polymorphic = True
+    name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type["DetectorSettings"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            DetectorSettings.registry[cls.name] = cls
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return list(DetectorSettings.registry)
+
+    @classmethod
+    def resolve(cls, value: Any) -> type["DetectorSettings"]:
+        """The settings class of a detector name, a ``{name: ..., ...}`` mapping or an instance."""
+        if isinstance(value, DetectorSettings):
+            return type(value)
+        name = value.get("name") if isinstance(value, Mapping) else value
+        if name not in DetectorSettings.registry:
+            raise ValueError(f"unknown detector {name!r}: use one of {', '.join(cls.names())}")
+        return DetectorSettings.registry[name]
+
+    @classmethod
+    def coerce(cls, value: Any) -> "DetectorSettings":
+        kind = cls.resolve(value)
+        if isinstance(value, DetectorSettings):
+            return value
+        if isinstance(value, Mapping):
+            return super(DetectorSettings, kind).coerce({k: v for k, v in value.items() if k != "name"})
+        return kind()
+
+    @classmethod
+    def missing_keys(cls, data: Any) -> list[str]:
+        rest = {k: v for k, v in data.items() if k != "name"} if isinstance(data, Mapping) else data
+        return super().missing_keys(rest)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **super().to_dict()}
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class GMMSettings(DetectorSettings):
+    """Gaussian mixture on patch features (full covariances, EM from k-means++).
+
+    Defaults measured on transistor and magnetic_tile (``benchmarks/results/settings.md``):
+    K = 32, a ridge of 0.1 and 50k patches beat K = 16, a ridge of 1e-3 and 20k patches.
+    """
+
+    name = "gmm"
+    n_components: int = setting(32, "Mixture components K.", interval="[1, 100000]")
+    ridge: float = setting(0.1, "Added to every covariance's diagonal, relative to the mean feature variance.", interval="(0, inf)")
+    max_iter: int = setting(30, "EM iterations at most.", interval="[1, 100000]")
+    tol: float = setting(1e-2, "EM stops when the mean log-likelihood gains less than this.", interval="[0, inf)")
+    max_patches: int = setting(50_000, "Random subsample of training patches that EM sees (bounds time and memory).", interval="[2, inf)")
+    seed: int = setting(0, "Seed of the subsample and the k-means++ start.")
+    normalize: bool = setting(True, NORMALIZE_HELP)
+
+
+@dataclass(frozen=True)
+class GLADSettings(GMMSettings):
+    """GLAD: the global mixture with per-position weights, floored (a tiny floor: log-densities
+    spread over hundreds of nats, so a floor of 1e-3 left GLAD equal to the GMM)."""
+
+    name = "glad"
+    floor: float = setting(1e-12, "Smallest per-position component weight.", interval="(0, 1)")
+
+
+@dataclass(frozen=True)
+class PaDiMSettings(DetectorSettings):
+    """PaDiM: one Gaussian per grid position (classic scores unless ``normalize``)."""
+
+    name = "padim"
+    ridge: float = setting(0.01, "Added to every covariance's diagonal (absolute, as in the PaDiM paper).", interval="(0, inf)")
+    normalize: bool = setting(False, NORMALIZE_HELP)
+
+
+@dataclass(frozen=True)
+class PatchCoreSettings(DetectorSettings):
+    """PatchCore: nearest-neighbour distance to a greedy coreset (no ``normalize``: the bank
+    holds the training patches, whose own scores are ~0)."""
+
+    name = "patchcore"
+    coreset_ratio: float = setting(0.1, "Share of training patches kept in the memory bank.", interval="(0, 1]")
+    num_neighbors: int = setting(9, "Neighbourhood of the image score's reweighting (the paper's b).", interval="[1, 10000]")
+    proj_dim: int = setting(128, "Random-projection dimension of the coreset selection distances.", interval="[1, 100000]")
+    seed: int = setting(0, "Seed of the projection and of the first coreset patch.")
+
+
+def detector_settings(value: Any = DEFAULT_DETECTOR, **changes: Any) -> DetectorSettings:
+    """A detector's settings from a name, a mapping or an instance, with ``changes`` applied."""
+    try:
+        settings = DetectorSettings.coerce(value)
+    except SettingsError:
+        raise
+    except ValueError as exc:
+        raise SettingsError(f"detector: {exc}") from None
+    return settings.updated(**changes) if changes else settings

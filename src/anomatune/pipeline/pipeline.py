@@ -1,0 +1,302 @@
+"""The pipeline: features + detector + post-processing, fitted on good images, saved as a run.
+
+``Pipeline(detector="glad").fit(dataset)`` learns what good looks like: the input size
+from the training images, the features (and their PCA when asked), the detector, and a
+decision threshold from held-out good images only. ``predict(images)`` returns one
+typed result (scores, labels, maps, masks) at each image's own size; ``save(folder)`` /
+``Pipeline.load(folder)`` go through :class:`RunFolder`, nothing pickled. Evaluating,
+predicting, reporting and exporting all use this one object, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .. import __version__
+from ..data.datasets import AnomalyDataset, collate
+from ..data.images import image_to_tensor, read_image
+from ..data.settings import DataSettings
+from ..device import resolve_device
+from ..errors import AnomatuneError, NotFittedError, RunFolderError
+from ..features.backbones import create_backbone
+from ..features.settings import RANDOM
+from ..features.extractor import FeatureExtractor
+from ..models.registry import create_detector
+from ..schema import leaves
+from .folders import RunFolder, resolve_weights
+from .postprocess import PostProcessor, defect_mask, resize_map
+from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = 2
+
+
+@dataclass
+class Predictions:
+    """What a pipeline says of some images, each map and mask at its image's own size.
+
+    ``labels`` (1 defective, 0 good) and ``masks`` are ``None`` when there is no threshold.
+    An image is labelled defective exactly when its mask is not empty.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray | None
+    maps: list[np.ndarray]
+    masks: list[np.ndarray] | None
+    threshold: float | None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def split_holdout(dataset: AnomalyDataset, share: float, seed: int) -> tuple[AnomalyDataset, AnomalyDataset | None]:
+    """Split off ``share`` of the training images (at least 1, seeded) to learn the threshold on."""
+    n_held = round(share * len(dataset)) if share > 0 else 0
+    if share > 0 and n_held == 0:
+        n_held = 1
+    if n_held and len(dataset) - n_held < 2:
+        log.warning("only %d training images: no threshold is learnt (pass --threshold to predict)", len(dataset))
+        n_held = 0
+    if not n_held:
+        return dataset, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return dataset.subset(sorted(order[n_held:])), dataset.subset(sorted(order[:n_held]))
+
+
+def check_threshold(value: Any) -> float:
+    """A finite number: a NaN threshold would call every image good."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise AnomatuneError(f"the threshold must be a finite number, not {value!r}")
+    return number
+
+
+class Pipeline:
+    """Features + detector + post-processing; scikit-learn style ``fit`` / ``predict`` / ``score``.
+
+    Args:
+        settings: :class:`PipelineSettings` (default: the package defaults).
+        **changes: settings by their flat names, e.g. ``detector="padim"``,
+            ``image_size=128``, ``threshold_quantile=0.995``, and the runtime settings
+            ``device`` and ``batch_size`` (:class:`RuntimeSettings`).
+
+    Fitted attributes: ``extractor_``, ``detector_``, ``postprocessor_``, ``fit_record_``
+    (input size, threshold, ...) and ``data_`` (the data settings of the training set).
+    """
+
+    def __init__(self, settings: PipelineSettings | None = None, **changes: Any):
+        runtime_keys = {leaf.key for leaf in leaves(RuntimeSettings)}
+        self.runtime = RuntimeSettings().updated(**{k: v for k, v in changes.items() if k in runtime_keys})
+        settings = settings or PipelineSettings()
+        changes = {k: v for k, v in changes.items() if k not in runtime_keys}
+        self.settings = settings.updated(**changes) if changes else settings
+
+    def __repr__(self) -> str:
+        f = self.settings.features
+        return f"Pipeline({self.settings.detector.name} on {f.backbone}, image_size={f.image_size}{', fitted' if self.fitted else ''})"
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.runtime.device)
+
+    @property
+    def fitted(self) -> bool:
+        return hasattr(self, "fit_record_")
+
+    def check_is_fitted(self) -> None:
+        if not self.fitted:
+            raise NotFittedError("this pipeline is not fitted: call fit(dataset) or Pipeline.load(run folder) first")
+
+    @property
+    def threshold(self) -> float | None:
+        self.check_is_fitted()
+        return self.fit_record_.threshold
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        self.check_is_fitted()
+        return tuple(self.fit_record_.input_size)
+
+    # -- building --------------------------------------------------------------------------
+
+    def _extractor(self, layers=None) -> FeatureExtractor:
+        features = self.settings.features
+        if layers is not None:
+            features = features.updated(layers=tuple(layers))
+        backbone = create_backbone(features.backbone, weights=resolve_weights(features.backbone_weights))
+        return FeatureExtractor(features, backbone=backbone, seed=self.settings.seed).to(self.device).eval()
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.runtime.batch_size, collate_fn=collate)
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def fit(self, dataset: AnomalyDataset) -> "Pipeline":
+        """Fit on the good images of ``dataset`` (a training split).
+
+        The input size follows the images' median aspect ratio (or ``WxH``); a
+        ``threshold_holdout`` share (seeded) is kept out of the fit, and the
+        ``threshold_quantile`` of their image scores becomes the decision threshold.
+        """
+        s = self.settings
+        device = self.device
+        start = time.perf_counter()
+        for name in ("fit_record_", "extractor_", "detector_", "postprocessor_", "data_"):  # a failed fit leaves it unfitted
+            self.__dict__.pop(name, None)
+        weights = s.features.backbone_weights
+        if weights not in (None, RANDOM):  # a run finds its weights wherever it is loaded from
+            self.settings = s = s.updated(backbone_weights=str(Path(weights).expanduser().resolve()))
+        size = dataset.size_for(s.features.image_size)
+        train, held_out = split_holdout(dataset.at_size(size), s.threshold.holdout, s.seed)
+        extractor = self._extractor()
+        if s.features.proj_dim is not None and s.features.proj == "pca":
+            extractor.fit_projection(self._loader(train), seed=s.seed)
+        features = extractor.extract(self._loader(train), desc="train features")
+        self.extractor_ = extractor
+        self.detector_ = create_detector(s.detector).fit(features.to(device))
+        self.postprocessor_ = PostProcessor(s.postprocess, size)
+        threshold = good_median = None
+        if held_out is not None:
+            maps, scores = zip(*(self._forward(batch["image"]) for batch in self._loader(held_out)))
+            maps, scores = torch.cat(maps), torch.cat(scores)
+            threshold = float(torch.quantile(scores.double(), s.threshold.quantile))
+            good_median = float(maps.flatten()[::97].double().median())
+        self.fit_record_ = FitRecord(input_size=size, weights_id=extractor.weights_id, layers=extractor.layers, threshold=threshold,
+                                     good_map_median=good_median, holdout_images=0 if held_out is None else len(held_out),
+                                     n_train=len(train), fit_seconds=round(time.perf_counter() - start, 2))
+        self.data_ = getattr(dataset, "source", None)
+        log.info("fitted %s on %d images (%dx%d px) in %.1f s", s.detector.name, len(train), size[1], size[0], self.fit_record_.fit_seconds)
+        return self
+
+    # -- predicting ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel maps at the input size and image scores of a ``(B, 3, H, W)`` batch in [0, 1] at the input size.
+
+        The one computation behind evaluate, predict and export; results on the CPU.
+        """
+        self.check_is_fitted()
+        return self._forward(images)
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.extractor_(images.to(self.device))
+        maps, scores = self.postprocessor_(*self.detector_.detect(features))
+        return maps.cpu(), scores.cpu()
+
+    def _as_batch(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images of any kind → a batch at the input size, and each image's own (height, width)."""
+        size = self.input_size
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise AnomatuneError(f"expected an image batch (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+            sizes = [tuple(images.shape[-2:])] * len(images)
+            if tuple(images.shape[-2:]) != size:
+                images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            return images, sizes
+        pictures = [read_image(i) if isinstance(i, (str, Path)) else _as_pil(i) for i in images]
+        return torch.stack([image_to_tensor(p, size) for p in pictures]), [(p.height, p.width) for p in pictures]
+
+    def predict(self, images: Sequence | torch.Tensor, threshold: float | None = None) -> Predictions:
+        """Scores, labels, maps and masks of ``images``: paths, PIL images, ``HxWx3`` uint8 arrays
+        or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one."""
+        self.check_is_fitted()
+        batch, sizes = self._as_batch(images)
+        maps, scores = zip(*(self.forward(chunk) for chunk in torch.split(batch, self.runtime.batch_size)))
+        return self.describe(torch.cat(maps), torch.cat(scores), sizes, threshold)
+
+    def describe(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
+                 threshold: float | None = None) -> Predictions:
+        """Predictions from the output of :meth:`forward`: maps resized to ``sizes``, decisions and masks."""
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
+        full = [resize_map(m, hw) for m, hw in zip(maps, sizes)]
+        scores = scores.numpy()
+        if threshold is None:
+            return Predictions(scores, None, full, None, None)
+        labels = (scores > threshold).astype(np.int64)
+        return Predictions(scores, labels, full, [defect_mask(m, threshold, bool(y)) for m, y in zip(full, labels)], threshold)
+
+    def score(self, dataset: AnomalyDataset) -> dict[str, float]:
+        """Image AUROC, pixel AUROC and AUPRO on a labelled test split (scikit-learn's ``score``)."""
+        from ..evaluation.evaluate import score_dataset
+
+        return score_dataset(self, dataset).metrics
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def config(self) -> RunConfig:
+        self.check_is_fitted()
+        return RunConfig(anomatune_version=__version__, run_format=RUN_FORMAT, settings=self.settings,
+                         data=getattr(self, "data_", None), fitted=self.fit_record_)
+
+    def save(self, folder: str | Path) -> RunFolder:
+        """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there."""
+        self.check_is_fitted()
+        run = RunFolder(folder)
+        with run.staged("run") as stage:
+            self.save_files(stage)
+        return run
+
+    def save_files(self, stage: RunFolder) -> None:
+        """The run's files, into a folder being written (see :meth:`RunFolder.staged`)."""
+        stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
+        if self.settings.features.proj_dim is not None:
+            stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
+        stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
+
+    @classmethod
+    def load(cls, folder: str | Path, **runtime: Any) -> "Pipeline":
+        """Rebuild a saved run, refusing one of another format, incomplete, or with other backbone weights."""
+        run = RunFolder(folder).require("run")
+        config = read_config(run)
+        pipeline = cls(config.settings, **runtime)
+        fitted = config.fitted
+        extractor = pipeline._extractor(layers=fitted.layers)
+        if extractor.weights_id != fitted.weights_id:
+            raise RunFolderError(f"{run.path}: fitted with backbone weights {fitted.weights_id}, but "
+                                 f"{config.settings.features.backbone} now has {extractor.weights_id}: install the same weights or refit")
+        if config.settings.features.proj_dim is not None:
+            extractor.load_state_dict(run.read_tensors(RunFolder.PROJECTION), strict=False)
+        detector = create_detector(config.settings.detector)
+        detector.load_state_dict(run.read_tensors(RunFolder.DETECTOR), source=str(run / RunFolder.DETECTOR)).to(pipeline.device)
+        pipeline.extractor_, pipeline.detector_ = extractor, detector
+        pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size)
+        pipeline.fit_record_, pipeline.data_ = fitted, config.data
+        return pipeline
+
+
+def read_config(run: RunFolder) -> RunConfig:
+    """The run's config.yaml, checked: format first (an older run says so), then every key and value."""
+    raw = run.read_yaml(RunFolder.CONFIG)
+    path = run / RunFolder.CONFIG
+    if not isinstance(raw, dict) or raw.get("run_format") != RUN_FORMAT:
+        version = raw.get("anomatune_version", "?") if isinstance(raw, dict) else "?"
+        found = raw.get("run_format") if isinstance(raw, dict) else None
+        raise RunFolderError(f"{path}: run format {found!r} (anomatune {version}); this anomatune {__version__} reads format "
+                             f"{RUN_FORMAT}: refit the run with this version")
+    return RunConfig.from_dict(raw, source=str(path), complete=True)
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise AnomatuneError(f"expected an image path, a PIL image or an HxW(x3) uint8 array, got {type(image).__name__} "
+                             f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
+    return Image.fromarray(array).convert("RGB")

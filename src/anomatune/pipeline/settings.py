@@ -1,0 +1,88 @@
+"""The pipeline's settings groups: post-processing, the decision threshold, the whole pipeline,
+what fitting learnt beyond tensors, and how a command runs (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.images import INPUT_SIDES
+from ..data.settings import DataSettings
+from ..device import parse_device
+from ..features.settings import FeatureSettings
+from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, detector_settings
+from ..schema import Settings, setting
+
+
+@dataclass(frozen=True)
+class PostprocessSettings(Settings):
+    """How patch maps become pixel maps: upsampled (bilinear) to the input size, then smoothed."""
+
+    section = "postprocess"
+    sigma: float = setting(4.0, "Gaussian smoothing of the pixel maps, in pixels of the input size (0 = none; 4 is the MVTec protocol).",
+                           interval="[0, 100]")
+
+
+@dataclass(frozen=True)
+class ThresholdSettings(Settings):
+    """How the decision threshold is learnt: from held-out good training images only."""
+
+    section = "threshold"
+    flag_prefix = "threshold-"
+    holdout: float = setting(0.1, "Share of the good training images held out (seeded) to learn the decision threshold; 0 learns none.",
+                             interval="[0, 1)")
+    quantile: float = setting(0.99, "Quantile of the held-out good images' scores that becomes the threshold.", interval="(0, 1]")
+
+
+@dataclass(frozen=True)
+class PipelineSettings(Settings):
+    """Everything that decides what a fitted pipeline computes; saved in the run's config.yaml."""
+
+    features: FeatureSettings = setting(factory=FeatureSettings, help="How images become patch features.")
+    detector: DetectorSettings = setting(factory=lambda: detector_settings(DEFAULT_DETECTOR),
+                                         help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE.",
+                                         flag="detector", aliases=("model",))
+    postprocess: PostprocessSettings = setting(factory=PostprocessSettings, help="How patch maps become pixel maps and scores.")
+    threshold: ThresholdSettings = setting(factory=ThresholdSettings, help="How the decision threshold is learnt.")
+    seed: int = setting(0, "Seed of the random projection and of the held-out threshold images (a detector's own seed: --set seed=N).")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings(Settings):
+    """How a command runs: not saved with a run, never changes its results beyond float rounding."""
+
+    section = "runtime"
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps.", parse=parse_device)
+    batch_size: int = setting(8, "Images per batch.", interval="[1, 4096]")
+
+
+def _input_size(value) -> tuple[int, ...]:
+    low, high = (int(b) for b in INPUT_SIDES[1:-1].split(","))
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and low <= v <= high for v in value):
+        raise ValueError(f"expected [height, width] in pixels, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class FitRecord(Settings):
+    """What fitting learnt besides the detector's tensors (``fitted`` in config.yaml)."""
+
+    section = "fitted"
+    input_size: tuple[int, ...] = setting(help="(height, width) every image is resized to.", parse=_input_size)
+    weights_id: str = setting(help="Identifier of the backbone weights the run was fitted with.")
+    layers: tuple[int, ...] = setting(help="The feature stages used.")
+    threshold: float | None = setting(help="Decision threshold on the image score (none when no image was held out).")
+    good_map_median: float | None = setting(help="Median pixel score of the held-out good images (the blue end of overlays).")
+    holdout_images: int = setting(help="Good training images held out to learn the threshold.", interval="[0, inf)")
+    n_train: int = setting(help="Good images the detector was fitted on.", interval="[1, inf)")
+    fit_seconds: float = setting(help="Seconds spent fitting, feature extraction included.", interval="[0, inf)")
+
+
+@dataclass(frozen=True)
+class RunConfig(Settings):
+    """A run's config.yaml: the settings, the data it was fitted on, what fitting learnt."""
+
+    anomatune_version: str = setting(help="The version that fitted the run.")
+    run_format: int = setting(help="Version of the run folder's layout.")
+    settings: PipelineSettings = setting(help="The pipeline's settings.")
+    data: DataSettings | None = setting(help="The data the run was fitted on (none when fitted on a dataset built in Python).")
+    fitted: FitRecord = setting(help="What fitting learnt.")

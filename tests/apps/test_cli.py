@@ -1,0 +1,221 @@
+"""The command line as a user meets it: options from the settings, one-line errors before any work, whole run folders."""
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from anomatune.apps.cli import app, main
+from anomatune.finetune.settings import FinetuneSettings
+from anomatune.schema import leaves
+
+from ..conftest import FAST, save_image, save_mask
+from ..data.test_images import phone_jpeg
+
+FAST_OPTIONS = ["--backbone", FAST["backbone"], "--backbone-weights", FAST["backbone_weights"], "--image-size", "32", "--device", "cpu"]
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """Run the real entry point in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["anomatune", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, err: str, text: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.startswith("anomatune: error") or line.startswith("Error")]
+    assert code == 2, err
+    assert len(lines) == 1 and text in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_help_lists_every_option_with_its_default():
+    result = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--detector", "--set", "--backbone", "--layers", "--image-size", "--proj-dim", "--threshold-quantile",
+                   "--good", "--defect", "--masks", "--data", "--category", "--device", "--seed", "--config"):
+        assert option in result.output
+    assert "[default: glad]" in result.output and "[default: auto]" in result.output and "[default: 256]" in result.output
+    finetune_help = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200).output
+    for leaf in leaves(FinetuneSettings):
+        assert "--" + leaf.flag in finetune_help
+    assert "--dry-run" in finetune_help and "[default: threshold]" in finetune_help and "[default: 32]" in finetune_help
+
+
+def test_detectors_lists_their_settings():
+    code, out, _ = cli("detectors")
+    assert code == 0 and "glad:" in out and "floor = 1e-12" in out and "coreset_ratio = 0.1" in out
+
+
+@pytest.mark.parametrize("args, text", [
+    (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from n_components"),
+    (["fit", "--good", ".", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
+    (["fit", "--good", ".", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
+    (["fit", "--good", ".", "--image-size", "0"], "features.image_size: each side must be 16 to 8192 px"),
+    (["fit", "--good", ".", "--batch-size", "0"], "runtime.batch_size: must be in [1, 4096], not 0"),
+    (["fit", "--good", ".", "--detector", "svm"], "unknown detector 'svm'"),
+    (["fit", "--good", ".", "--data", "."], "pass either --good (your own folders) or --data"),
+    (["fit", "--good", ".", "--device", "gpu"], "runtime.device: expected auto, cpu, cuda"),
+    (["finetune", "--good", ".", "--negatives", ".", "--lr", "-0.001"], "finetune.lr: must be in (0, 1], not -0.001"),
+    (["finetune", "--good", ".", "--negatives", ".", "--guide", "glad", "--set", "floor=2"], "detector.floor: must be in (0, 1)"),
+    (["predict", "RUN", "x.png", "--threshold", "nan"], "predict.threshold: expected a finite number, got 'nan'"),
+    (["export", "RUN", "--batch-size", "0"], "export.batch_size: must be in [1, 4096], not 0"),
+    (["export", "RUN", "--format", "tflite"], "export.format: must be one of onnx, torchscript"),
+    (["color-transfer", "a.png", "b.png", "--rho", "2"], "each rho must be in [0, 1]"),
+])
+def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch, args, text):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*args, *(["--out", "out"] if args[0] in ("fit", "finetune", "predict") else []))
+    one_line_error(code, err, text)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_config_file_is_one_line(tmp_path):
+    (tmp_path / "settings.yaml").write_text("features:\n  pool: three\n")
+    one_line_error(*cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
+                   "features.pool: expected a whole number, got 'three'")
+    (tmp_path / "settings.yaml").write_text("detector:\n  name: padim\n  colour: red\n")
+    one_line_error(*cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
+                   "unknown setting detector.colour")
+
+
+def test_missing_data_and_runs_are_one_line(tmp_path):
+    one_line_error(*cli("fit", "--data", tmp_path / "missing", "--category", "x", "--out", tmp_path / "r")[::2], "dataset root")
+    one_line_error(*cli("evaluate", tmp_path)[::2], "is empty: pass a folder written by 'anomatune fit'")
+    one_line_error(*cli("fit", "--out", tmp_path / "r")[::2], "no images given: the layouts are")
+
+
+@pytest.fixture
+def own_folders(tmp_path):
+    """A user's folders: good brick crops, scratched ones and their masks (names with spaces)."""
+    from anomatune.apps.demo import build_dataset
+
+    data = build_dataset(tmp_path / "demo", n_train=10, n_good_test=3, n_defect=2, crop=64)
+    root = tmp_path / "my parts"
+    shutil.copytree(data / "brick" / "train" / "good", root / "good")
+    for i, path in enumerate(sorted((data / "brick" / "test" / "good").iterdir())):
+        shutil.copy(path, root / "good" / f"extra {i}.png")
+    shutil.copytree(data / "brick" / "test" / "scratch", root / "scratched")
+    shutil.copytree(data / "brick" / "ground_truth" / "scratch", root / "masks")
+    return root
+
+
+def test_own_folders_fit_evaluate_predict_report_export(own_folders, tmp_path):
+    run = tmp_path / "run"
+    data = ["--good", own_folders / "good", "--defect", own_folders / "scratched", "--masks", own_folders / "masks"]
+    code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)
+    assert code == 0, err
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["settings"]["detector"]["name"] == "padim" and config["data"]["good"] == str((own_folders / "good").resolve())
+    code, out, err = cli("evaluate", run, "--device", "cpu")
+    assert code == 0, err
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert metrics["n_test"] == 3 + 2 and 0 <= metrics["aupro"] <= 1  # a 20 % share of the 13 good images, then the 2 defects
+    assert cli("report", run)[0] == 0 and (run / "report.html").is_file()
+    assert cli("export", run, "--format", "torchscript")[0] == 0 and (run / "model.pt").is_file()
+    one_line_error(*cli("export", run, "--out", tmp_path / "no such folder" / "m.onnx")[::2], "does not exist: create it")
+
+    code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)  # refit: one new set, nothing stale
+    assert code == 0, err
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "detector.safetensors"}
+    one_line_error(*cli("report", run)[::2], "is not evaluated: run 'anomatune evaluate")
+
+
+def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
+    good, scratched = brick / "brick" / "test" / "good", brick / "brick" / "test" / "scratch"
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    wide = save_image(tmp_path / "in" / "wide photo é.png", size=(90, 50))
+    phone = phone_jpeg(tmp_path / "in" / "phone.jpg", size=(64, 48))
+    out = tmp_path / "predictions"
+    code, stdout, err = cli("predict", fast_run, good, broken, wide, phone, "--out", out, "--device", "cpu")
+    assert code == 1 and "1 failed" in stdout, err  # a bad file is a row, and the exit code says so
+    rows = {r["path"]: r for r in __import__("csv").DictReader(open(out / "results.csv", encoding="utf-8"))}
+    assert rows[str(broken)]["decision"] == "error" and "broken.png" in rows[str(broken)]["error"]
+    for row in (r for r in rows.values() if r["decision"] != "error"):
+        assert (float(row["score"]) > float(row["threshold"])) == (row["decision"] == "defective")
+        assert np.asarray(Image.open(out / row["mask"])).any() == (row["decision"] == "defective")
+    assert Image.open(out / rows[str(wide)]["overlay"]).size == (90, 50)  # drawn at the image's own size
+    assert Image.open(out / rows[str(phone)]["mask"]).size == (48, 64)  # upright, as the phone showed it
+    first_overlays = {p.name for p in (out / "overlays").iterdir()}
+
+    code, _, err = cli("predict", fast_run, scratched, "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert {p.name for p in (out / "overlays").iterdir()} == {"000.png", "001.png"} != first_overlays  # no mix of the two calls
+    code, stdout, err = cli("predict", fast_run, "--data", brick, "--category", "brick", "--out", tmp_path / "split", "--device", "cpu")
+    assert code == 0 and stdout.startswith("10 images scored"), err  # the test split of a dataset, in any layout
+    one_line_error(*cli("predict", fast_run, tmp_path / "nowhere", "--out", tmp_path / "p2")[::2], "does not exist")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    one_line_error(*cli("predict", fast_run, scratched, "--out", tmp_path / "docs")[::2], "holds files anomatune did not write")
+
+
+def test_a_failed_fit_leaves_no_folder(mvtec_tree, tmp_path):
+    bad = mvtec_tree / "widget" / "train" / "good" / "003.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    one_line_error(*cli("fit", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--out", tmp_path / "r")[::2],
+                   "003.png: cannot read image")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_truncated_detector_file_is_one_line(fast_run, tmp_path):
+    run = shutil.copytree(fast_run, tmp_path / "run")
+    data = (run / "detector.safetensors").read_bytes()
+    (run / "detector.safetensors").write_bytes(data[: len(data) // 2])
+    one_line_error(*cli("evaluate", run)[::2], "detector.safetensors: cannot read the tensors")
+
+
+def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
+    code, _, err = cli("fit", "--data", mvtec_tree / "widget", "--detector", "padim", *FAST_OPTIONS, "--out", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = cli("fit", "--data", mvtec_tree / "widget", "--config", tmp_path / "a" / "config.yaml", "--sigma", "2",
+                       "--device", "cpu", "--out", tmp_path / "b")  # a run's config.yaml reproduces its settings
+    assert code == 0, err
+    a, b = (yaml.safe_load((tmp_path / x / "config.yaml").read_text())["settings"] for x in "ab")
+    assert b["detector"] == a["detector"] and b["features"] == a["features"] and b["postprocess"]["sigma"] == 2.0
+
+
+def test_finetune_dry_run_from_the_command_line(mvtec_tree, tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(2):
+        save_image(photos / f"{i}.png", size=(50, 40), rng=np.random.default_rng(i))
+    code, out, err = cli("finetune", "--data", mvtec_tree, "--category", "widget", "--negatives", photos, "--out", tmp_path / "ft",
+                         *FAST_OPTIONS, "--proj-dim", "8", "--set", "n_components=2", "--diag-images", "2", "--dry-run")
+    assert code == 0, err
+    assert "negative patches" in out and (tmp_path / "ft" / "dry_run_weights.png").is_file()
+    assert not (tmp_path / "ft" / "backbone.safetensors").exists()
+
+
+def test_color_transfer_draws_the_figure(tmp_path):
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "source.png")
+    Image.fromarray(data.camera()).save(tmp_path / "grey.png")
+    code, _, err = cli("color-transfer", tmp_path / "source.png", tmp_path / "grey.png", "--rho", "0.5", "0.75", "1",
+                       "--out", tmp_path / "fig.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "fig.png").size[0] > Image.open(tmp_path / "fig.png").size[1]  # 2 rows x 5 columns
+
+
+def test_help_and_option_errors_do_not_import_torch():
+    probe = ("import sys\nfrom anomatune.apps.cli import main\nsys.argv = ['anomatune', 'fit', '--help']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith("False")

@@ -1,0 +1,32 @@
+"""Exported models (ONNX Runtime, TorchScript) compute what the pipeline computes."""
+
+import json
+
+import pytest
+import torch
+
+from anomatune import Pipeline, export, open_dataset
+from anomatune.data.images import image_to_tensor, read_image
+
+from ..conftest import FAST
+
+
+@pytest.mark.parametrize("detector", [{"name": "glad", "n_components": 2}, "patchcore"])
+def test_exported_models_match_the_pipeline(detector, brick, tmp_path):
+    import onnxruntime
+
+    Pipeline(detector=detector, device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
+    onnx_path = export(tmp_path / "run", format="onnx", batch_size=2)
+    script_path = export(tmp_path / "run", tmp_path / "elsewhere.pt", format="torchscript", batch_size=2)
+    side = json.loads(onnx_path.with_suffix(".json").read_text())
+    assert side["input"]["batch_size"] == 2 and side["threshold"] is not None and side["input"]["size_hw"] == [32, 32]
+    pipeline = Pipeline.load(tmp_path / "run", device="cpu")
+    images = torch.stack([image_to_tensor(read_image(p), (32, 32)) for p in sorted((brick / "brick" / "test").rglob("*.png"))[:2]])
+    maps, scores = pipeline.forward(images)
+    normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(1, 3, 1, 1)
+    onnx_maps, onnx_scores = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": normalised.numpy()})
+    script_maps, script_scores = torch.jit.load(str(script_path))(normalised)
+    scale = max(1.0, maps.abs().max().item())  # relative to the scores' magnitude
+    for got_maps, got_scores in ((torch.from_numpy(onnx_maps), torch.from_numpy(onnx_scores)), (script_maps, script_scores)):
+        assert (got_maps - maps).abs().max() <= 1e-4 * scale
+        assert (got_scores - scores).abs().max() <= 1e-4 * scale

@@ -1,0 +1,87 @@
+"""Reading images and masks: modes, EXIF orientation, masks of every kind, sizes, the input size."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomatune.data.images import image_size_of, input_size, parse_image_size, read_image, read_mask
+from anomatune.errors import DataError
+
+from ..conftest import save_image
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK", "1"])
+def test_any_mode_reads_as_rgb(tmp_path, mode):
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    if mode == "I;16":
+        Image.fromarray(np.full((12, 16), 65535, np.uint16)).save(path)
+    else:
+        Image.new(mode, (16, 12)).save(path)
+    img = read_image(path)
+    assert img.mode == "RGB" and img.size == (16, 12)
+    if mode == "I;16":
+        assert np.asarray(img).min() == 255  # full 16-bit range maps onto full 8-bit range
+
+
+def phone_jpeg(path, size=(40, 30), orientation=6):
+    """A JPEG stored landscape with EXIF orientation 6 (shot in portrait): the left column is red."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[:, :4] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path, caplog, monkeypatch):
+    from anomatune.data import images
+
+    monkeypatch.setattr(images, "_logged", set())  # the fix-up is logged once per process
+    path = phone_jpeg(tmp_path / "phone.jpg")
+    with caplog.at_level(logging.WARNING):
+        img = read_image(path)
+    assert img.size == (30, 40)  # upright: portrait
+    assert np.asarray(img)[:4, :, 0].mean() > 200  # orientation 6 turns the left column into the top row
+    assert image_size_of(path) == (30, 40)  # the header-only size agrees
+    assert any("EXIF orientation" in r.message for r in caplog.records)
+
+
+def test_masks_01_label_maps_and_antialiased_are_binarised(tmp_path):
+    arr = np.zeros((6, 8), np.uint8)
+    arr[2:4, 2:4] = 1
+    Image.fromarray(arr).save(tmp_path / "m01.png")
+    assert read_mask(tmp_path / "m01.png").sum() == 4  # not erased by the > 127 threshold
+    arr[0, 0] = 3  # a label map: one value per defect
+    Image.fromarray(arr).save(tmp_path / "labels.png")
+    assert read_mask(tmp_path / "labels.png").sum() == 5
+    arr[:] = 0
+    arr[2:4, 2:4] = 200
+    arr[0, 0] = 100
+    Image.fromarray(arr).save(tmp_path / "grey.png")
+    assert read_mask(tmp_path / "grey.png").sum() == 4
+
+
+def test_tiny_truncated_and_unreadable_images_are_one_line(tmp_path):
+    save_image(tmp_path / "dot.png", size=(1, 1))
+    with pytest.raises(DataError, match=r"dot.png: the image is 1x1 px, too small to inspect"):
+        read_image(tmp_path / "dot.png")
+    good = save_image(tmp_path / "cut.png", size=(64, 64))
+    good.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cut.png: cannot read image .*replace or remove the file"):
+        read_image(good)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match="text.png: cannot read image"):
+        read_image(tmp_path / "text.png")
+
+
+def test_input_size_keeps_the_aspect_ratio():
+    assert input_size(256, 1.0) == (256, 256)
+    assert input_size(256, 2.5) == (256, 640)  # short side 256, wide images
+    assert input_size(256, 0.5) == (512, 256)  # tall images
+    assert input_size("320x256", 3.0) == (256, 320)  # WxH exactly
+    assert input_size((100, 50)) == (100, 50)
+    assert parse_image_size(" 320 X 256 ") == "320x256" and parse_image_size(128) == "128"
+    with pytest.raises(ValueError, match="16 to 8192"):
+        parse_image_size(0)

@@ -1,0 +1,175 @@
+"""Detectors: outliers score higher, saved state round-trips, densities against SciPy, EM, online updates,
+GLAD's localisation, PaDiM's density, PatchCore's coreset, normalisation, and the errors users meet."""
+
+import math
+
+import pytest
+import torch
+
+from anomatune.errors import AnomatuneError, NotFittedError, SettingsError
+from anomatune.models import DETECTORS, GLAD, GMM, DensityModel, PaDiM, PatchCore, create_detector
+from anomatune.models.gmm import half_log_det_precision
+
+
+def _features(n=24, d=6, h=4, w=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, h, w, generator=g)
+
+
+SMALL = {"gmm": {"n_components": 3}, "glad": {"n_components": 3}, "padim": {}, "patchcore": {"coreset_ratio": 0.5}}
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_outliers_score_higher_and_state_round_trips(name, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    train = _features()
+    detector = create_detector(name, **SMALL[name]).fit(train)
+    test = _features(n=2, seed=1)
+    test[1, :, 1, 2] += 8.0  # one far-away patch
+    maps = detector.anomaly_map(test)
+    assert maps.shape == (2, 4, 4) and torch.isfinite(maps).all()
+    assert maps[1, 1, 2] == maps.max()
+    save_file(detector.state_dict(), str(tmp_path / "d.safetensors"))
+    again = create_detector(detector.settings).load_state_dict(load_file(str(tmp_path / "d.safetensors")))
+    assert torch.allclose(again.anomaly_map(test), maps)
+    patch_maps, scores = detector.detect(test)
+    assert torch.equal(patch_maps, maps)
+    if name == "patchcore":  # its own image score: the reweighted distance of the most anomalous patch
+        assert scores.shape == (2,) and scores[1] > scores[0]
+    else:
+        assert scores is None  # the pipeline scores by the maximum of the smoothed map
+
+
+def test_gmm_log_density_matches_scipy_mixture():
+    from scipy.stats import multivariate_normal
+
+    gmm = GMM(n_components=2).fit(_features(d=3))
+    u = torch.randn(5, 3, dtype=torch.float64)
+    expected = torch.tensor([math.log(sum(
+        gmm.weights_[k].item() * multivariate_normal(gmm.means_[k].numpy(), gmm.covariances_[k].numpy()).pdf(x.numpy())
+        for k in range(2))) for x in u], dtype=torch.float64)
+    assert torch.allclose(gmm.log_density(u), expected, atol=1e-8)
+
+
+def test_gmm_em_improves_likelihood_and_is_seeded():
+    f = _features(n=40, d=4)
+    a, b = GMM(n_components=3, seed=5).fit(f), GMM(n_components=3, seed=5).fit(f)
+    assert torch.equal(a.means_, b.means_) and a.n_iter_ >= 1
+    one_step = GMM(n_components=3, seed=5, max_iter=1).fit(f)
+    x = f.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    assert a.log_density(x).mean() >= one_step.log_density(x).mean() - 1e-9
+
+
+@pytest.mark.parametrize("cls", [GMM, GLAD])
+def test_gmm_collapsing_component_is_reseeded_never_nan(cls, caplog):
+    x = torch.zeros(40, 3, 2, 2)
+    x[:20] += 5.0  # two repeated points and three components: one must collapse
+    with caplog.at_level("DEBUG", logger="anomatune.models.gmm"):
+        gmm = cls(n_components=3).fit(x)
+    assert any("collapsed and was re-seeded" in r.message for r in caplog.records)
+    assert all(torch.isfinite(v).all() for v in gmm.state_dict().values())
+    assert torch.isfinite(gmm.anomaly_map(x)).all()
+
+
+def test_online_update_follows_a_drifting_mean():
+    g = torch.Generator().manual_seed(0)
+    gmm = GMM(n_components=1).fit(torch.randn(50, 2, 2, 2, generator=g))
+    for step in range(300):
+        gmm.online_update(torch.randn(64, 2, generator=g, dtype=torch.float64) + torch.tensor([3.0, -2.0]), None, decay=0.95)
+    assert torch.allclose(gmm.means_[0], torch.tensor([3.0, -2.0], dtype=torch.float64), atol=0.15)
+    assert set(GMM.online_state) <= set(gmm.state_dict())  # the online statistics are saved with it (fine-tuning checkpoints)
+    u = torch.tensor([[3.0, -2.0]], dtype=torch.float64)
+    assert gmm.log_density(u) > gmm.log_density(torch.zeros(1, 2, dtype=torch.float64))
+
+
+def test_glad_position_weights_localise_the_mixture():
+    f = torch.zeros(30, 2, 1, 2)
+    f[:, :, 0, 0] = torch.randn(30, 2) * 0.1 - 3  # left position always near -3
+    f[:, :, 0, 1] = torch.randn(30, 2) * 0.1 + 3  # right position always near +3
+    glad = GLAD(n_components=2, normalize=False).fit(f)
+    swapped = f.flip(-1)[:2]  # each position now shows the other's content
+    assert (glad.anomaly_map(swapped) > glad.anomaly_map(f[:2]) + 5).all()  # GLAD sees it
+    gmm = GMM(n_components=2, normalize=False).fit(f)
+    assert torch.allclose(gmm.anomaly_map(swapped), gmm.anomaly_map(f[:2]).flip(-1), atol=1e-6)  # a global GMM cannot
+    assert torch.allclose(glad.position_weights_.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_padim_log_density_and_distance_agree():
+    padim = PaDiM().fit(_features())
+    u = _features(n=1, seed=3)
+    positions = torch.arange(16)
+    d2 = padim.anomaly_map(u).flatten() ** 2
+    logp = padim.log_density(u.flatten(2)[0].T, positions)
+    log_det = half_log_det_precision(padim.prec_chol_)
+    assert torch.allclose(logp, -0.5 * d2 + log_det - 3 * math.log(2 * math.pi), atol=1e-4)
+
+
+def test_patchcore_coreset_and_reweighting():
+    train = _features(n=10)
+    core = PatchCore(coreset_ratio=0.25).fit(train)
+    assert len(core.memory_bank_) == 40
+    full = PatchCore(coreset_ratio=1.0).fit(train)
+    assert full.anomaly_map(train).max() < 5e-3  # every patch is in the bank (sqrt of rounding error)
+
+
+def test_errors_are_explained():
+    with pytest.raises(SettingsError, match="unknown detector 'svm'"):
+        create_detector("svm")
+    with pytest.raises(NotFittedError, match="not fitted: call fit"):
+        GMM().anomaly_map(_features())
+    with pytest.raises(NotFittedError, match="not fitted"):
+        PaDiM().log_density(torch.zeros(2, 6), torch.arange(2))
+    bad = _features()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(AnomatuneError, match="NaN"):
+        PaDiM().fit(bad)
+    padim = PaDiM().fit(_features())
+    with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
+        padim.anomaly_map(_features(h=2, w=2))
+    for detector in (padim, GLAD(n_components=2).fit(_features())):  # other layers: said so, not "image size"
+        with pytest.raises(AnomatuneError, match="fitted on 6-d patch features, got 4-d: the feature layers or projection differ"):
+            detector.anomaly_map(_features(d=4))
+    with pytest.raises(AnomatuneError, match="does not fit a glad detector .*missing position_weights.*refit"):
+        GLAD().load_state_dict(GMM(n_components=2).fit(_features()).state_dict())
+    with pytest.raises(AnomatuneError, match="PaDiM takes PaDiMSettings, not GMMSettings"):
+        PaDiM(GMM().settings)
+
+
+def test_density_models_follow_the_protocol_the_finetuning_needs():
+    assert {name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)} == {"gmm", "glad", "padim"}
+    assert isinstance(GLAD(), DensityModel) and not isinstance(PatchCore(), DensityModel)
+
+
+def test_refitting_forgets_the_previous_fit():
+    gmm = GMM(n_components=1).fit(_features())
+    gmm.online_update(torch.randn(8, 6, dtype=torch.float64), None, decay=0.5)
+    assert "s0" in gmm.state_dict()
+    assert "s0" not in gmm.fit(_features()).state_dict()
+
+
+@pytest.mark.parametrize("name", ["gmm", "glad", "padim"])
+def test_normalize_standardises_each_position(name):
+    train = _features(n=40)
+    train[:, :, 0, 0] *= 4.0  # one position whose good patches vary much more
+    plain = create_detector(name, **SMALL[name], normalize=False).fit(train)
+    normed = create_detector(name, **SMALL[name], normalize=True).fit(train)
+    assert normed.settings.normalize is True and plain.settings.normalize is False
+    train_maps = normed.anomaly_map(train)
+    assert torch.allclose(train_maps.mean(0), torch.zeros(4, 4, dtype=train_maps.dtype), atol=1e-4)
+    assert torch.allclose(train_maps.std(0), torch.ones(4, 4, dtype=train_maps.dtype), atol=1e-4)
+    assert (train_maps.flatten(1).argmax(1) == 0).float().mean() < 0.3
+    if name != "padim":  # a global density's noisy position dominates the plain maps of good images
+        assert (plain.anomaly_map(train).flatten(1).argmax(1) == 0).float().mean() > 0.5
+    with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
+        normed.anomaly_map(_features(h=2, w=2))
+
+
+@pytest.mark.parametrize("cls", [GMM, GLAD])
+def test_component_holding_a_single_outlier_is_reseeded_never_nan(cls):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, 1, 1, generator=g)
+    x[7] += 100.0  # k-means++ seeds a component on this lone patch, which then collapses
+    detector = cls(n_components=2).fit(x)
+    assert all(torch.isfinite(v).all() for v in detector.state_dict().values() if v.is_floating_point())
+    assert torch.isfinite(detector.anomaly_map(x)).all()
