@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import RunFolderError
+from ..finetune.settings import FinetuneSettings
 from ..pipeline.folders import RunFolder, atomic_write
 from ..pipeline.pipeline import read_config
 
@@ -65,7 +66,7 @@ def _finetune_section(weights: str | None) -> str:
             "good_feature_norm", "good_feature_variance", "good_negative_distance"]
     rows = [(k.replace("_", " "), diagnostics["start"][k], diagnostics["end"][k]) for k in keys]
     collapsed = "<p><b>Warning: the good features collapsed during this fine-tuning.</b></p>" if diagnostics.get("collapsed") else ""
-    guide = record["settings"]["guide"]["name"]
+    guide = FinetuneSettings.from_dict(record["settings"], source=str(folder / RunFolder.FINETUNE)).guide.name
     return (f"<h2>Fine-tuning</h2><p>Backbone fine-tuned in <code>{html.escape(str(folder.path))}</code>: "
             f"{record['steps_done']} steps guided by {html.escape(guide)}.</p>{collapsed}"
             + _table(rows, ("", "start", "end"))

@@ -218,10 +218,10 @@ class Pipeline:
         self.check_is_fitted()
         batch, sizes = self._as_batch(images)
         maps, scores = zip(*(self.forward(chunk) for chunk in torch.split(batch, self.runtime.batch_size)))
-        return self.describe(torch.cat(maps), torch.cat(scores), sizes, threshold)
+        return self._predictions(torch.cat(maps), torch.cat(scores), sizes, threshold)
 
-    def describe(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
-                 threshold: float | None = None) -> Predictions:
+    def _predictions(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
+                     threshold: float | None = None) -> Predictions:
         """Predictions from the output of :meth:`forward`: maps resized to ``sizes``, decisions and masks."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         full = [resize_map(m, hw) for m, hw in zip(maps, sizes)]
