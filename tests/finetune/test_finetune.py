@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from anomatune import Pipeline, evaluate, open_dataset
+from anomatune import Pipeline, build_report, evaluate, open_dataset
 from anomatune.errors import AnomatuneError, RunFolderError
 from anomatune.features.backbones import create_backbone
 from anomatune.finetune import FinetuneSettings, Finetuner, dry_run, finetune
@@ -137,6 +137,8 @@ def test_finetune_writes_a_backbone_that_fit_and_evaluate_use(train, natural_dir
         Pipeline(detector=settings, **(FAST | {"backbone_weights": str(out)}), device="cpu").fit(train).save(tmp_path / detector)
         assert Pipeline.load(tmp_path / detector).fit_record_.weights_id.startswith("sha256:")
         assert 0 <= evaluate(tmp_path / detector, figures=False, device="cpu")["image_auroc"] <= 1
+    page = build_report(tmp_path / "glad").read_text()
+    assert "4 steps guided by gmm" in page and page.count("data:image/png;base64,") >= 2  # Figure 2 and the loss curves
 
 
 def test_online_update_comes_before_the_loss(train, natural_dir, tmp_path, monkeypatch):
