@@ -21,8 +21,8 @@ from anomatune import open_dataset
 from anomatune.finetune import FinetuneSettings, dry_run
 from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE, dataset as dataset_path
 
-# The paper's settings (quantile calibration, no temperature, fraction filter); each row changes them.
-PAPER = {"calibration": "quantile", "temperature": 1.0, "filter": "fraction"}
+# The paper's settings (quantile calibration, no temperature, fraction filter, whole-photo negatives); each row changes them.
+PAPER = {"calibration": "quantile", "temperature": 1.0, "filter": "fraction", "negative_mode": "photos"}
 LEVERS = [
     {},
     {"proj_dim": None},
