@@ -72,6 +72,9 @@ def _is_optional(kind) -> bool:
 
 
 def _without_none(kind):
+    """``X`` of ``X | None`` (anything else as it is)."""
+    if not _is_optional(kind):
+        return kind
     rest = [a for a in typing.get_args(kind) if a is not type(None)]
     return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
 
@@ -223,8 +226,7 @@ class Settings:
             return []
         missing = []
         for f in fields(cls):
-            kind = _hints(cls)[f.name]
-            kind = _without_none(kind) if _is_optional(kind) else kind
+            kind = _without_none(_hints(cls)[f.name])
             if f.name not in data:
                 missing.append(cls.where(f.name))
             elif isinstance(kind, type) and issubclass(kind, Settings):
@@ -239,8 +241,10 @@ class Settings:
     # -- flat options ----------------------------------------------------------------------
 
     def updated(self, **changes: Any):
-        """A copy with settings changed by their flat names (those of :func:`leaves`)."""
-        paths = {leaf.key: leaf.path for leaf in leaves(type(self))}
+        """A copy with settings changed by their flat names (those of :func:`leaves`); itself without changes."""
+        if not changes:
+            return self
+        paths = {leaf.key: leaf.path for leaf in leaves(type(self), self)}
         data = self.to_dict()
         for key, value in changes.items():
             if key not in paths:
@@ -249,7 +253,7 @@ class Settings:
             target = data
             for parent in parents:
                 target = target[parent]
-            target[name] = _plain(value) if isinstance(value, Settings) else value
+            target[name] = _plain(value)
         return type(self).from_dict(data)
 
 
@@ -288,7 +292,7 @@ def leaves(cls: type[Settings], defaults: Settings | None = None, path: tuple[st
     for f in fields(cls):
         kind = _hints(cls)[f.name]
         value = getattr(defaults, f.name)
-        inner = _without_none(kind) if _is_optional(kind) else kind
+        inner = _without_none(kind)
         if isinstance(inner, type) and issubclass(inner, Settings) and not inner.polymorphic:
             children = list(leaves(inner, value, path + (f.name,)))
         else:

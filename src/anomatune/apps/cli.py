@@ -123,7 +123,7 @@ def finetune_cmd(negatives, out, resume, dry_run, config, **values):
     """
     data = options.build(DataSettings, values)
     settings = options.build(FinetuneSettings, values, config=config)
-    runtime = options.build(RuntimeSettings, values, only=DEVICE_ONLY)
+    runtime = options.build(RuntimeSettings, values)
     from ..data.layouts import open_dataset
     from ..finetune import diagnostics
     from ..finetune.loop import Finetuner
@@ -220,9 +220,9 @@ DEMO_PIPELINE = ("backbone", "image_size", "detector")
 @options.options(RuntimeSettings, only=DEVICE_ONLY)
 def demo_cmd(out, **values):
     """Fine-tune → fit → evaluate → report on a dataset built from scikit-image's images (no data, no network needed)."""
-    pipeline = options.build(PipelineSettings, values, only=DEMO_PIPELINE)
+    pipeline = options.build(PipelineSettings, values)
     demo = options.build(DemoSettings, values)
-    runtime = options.build(RuntimeSettings, values, only=DEVICE_ONLY)
+    runtime = options.build(RuntimeSettings, values)
     from .demo import run_demo
 
     run_demo(out, pipeline, demo.steps, **runtime.to_dict())

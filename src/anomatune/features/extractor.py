@@ -44,7 +44,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         if isinstance(settings, str):
             settings = FeatureSettings(backbone=settings)
-        settings = (settings or FeatureSettings()).updated(**changes) if changes else (settings or FeatureSettings())
+        settings = (settings or FeatureSettings()).updated(**changes)
         if backbone is None:
             backbone = create_backbone(settings.backbone, weights=settings.backbone_weights)
         self.settings = settings

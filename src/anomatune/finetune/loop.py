@@ -65,7 +65,7 @@ def guide_for(settings: FinetuneSettings):
 
     It must be a :class:`DensityModel`; anything else is refused before any work starts.
     """
-    guide = create_detector(settings.guide.updated(seed=settings.seed) if "seed" in settings.guide.setting_names() else settings.guide)
+    guide = create_detector(settings.guide.updated(seed=settings.seed) if hasattr(settings.guide, "seed") else settings.guide)
     if not isinstance(guide, DensityModel):
         usable = [name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)]
         raise AnomatuneError(f"{guide.name} cannot guide the fine-tuning: it has no log_density and online_update; "

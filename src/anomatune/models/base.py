@@ -63,7 +63,7 @@ class Detector:
         settings = self.Settings() if settings is None else settings
         if type(settings) is not self.Settings:
             raise AnomatuneError(f"{type(self).__name__} takes {self.Settings.__name__}, not {type(settings).__name__}")
-        self.settings = settings.updated(**changes) if changes else settings
+        self.settings = settings.updated(**changes)
 
     @property
     def name(self) -> str:

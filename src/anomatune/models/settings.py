@@ -13,7 +13,7 @@ deciding the image score. Measured in ``benchmarks/results/settings.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from ..errors import SettingsError
@@ -67,10 +67,6 @@ class DetectorSettings(Settings):
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **super().to_dict()}
-
-    @classmethod
-    def setting_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass(frozen=True)
@@ -129,4 +125,4 @@ def detector_settings(value: Any = DEFAULT_DETECTOR, **changes: Any) -> Detector
         raise
     except ValueError as exc:
         raise SettingsError(f"detector: {exc}") from None
-    return settings.updated(**changes) if changes else settings
+    return settings.updated(**changes)

@@ -212,7 +212,6 @@ class RunFolder:
         A folder of another kind, or with files anomatune did not write, is refused.
         """
         with self.claim(kind, lock):
-            found = self.kind
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for stale in self.path.parent.glob(f".{self.path.name}.staging-*"):  # left by a killed command
                 shutil.rmtree(stale, ignore_errors=True)
@@ -223,10 +222,9 @@ class RunFolder:
                 old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
                 if self.path.exists():
                     os.replace(self.path, old)
+                    log.info("replaced the previous %s in %s", kind, self.path)
                 os.replace(stage, self.path)
                 shutil.rmtree(old, ignore_errors=True)
-                if found is not None:
-                    log.info("replaced the previous %s in %s", kind, self.path)
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise

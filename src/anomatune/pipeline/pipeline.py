@@ -101,9 +101,7 @@ class Pipeline:
     def __init__(self, settings: PipelineSettings | None = None, **changes: Any):
         runtime_keys = {leaf.key for leaf in leaves(RuntimeSettings)}
         self.runtime = RuntimeSettings().updated(**{k: v for k, v in changes.items() if k in runtime_keys})
-        settings = settings or PipelineSettings()
-        changes = {k: v for k, v in changes.items() if k not in runtime_keys}
-        self.settings = settings.updated(**changes) if changes else settings
+        self.settings = (settings or PipelineSettings()).updated(**{k: v for k, v in changes.items() if k not in runtime_keys})
 
     def __repr__(self) -> str:
         f = self.settings.features

@@ -56,7 +56,7 @@ class RuntimeSettings(Settings):
 
 
 def _input_size(value) -> tuple[int, ...]:
-    low, high = (int(b) for b in INPUT_SIDES[1:-1].split(","))
+    low, high = INPUT_SIDES
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and low <= v <= high for v in value):
         raise ValueError(f"expected [height, width] in pixels, got {value!r}")
     return tuple(value)
