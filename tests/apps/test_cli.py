@@ -17,7 +17,7 @@ from anomatune.apps.cli import app, main
 from anomatune.finetune.settings import FinetuneSettings
 from anomatune.schema import leaves
 
-from ..conftest import FAST, save_image, save_mask
+from ..conftest import FAST, save_image
 from ..data.test_images import phone_jpeg
 
 FAST_OPTIONS = ["--backbone", FAST["backbone"], "--backbone-weights", FAST["backbone_weights"], "--image-size", "32", "--device", "cpu"]

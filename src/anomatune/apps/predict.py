@@ -70,26 +70,26 @@ def predict_rows(pipeline: Pipeline, paths: Sequence[Path], stage: RunFolder, th
     low = pipeline.fit_record_.good_map_median
     for start in range(0, len(paths), pipeline.runtime.batch_size):
         chunk = paths[start : start + pipeline.runtime.batch_size]
-        rows: dict[Path, PredictionRow] = {}
+        rows: list[PredictionRow | None] = [None] * len(chunk)  # by position: a file given twice gets two rows
         readable = []
-        for path in chunk:
+        for i, path in enumerate(chunk):
             try:
-                readable.append((path, read_image(path)))
+                readable.append((i, path, read_image(path)))
             except DataError as exc:
                 log.error("%s", exc)
-                rows[path] = PredictionRow(str(path), error=str(exc))
+                rows[i] = PredictionRow(str(path), error=str(exc))
         if readable:
-            predictions = pipeline.predict([image for _, image in readable], threshold=threshold)
-            for (path, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
-                                                                predictions.maps, predictions.masks):
+            predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
+            for (i, path, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
+                                                                   predictions.maps, predictions.masks):
                 name = _unique_name(path, taken)
                 row = PredictionRow(str(path), float(score), "defective" if label else "good",
                                     f"{RunFolder.OVERLAYS}/{name}.png", f"{RunFolder.MASKS}/{name}.png")
                 overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
                 stage.write_image(row.overlay, Image.fromarray(overlay))
                 stage.write_image(row.mask, Image.fromarray((mask * 255).astype(np.uint8), "L"))
-                rows[path] = row
-        yield from (rows[path] for path in chunk)
+                rows[i] = row
+        yield from rows
 
 
 def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from ..data.datasets import AnomalyDataset, collate
 from ..data.images import image_to_tensor, read_image
-from ..data.settings import DataSettings
 from ..device import resolve_device
 from ..errors import AnomatuneError, NotFittedError, RunFolderError
 from ..features.backbones import create_backbone
@@ -247,15 +246,11 @@ class Pipeline:
         self.check_is_fitted()
         run = RunFolder(folder)
         with run.staged("run") as stage:
-            self.save_files(stage)
+            stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
+            if self.settings.features.proj_dim is not None:
+                stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
+            stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
         return run
-
-    def save_files(self, stage: RunFolder) -> None:
-        """The run's files, into a folder being written (see :meth:`RunFolder.staged`)."""
-        stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
-        if self.settings.features.proj_dim is not None:
-            stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
-        stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
 
     @classmethod
     def load(cls, folder: str | Path, **runtime: Any) -> "Pipeline":
