@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout, or ANOMATUNE_DATA (e.g. a copy of part of it on a lent GPU machine)
+SHARED = Path(os.environ.get("ANOMATUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DATASETS = {
     "transistor": (SHARED / "mvtec", "transistor"),
     "magnetic_tile": (SHARED / "mtd", "magnetic_tile"),
@@ -37,4 +39,4 @@ def score_features(detector, features, size_hw, batch: int = 16):
 
     post = PostProcessor(PostprocessSettings(), size_hw)
     maps, scores = zip(*(post(*detector.detect(chunk)) for chunk in torch.split(features, batch)))
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+    return torch.cat(maps).cpu().numpy(), torch.cat(scores).cpu().numpy()

@@ -1,136 +1,293 @@
-"""Frozen vs fine-tuned backbone, per detector, on ../shared/data transistor and magnetic_tile.
+"""Frozen vs fine-tuned backbone on the six development categories, and the levers of the fine-tuning.
 
-For each seed: ``finetune`` (the defaults of ``FinetuneSettings`` unless ``--set``) with
-``../shared/data/natural/imagenet_samples`` as negatives, then every detector is refit
-from scratch on the frozen and on the fine-tuned backbone with the same settings and
-seed, and evaluated (image AUROC, pixel AUROC, AUPRO). Reports mean ± std over seeds,
-fine-tuning wall time, the share of negative patches with gradient weight > 0.01 at the
-start and end, and the change of the good features' variance (the collapse guard).
-Writes ``benchmarks/results/<name>.json`` / ``.md`` (rows are saved as they come) and
-the first seed's Figure 2 per dataset.
+Plan, category by category (each unit is skipped once ``--budget`` seconds have passed,
+so a run on a lent GPU returns whatever it finished; rows are written as they come):
 
-    python benchmarks/finetune.py
-    python benchmarks/finetune.py --datasets transistor --models glad --seeds 0 --set temperature=16 --name trial
-    python benchmarks/finetune.py --combine finetune_transistor.json finetune_magnetic_tile.json --name finetune
+1. the category's frozen baseline, for every detector of ``--models``;
+2. every configuration of ``--configs`` (named changes of ``FinetuneSettings``, see
+   ``CONFIGS``) at every seed of ``--seeds``: ``anomatune finetune`` with validation
+   negatives from a second photo source (``natural/imagen``; the training negatives are
+   ``natural/imagenet_samples``), then every detector refit from scratch on the kept
+   backbone ("fine-tuned") and, when the kept step is not the last, on the last step's
+   ("last");
+3. with ``--then-best-seeds``, after every category: the configuration with the highest
+   mean *validation* gain over the categories (no test label is read to choose it), at
+   those seeds.
+
+Each fine-tuned row carries the validation gain of its checkpoint over the frozen
+features: the agreement of validation and test gains is computed from these rows.
+Detectors are fitted on every training image (``threshold_holdout=0``, the MVTec
+protocol), at the default input size (short side 256, aspect ratio kept), with their
+default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
+``benchmarks/results/<name>.json``; ``--table`` turns result files into ``<name>.md``.
+
+    python benchmarks/finetune.py --configs default --seeds 0 1 2 --name finetune
+    python benchmarks/finetune.py --configs adaptor adaptor_cutpaste --seeds 0 --then-best-seeds 1 2 --budget 540
+    python benchmarks/finetune.py --table finetune_gpu.json finetune_cpu.json --name finetune
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shutil
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from anomatune import Pipeline, RunFolder, open_dataset
-from anomatune.apps.options import parse_pairs
-from anomatune.evaluation.evaluate import score_dataset
-from anomatune.finetune import FinetuneSettings, finetune
-from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE, dataset as dataset_path
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-# PatchCore at coreset 0.01 on both datasets (0.1 takes 4+ minutes a fit on this CPU); same for frozen and fine-tuned.
-DETECTOR_SETTINGS = {"patchcore": {"coreset_ratio": 0.01}}
+from anomatune import RunFolder, open_dataset
+from anomatune.data.datasets import collate
+from anomatune.device import resolve_device
+from anomatune.evaluation.metrics import evaluate_scores
+from anomatune.features.adaptor import Adaptor, split_adaptor
+from anomatune.features.backbones import load_state_dict_file
+from anomatune.features.extractor import FeatureExtractor
+from anomatune.features.settings import FeatureSettings
+from anomatune.finetune import FinetuneSettings, finetune
+from anomatune.models.registry import create_detector
+from anomatune.models.settings import detector_settings
+from common import DATASETS, NEGATIVES, RESULTS, SHARED, dataset as dataset_path, score_features
+
+VALIDATION_NEGATIVES = SHARED / "natural" / "imagen"
+DETECTOR_SETTINGS = {"patchcore": {"coreset_ratio": 0.01}}  # 0.1 takes 4–11 min a fit on the 2-core CPU
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+ADAPTOR = {"mode": "adaptor"}  # lr 1e-3 (the default for the adaptor)
+BACKBONE = {"mode": "backbone"}  # lr 3e-5 (the default for the backbone)
+CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that runs, plus these)
+    "default": {},
+    "backbone": BACKBONE,
+    "backbone_deepest_stage": BACKBONE | {"frozen_blocks": 3},
+    "backbone_trust": BACKBONE | {"trust": 1.0},
+    "backbone_lr1e-4": BACKBONE | {"lr": 1e-4},
+    "adaptor": ADAPTOR,
+    "adaptor_cutpaste": ADAPTOR | {"negative_mode": "cutpaste"},
+    "adaptor_pasted+cutpaste": ADAPTOR | {"negative_mode": "pasted+cutpaste"},
+    "adaptor_pasted+noise": ADAPTOR | {"negative_mode": "pasted+noise"},
+    "adaptor_pasted+cutpaste+noise": ADAPTOR | {"negative_mode": "pasted+cutpaste+noise"},
+    "adaptor_glad_full_guide": ADAPTOR | {"guide": {"name": "glad", "n_components": 16, "normalize": False}, "proj_dim": None},
+    "adaptor_fixed_guide": ADAPTOR | {"decay": 0.0},
+    "adaptor_trust": ADAPTOR | {"trust": 1.0},
+    "adaptor_lr1e-2": ADAPTOR | {"lr": 1e-2},
+    "adaptor_1000_steps": ADAPTOR | {"steps": 1000, "checkpoint_every": 200},
+    "adaptor_width8": ADAPTOR | {"adaptor_width": 8},
+}
+
+
+class Category:
+    """A category's test images and masks and its training set, loaded once; features per weights file."""
+
+    def __init__(self, name: str, device: torch.device, workers: int):
+        root, category = dataset_path(name)
+        self.name, self.device = name, device
+        self.train = open_dataset(data=root, category=category, split="train")
+        self.size = self.train.size_for(FeatureSettings().image_size)
+        test = open_dataset(data=root, category=category, split="test").at_size(self.size)
+        loader = lambda data: DataLoader(data, batch_size=32, collate_fn=collate, num_workers=workers)  # noqa: E731
+        self.train_images = torch.cat([b["image"] for b in loader(self.train.at_size(self.size))])
+        batches = list(loader(test))
+        self.test_images = torch.cat([b["image"] for b in batches])
+        self.labels = torch.cat([b["label"] for b in batches]).numpy()
+        self.masks = None if batches[0]["mask"] is None else torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0]
+
+    def features(self, weights: str | None = None, adaptor_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train and test features with ``weights``; ``adaptor_only``: the weights are the frozen backbone plus an
+        adaptor, which is then applied to the frozen features computed once (the same arithmetic, minutes sooner)."""
+        if adaptor_only:
+            state = load_state_dict_file(weights)
+            adaptor = Adaptor.from_state(split_adaptor(state)[1], weights).to(self.device)
+            with torch.no_grad():
+                return tuple(torch.cat([adaptor(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
+                             for frozen in self.frozen)
+        extractor = FeatureExtractor(FeatureSettings(backbone_weights=weights)).to(self.device).eval()
+        split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
+        features = extractor.extract(split(self.train_images), "train"), extractor.extract(split(self.test_images), "test")
+        if weights is None:
+            self.frozen = features
+        return features
+
+    def metrics(self, model: str, train_features: torch.Tensor, test_features: torch.Tensor) -> dict:
+        settings = detector_settings(model, **DETECTOR_SETTINGS.get(model, {}))
+        detector = create_detector(settings).fit(train_features.to(self.device))
+        maps, scores = score_features(detector, test_features.to(self.device), self.size)
+        result = evaluate_scores(self.labels, scores, self.masks, maps)
+        return {m: None if np.isnan(result[m]) else round(result[m], 4) for m in METRICS}
 
 
 def _mean_std(values) -> str:
-    values = list(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
 
 
-def _table(rows: list[dict], commands: list[str], settings: dict) -> str:
-    lines = ["# Frozen vs fine-tuned backbone", "", "Commands (2-core CPU):", "", *[f"    {c}" for c in commands], "",
-             f"Fine-tuning settings: `{json.dumps(settings)}`", "",
-             "| dataset | detector | backbone | seeds | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["dataset"], r["model"], r["backbone"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "frozen"))
-    for dataset, model, backbone in keys:
-        group = [r for r in rows if (r["dataset"], r["model"], r["backbone"]) == (dataset, model, backbone)]
-        lines.append(f"| {dataset} | {model} | {backbone} | {len(group)} | " + " | ".join(_mean_std(r[m] for r in group) for m in METRICS) + " |")
-    paired = sorted({(r["dataset"], r["model"]) for r in rows})
-    lines += ["", "Fine-tuned minus frozen, paired by seed (mean ± std over seeds):", "",
-              "| dataset | detector | seeds | Δ image AUROC | Δ pixel AUROC | Δ AUPRO |", "|---|---|---|---|---|---|"]
-    for dataset, model in paired:
-        by_seed = {(r["seed"], r["backbone"]): r for r in rows if (r["dataset"], r["model"]) == (dataset, model)}
-        seeds = sorted(seed for seed, backbone in by_seed if backbone == "fine-tuned" and (seed, "frozen") in by_seed)
-        if seeds:
-            deltas = [" | ".join(_mean_std(by_seed[(k, "fine-tuned")][m] - by_seed[(k, "frozen")][m] for k in seeds) for m in METRICS)]
-            lines.append(f"| {dataset} | {model} | {len(seeds)} | {deltas[0]} |")
-    tunes = [r for r in rows if r.get("finetune_seconds") is not None]
-    if tunes:
-        lines += ["", "| dataset | seed | fine-tuning s | negatives weight > 0.01, start → end | kept by the filter > 0.01, start → end | good-feature variance ratio | collapsed |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in tunes:
-            lines.append(f"| {r['dataset']} | {r['seed']} | {r['finetune_seconds']:.0f} | {r['visible_start']:.3f} → {r['visible_end']:.3f} | "
-                         f"{r['kept_visible_start']:.3f} → {r['kept_visible_end']:.3f} | {r['variance_ratio']:.2f} | {r['collapsed']} |")
-    return "\n".join(lines) + "\n"
+def _deltas(rows: list[dict], frozen: dict, backbone: str = "fine-tuned") -> list[dict]:
+    """Each fine-tuned row with its test gains over the frozen row of the same category and detector."""
+    out = []
+    for r in rows:
+        base = frozen.get((r["dataset"], r["model"]))
+        if r["backbone"] == backbone and base:
+            out.append(r | {f"d_{m}": None if r[m] is None or base[m] is None else r[m] - base[m] for m in METRICS})
+    return out
 
 
-def combine(files: list[str], name: str) -> None:
-    """One table from the JSON results of several runs (e.g. one process per dataset)."""
-    parts = [json.loads((RESULTS / f).read_text() if not Path(f).exists() else Path(f).read_text()) for f in files]
-    rows = [row for part in parts for row in part["rows"]]
-    commands = [part["command"] for part in parts]
-    (RESULTS / f"{name}.json").write_text(json.dumps({"commands": commands, "settings": parts[0]["settings"], "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(_table(rows, commands, parts[0]["settings"]))
+def _spearman(x, y) -> float:
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)  # noqa: E731
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
+
+
+def write_table(files: list[Path], out: Path) -> None:
+    """The Markdown tables of one or more results files."""
+    parts = [json.loads(f.read_text()) for f in files]
+    rows = [r for part in parts for r in part["rows"]]
+    frozen = {(r["dataset"], r["model"]): r for r in rows if r["backbone"] == "frozen"}
+    kept, last = _deltas(rows, frozen), _deltas(rows, frozen, "last")
+    models = sorted({r["model"] for r in rows})
+    lines = ["# Frozen vs fine-tuned backbone on the six development categories", "",
+             "Commands (device in brackets):", "",
+             *[f"    {c}    [{p['device']}]" for p in parts for c in p.get("commands", [p.get("command")])], ""]
+    lines += ["## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)", "",
+              "Validation gain: the validation score (mean of the image and pixel AUROC on held-out good images with synthetic "
+              "defects) of the kept checkpoint minus the frozen features'. Fallbacks: runs that kept the frozen backbone.", "",
+              "| configuration | runs | fallbacks | validation gain | " + " | ".join(f"{m} Δ image AUROC | {m} Δ AUPRO" for m in models)
+              + " | fine-tuning s |", "|---|---|---|---|" + "---|---|" * len(models) + "---|"]
+    for config in dict.fromkeys(r["config"] for r in kept):
+        group = [r for r in kept if r["config"] == config]
+        runs = {(r["dataset"], r["seed"]): r for r in group}
+        cells = []
+        for m in models:
+            by_model = [r for r in group if r["model"] == m]
+            cells += [_mean_std(r["d_image_auroc"] for r in by_model), _mean_std(r["d_aupro"] for r in by_model)]
+        lines.append(f"| {config} | {len(runs)} | {sum(r['fallback'] for r in runs.values())} | "
+                     f"{_mean_std(r['validation_gain'] for r in runs.values())} | " + " | ".join(cells)
+                     + f" | {statistics.mean(r['finetune_seconds'] for r in runs.values()):.0f} |")
+    lines += ["", "## Per category (mean ± std over seeds of fine-tuned minus frozen)", "",
+              "| configuration | dataset | detector | seeds | frozen image AUROC / pixel AUROC / AUPRO | Δ image AUROC | Δ pixel AUROC | Δ AUPRO | kept steps |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for config in dict.fromkeys(r["config"] for r in kept):
+        for (dataset, model), base in frozen.items():
+            group = [r for r in kept if (r["config"], r["dataset"], r["model"]) == (config, dataset, model)]
+            if group:
+                shown = " / ".join("–" if base[m] is None else f"{base[m]:.4f}" for m in METRICS)
+                lines.append(f"| {config} | {dataset} | {model} | {len(group)} | {shown} | "
+                             + " | ".join(_mean_std(r[f"d_{m}"] for r in group) for m in METRICS)
+                             + f" | {', '.join(str(r['kept_step']) for r in group)} |")
+    lines += ["", "## Does the validation predict the test?", "",
+              "Over every (category, configuration, seed) run and both its kept and its last checkpoint (the last when it differs): "
+              "sign agreement between the validation gain and the test gain in image AUROC (pairs where both are non-zero), and "
+              "Spearman's rank correlation.", "",
+              "| detector | checkpoints | sign agreement | rank correlation |", "|---|---|---|---|"]
+    for m in models:
+        pairs = [(r["validation_gain"], r["d_image_auroc"]) for r in kept + last if r["model"] == m and r["d_image_auroc"] is not None]
+        signed = [(v, t) for v, t in pairs if v != 0 and t != 0]
+        agree = sum((v > 0) == (t > 0) for v, t in signed)
+        rho = _spearman(*zip(*pairs)) if pairs else float("nan")
+        lines.append(f"| {m} | {len(pairs)} | {agree}/{len(signed)} | {rho:.3f} |")
+    out.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
-    parser.add_argument("--models", nargs="+", default=["gmm", "glad", "padim", "patchcore"])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--models", nargs="+", default=["glad", "padim", "patchcore"])
+    parser.add_argument("--last-models", nargs="*", default=["padim"],
+                        help="Detectors also refit on the last step's backbone when it is not the kept one (for the agreement).")
+    parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Fine-tuning settings to change.")
-    parser.add_argument("--no-frozen", action="store_true", help="Skip the frozen-backbone rows.")
+    parser.add_argument("--then-best-seeds", nargs="*", type=int, default=[], help="Seeds for the best configuration by validation.")
+    parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Changes for every configuration.")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="Seconds after which no new unit starts.")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Folder for the results file.")
     parser.add_argument("--name", default="finetune", help="Results file stem.")
-    parser.add_argument("--combine", nargs="+", metavar="JSON", help="Only merge these results files into <name>.json/.md.")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="Only write <name>.md from these results files.")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="Only merge these results files into <name>.json.")
     args = parser.parse_args()
-    if args.combine:
-        return combine(args.combine, args.name)
-    logging.basicConfig(level=logging.WARNING)
-    changes = parse_pairs(args.changes)  # flat names of FinetuneSettings, e.g. temperature=16 or proj_dim=64
-    base = FinetuneSettings().updated(image_size=SQUARE, **changes)  # the 256 px square protocol of the committed tables
-    device = args.device
-    command = ("python benchmarks/finetune.py " + " ".join(sys.argv[1:])).strip()
+    if args.table or args.merge:
+        files = [Path(f) if Path(f).exists() else RESULTS / f for f in args.table or args.merge]
+        if args.merge:
+            parts = [json.loads(f.read_text()) for f in files]
+            merged = {"commands": [c for p in parts for c in p.get("commands", [p.get("command")])],
+                      "device": sorted({p["device"] for p in parts}), "rows": [r for p in parts for r in p["rows"]]}
+            return (RESULTS / f"{args.name}.json").write_text(json.dumps(merged, indent=1) + "\n")
+        return write_table(files, RESULTS / f"{args.name}.md")
+    from anomatune.apps.options import parse_pairs
+
+    start, device = time.perf_counter(), resolve_device(args.device)
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    common = parse_pairs(args.changes)
     rows: list[dict] = []
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else f"CPU, {torch.get_num_threads()} threads", "defaults": FinetuneSettings().to_dict()}
 
     def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "settings": base.to_dict(), "rows": rows}, indent=1) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(_table(rows, [command], changes or {"defaults": True}))
+        (args.out / f"{args.name}.json").write_text(json.dumps(header | {"rows": rows}, indent=1) + "\n")
 
-    for dataset in args.datasets:
-        root, category = dataset_path(dataset)
-        train, test = (open_dataset(data=root, category=category, split=split) for split in ("train", "test"))
-        for seed in args.seeds:
-            with tempfile.TemporaryDirectory() as tmp:
-                tuned = Path(tmp) / "finetune"
-                settings = base.updated(seed=seed)
-                report = finetune(train, NEGATIVES, tuned, settings, device=device)
-                folder = RunFolder(tuned)
-                seconds = folder.read_yaml(RunFolder.FINETUNE)["seconds_this_session"]
-                if seed == args.seeds[0]:
-                    shutil.copy(folder / RunFolder.WEIGHTS_FIGURE, RESULTS / f"{args.name}_weights_{dataset}.png")
-                    shutil.copy(folder / RunFolder.LOSS_FIGURE, RESULTS / f"{args.name}_loss_{dataset}.png")
-                tune_stats = {"finetune_seconds": seconds, "visible_start": report["start"]["negative_visible_share"],
-                              "visible_end": report["end"]["negative_visible_share"],
-                              "kept_visible_start": report["start"]["kept_visible_share"], "kept_visible_end": report["end"]["kept_visible_share"],
-                              "variance_ratio": report["feature_variance_ratio"], "collapsed": report["collapsed"]}
-                for i, model in enumerate(args.models):
-                    for backbone, weights in ([] if args.no_frozen else [("frozen", None)]) + [("fine-tuned", str(tuned))]:
-                        pipeline = Pipeline(detector={"name": model, **DETECTOR_SETTINGS.get(model, {})}, backbone=settings.features.backbone,
-                                            backbone_weights=weights, seed=seed, image_size=settings.features.image_size,
-                                            threshold_holdout=0, device=device)  # MVTec protocol: every training image in the fit
-                        metrics = score_dataset(pipeline.fit(train), test).metrics
-                        extra = tune_stats if (backbone == "fine-tuned" and i == 0) else {}
-                        record({"dataset": dataset, "model": model, "backbone": backbone, "seed": seed,
-                                **{m: round(metrics[m], 4) for m in METRICS}, **extra})
+    def in_budget() -> bool:
+        return time.perf_counter() - start < args.budget
+
+    baseline = {}
+
+    def run_category(name: str, plan: list[tuple[str, int]]) -> None:
+        """Load a category, score its frozen baseline (once), then fine-tune and score each (configuration, seed) of ``plan``."""
+        cat = Category(name, device, workers)
+        frozen = cat.features(None)
+        for model in sorted(set(args.models) | set(args.last_models)):
+            if (name, model) not in baseline:
+                t = time.perf_counter()
+                baseline[(name, model)] = cat.metrics(model, *frozen)
+                seconds = round(time.perf_counter() - t, 1)
+                for seed in args.seeds:  # one row per seed, as the fine-tuned rows (the frozen backbone has no seed: they repeat)
+                    record({"dataset": name, "config": None, "model": model, "backbone": "frozen", "seed": seed,
+                            **baseline[(name, model)], "seconds": seconds})
+        for config, seed in plan:
+            if in_budget():
+                run(cat, config, seed)
+
+    def run(cat: Category, config: str, seed: int) -> None:
+        settings = FinetuneSettings().updated(**(CONFIGS[config] | common | {"seed": seed}))
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            report = finetune(cat.train, NEGATIVES, tmp, settings, validation_negatives=VALIDATION_NEGATIVES, device=device)
+            seconds = round(time.perf_counter() - t, 1)
+            scores = {v["step"]: v["score"] for v in report["validation"]}
+            last = max(scores)
+            tune = {"finetune_seconds": seconds, "kept_step": report["kept_step"], "last_step": last, "fallback": report["fallback"],
+                    "collapsed": report["collapsed"]}
+            weights = {"fine-tuned": (RunFolder(tmp) / RunFolder.BACKBONE, report["kept_step"])}
+            if report["kept_step"] != last:
+                weights["last"] = (RunFolder(tmp) / RunFolder.LAST_BACKBONE, last)
+            for backbone, (path, step) in weights.items():
+                features = None if step == 0 else cat.features(str(path), adaptor_only=settings.mode == "adaptor")
+                for model in args.models if backbone == "fine-tuned" else args.last_models:
+                    # a fallback's backbone is the frozen one, bit for bit: its metrics are the frozen row's
+                    metrics = baseline[(cat.name, model)] if step == 0 else cat.metrics(model, *features)
+                    record({"dataset": cat.name, "config": config, "model": model, "backbone": backbone, "seed": seed,
+                            **metrics, "validation_gain": round(scores[step] - scores[0], 5), **tune})
+
+    for name in args.datasets:  # one category in memory at a time
+        if in_budget():
+            run_category(name, [(config, seed) for config in args.configs for seed in args.seeds])
+    if args.then_best_seeds and in_budget():
+        gains = {c: statistics.mean(r["validation_gain"] for r in rows if r.get("config") == c and r["backbone"] == "fine-tuned")
+                 for c in args.configs if any(r.get("config") == c for r in rows)}
+        best = max(gains, key=gains.get)
+        print(f"best by mean validation gain: {best} ({gains[best]:+.5f})", flush=True)
+        header["best_by_validation"] = {"config": best, "mean_validation_gain": gains}
+        for name in args.datasets:
+            if in_budget():
+                run_category(name, [(best, seed) for seed in args.then_best_seeds])
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def test_detectors_lists_their_settings():
     (["fit", "--good", ".", "--device", "gpu"], "runtime.device: expected auto, cpu, cuda"),
     (["finetune", "--good", ".", "--negatives", ".", "--lr", "-0.001"], "finetune.lr: must be in (0, 1], not -0.001"),
     (["finetune", "--good", ".", "--negatives", ".", "--guide", "glad", "--set", "floor=2"], "detector.floor: must be in (0, 1)"),
+    (["finetune", "--good", ".", "--negative-mode", "pasted+glitter"], "use one or more of photos, pasted, cutpaste, noise"),
     (["predict", "RUN", "x.png", "--threshold", "nan"], "predict.threshold: expected a finite number, got 'nan'"),
     (["export", "RUN", "--batch-size", "0"], "export.batch_size: must be in [1, 4096], not 0"),
     (["export", "RUN", "--format", "tflite"], "export.format: must be one of onnx, torchscript"),
@@ -202,6 +203,19 @@ def test_finetune_dry_run_from_the_command_line(mvtec_tree, tmp_path):
     assert code == 0, err
     assert "negative patches" in out and (tmp_path / "ft" / "dry_run_weights.png").is_file()
     assert not (tmp_path / "ft" / "backbone.safetensors").exists()
+
+
+def test_finetune_an_adaptor_with_validation_from_the_command_line(mvtec_tree, tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(2):
+        save_image(photos / f"{i}.png", size=(50, 40), rng=np.random.default_rng(i))
+    common = ("finetune", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--proj-dim", "8", "--set", "n_components=2",
+              "--diag-images", "2", "--mode", "adaptor", "--steps", "2", "--checkpoint-every", "1", "--batch-neg", "2")
+    code, out, err = cli(*common, "--negative-mode", "cutpaste+noise", "--validation-negatives", photos, "--out", tmp_path / "ft")
+    assert code == 0, err
+    assert "(step " in out and (tmp_path / "ft" / "backbone_last.safetensors").is_file()
+    code, _, err = cli(*common, "--out", tmp_path / "no-photos")  # pasted negatives need photos
+    assert code == 2 and "needs a folder of natural photos: pass --negatives DIR" in err and len(err.strip().splitlines()) == 1
 
 
 def test_color_transfer_draws_the_figure(tmp_path):

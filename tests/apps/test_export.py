@@ -11,16 +11,33 @@ from anomatune.data.images import image_to_tensor, read_image
 from ..conftest import FAST
 
 
-@pytest.mark.parametrize("detector", [{"name": "glad", "n_components": 2}, "patchcore"])
-def test_exported_models_match_the_pipeline(detector, brick, tmp_path):
+def adaptor_weights(path):
+    """The fast tests' random backbone with a fine-tuned-looking adaptor (a non-zero residual), as one weights file."""
+    from safetensors.torch import save_file
+
+    from anomatune.features import FeatureExtractor, create_backbone
+    from anomatune.features.adaptor import PREFIX, Adaptor
+
+    raw_dim = FeatureExtractor("test_efficientnet", backbone_weights="random").raw_dim
+    adaptor = Adaptor(raw_dim, 4, seed=1)
+    torch.nn.init.normal_(adaptor.up, std=0.1, generator=torch.Generator().manual_seed(2))
+    state = create_backbone("test_efficientnet", weights="random").model.state_dict()
+    save_file(state | {PREFIX + k: v.detach().contiguous() for k, v in adaptor.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("detector, adaptor", [({"name": "glad", "n_components": 2}, False), ("patchcore", False), ("padim", True)])
+def test_exported_models_match_the_pipeline(detector, adaptor, brick, tmp_path):
     import onnxruntime
 
-    Pipeline(detector=detector, device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
+    weights = {"backbone_weights": adaptor_weights(tmp_path / "adapted.safetensors")} if adaptor else {}
+    Pipeline(detector=detector, device="cpu", **(FAST | weights)).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
     onnx_path = export(tmp_path / "run", format="onnx", batch_size=2)
     script_path = export(tmp_path / "run", tmp_path / "elsewhere.pt", format="torchscript", batch_size=2)
     side = json.loads(onnx_path.with_suffix(".json").read_text())
     assert side["input"]["batch_size"] == 2 and side["threshold"] is not None and side["input"]["size_hw"] == [32, 32]
     pipeline = Pipeline.load(tmp_path / "run", device="cpu")
+    assert (pipeline.extractor_.adaptor is not None) == adaptor
     images = torch.stack([image_to_tensor(read_image(p), (32, 32)) for p in sorted((brick / "brick" / "test").rglob("*.png"))[:2]])
     maps, scores = pipeline.forward(images)
     normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(1, 3, 1, 1)

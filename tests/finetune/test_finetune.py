@@ -2,13 +2,12 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from anomatune import Pipeline, build_report, evaluate, open_dataset
+from anomatune import Pipeline, build_report, evaluate
 from anomatune.errors import AnomatuneError, RunFolderError
 from anomatune.features.backbones import create_backbone
 from anomatune.finetune import FinetuneSettings, Finetuner, dry_run, finetune
@@ -16,7 +15,8 @@ from anomatune.finetune.loss import MixtureLoss, auto_temperature, boundary_log_
 from anomatune.models import GMM, PaDiM
 from anomatune.pipeline.folders import RunFolder
 
-from ..conftest import FAST, save_image
+from ..conftest import FAST
+from .conftest import finetune_killed_at_step_3
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +101,9 @@ def test_padim_online_update_follows_each_position():
 # -- the loop on a tiny dataset (the fast random-weight backbone) -------------------------------------
 
 
-@pytest.fixture
-def natural_dir(tmp_path):
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        save_image(tmp_path / "natural" / f"photo{i}.png", size=(50, 40), rng=rng)
-    return tmp_path / "natural"
-
-
-@pytest.fixture
-def train(mvtec_tree):
-    return open_dataset(data=mvtec_tree, category="widget")
-
-
 def _tiny(**changes) -> FinetuneSettings:
-    base = dict(FAST, proj_dim=8, steps=4, batch_pos=2, batch_neg=2, checkpoint_every=2, diag_images=2, lr=1e-3)
+    base = dict(FAST, mode="backbone", proj_dim=8, steps=4, batch_pos=2, batch_neg=2, checkpoint_every=2, diag_images=2, lr=1e-3,
+                validation_share=0)
     settings = FinetuneSettings().updated(**(base | changes))
     return settings if "guide" in changes else settings.updated(guide={"name": "gmm", "n_components": 2, "normalize": False})
 
@@ -139,6 +127,7 @@ def test_finetune_writes_a_backbone_that_fit_and_evaluate_use(train, natural_dir
         assert 0 <= evaluate(tmp_path / detector, figures=False, device="cpu")["image_auroc"] <= 1
     page = build_report(tmp_path / "glad").read_text()
     assert "4 steps guided by gmm" in page and page.count("data:image/png;base64,") >= 2  # Figure 2 and the loss curves
+    assert "No validation: the last step's weights are used" in page
 
 
 def test_online_update_comes_before_the_loss(train, natural_dir, tmp_path, monkeypatch):
@@ -156,17 +145,7 @@ def test_online_update_comes_before_the_loss(train, natural_dir, tmp_path, monke
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(train, natural_dir, tmp_path, monkeypatch, caplog):
     finetune(train, natural_dir, tmp_path / "whole", _tiny(), device="cpu")
-    original = Finetuner.step
-
-    def killed_at_step_3(self, optimizer):
-        if self.step_done == 2:
-            raise KeyboardInterrupt
-        return original(self, optimizer)
-
-    monkeypatch.setattr(Finetuner, "step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(train, natural_dir, tmp_path / "resumed", _tiny(), device="cpu")
-    monkeypatch.setattr(Finetuner, "step", original)
+    finetune_killed_at_step_3(monkeypatch, train, natural_dir, tmp_path / "resumed", _tiny(), device="cpu")
     with pytest.raises(RunFolderError, match="--resume"):
         finetune(train, natural_dir, tmp_path / "resumed", _tiny(), device="cpu")
     with pytest.raises(AnomatuneError, match="other settings .*lr"):

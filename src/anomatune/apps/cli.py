@@ -109,14 +109,17 @@ def evaluate_cmd(run, no_figures, **values):
 
 @app.command("finetune")
 @options.options(DataSettings)
-@click.option("--negatives", required=True, type=click.Path(), help="Folder of natural photos (searched recursively), e.g. ImageNet samples.")
+@click.option("--negatives", type=click.Path(), help="Folder of natural photos (searched recursively), e.g. ImageNet samples; "
+              "needed by the photos and pasted negatives.")
+@click.option("--validation-negatives", type=click.Path(), help="A second folder of photos, not the --negatives, for the "
+              "validation's synthetic defects (default: noise defects only).")
 @click.option("--out", required=True, type=click.Path(), help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (same settings; --steps may grow).")
 @click.option("--dry-run", is_flag=True, help="Only diagnose the frozen features: gradient-weight distributions, no training.")
 @options.options(FinetuneSettings)
 @options.options(RuntimeSettings, only=DEVICE_ONLY)
 @CONFIG_OPTION
-def finetune_cmd(negatives, out, resume, dry_run, config, **values):
+def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, **values):
     """Fine-tune the backbone on good images, guided by a density model (the paper's method).
 
     Then refit any detector on the fine-tuned features: anomatune fit --backbone-weights OUT ...
@@ -128,14 +131,17 @@ def finetune_cmd(negatives, out, resume, dry_run, config, **values):
     from ..finetune import diagnostics
     from ..finetune.loop import Finetuner
 
-    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, **runtime.to_dict())
+    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
     if dry_run:
         click.echo(diagnostics.describe(tuner.dry_run()))
         click.echo(f"histograms: {out}/dry_run_weights.png")
         return
     report = tuner.run(resume=resume)
     click.echo(diagnostics.describe(report["end"]))
-    click.echo(f"fine-tuned backbone in {out}; refit with: anomatune fit --backbone-weights {out} --backbone {settings.features.backbone} ...")
+    if report["fallback"]:
+        click.echo(f"no checkpoint beat the frozen backbone on validation: {out} holds the frozen backbone (fallback)")
+    click.echo(f"fine-tuned backbone in {out} (step {report['kept_step']}); refit with: "
+               f"anomatune fit --backbone-weights {out} --backbone {settings.features.backbone} ...")
 
 
 @app.command("predict")

@@ -117,7 +117,9 @@ def run_demo(out: str | Path = "runs/demo", pipeline: PipelineSettings | None = 
         shutil.rmtree(tuned.path)
     features = pipeline.features
     settings = FinetuneSettings().updated(backbone=features.backbone, image_size=features.image_size, steps=steps, checkpoint_every=steps)
-    finetune(train, negatives, tuned.path, settings, **runtime)
+    report = finetune(train, negatives, tuned.path, settings, **runtime)
+    if report["fallback"]:
+        print("the fine-tuning did not beat the frozen backbone on validation: the fine-tuned run uses the frozen backbone")
     results = {}
     for name, weights in (("frozen", None), ("fine-tuned", str(tuned.path))):
         run_dir = out / f"{pipeline.detector.name}-{name}"

@@ -53,6 +53,20 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _validation_note(record: dict) -> str:
+    """What the validation decided: the kept step, or the fallback to the frozen backbone."""
+    validation = record.get("validation")
+    if not validation:
+        return "<p class='note'>No validation: the last step's weights are used.</p>"
+    frozen, kept = validation["frozen"], validation["kept"]
+    scores = (f"validation image AUROC / pixel AUROC: frozen {frozen['image_auroc']:.4f} / {frozen['pixel_auroc']:.4f}, "
+              f"kept {kept['image_auroc']:.4f} / {kept['pixel_auroc']:.4f}")
+    if record.get("fallback"):
+        return (f"<p><b>Fallback: no checkpoint beat the frozen backbone on validation, so this run uses the frozen backbone.</b> "
+                f"({scores})</p>")
+    return f"<p>Kept step {kept['step']}, the best on validation ({scores}).</p>"
+
+
 def _finetune_section(weights: str | None) -> str:
     if not weights:
         return "<h2>Fine-tuning</h2><p class='note'>This run uses the frozen pretrained backbone.</p>"
@@ -65,9 +79,10 @@ def _finetune_section(weights: str | None) -> str:
             "good_feature_norm", "good_feature_variance", "good_negative_distance"]
     rows = [(k.replace("_", " "), diagnostics["start"][k], diagnostics["end"][k]) for k in keys]
     collapsed = "<p><b>Warning: the good features collapsed during this fine-tuning.</b></p>" if diagnostics.get("collapsed") else ""
-    guide = FinetuneSettings.from_dict(record["settings"], source=str(folder / RunFolder.FINETUNE)).guide.name
-    return (f"<h2>Fine-tuning</h2><p>Backbone fine-tuned in <code>{html.escape(str(folder.path))}</code>: "
-            f"{record['steps_done']} steps guided by {html.escape(guide)}.</p>{collapsed}"
+    settings = FinetuneSettings.from_dict(record["settings"], source=str(folder / RunFolder.FINETUNE))
+    return (f"<h2>Fine-tuning</h2><p>{'Backbone' if settings.mode == 'backbone' else 'Feature adaptor'} fine-tuned in "
+            f"<code>{html.escape(str(folder.path))}</code>: {record['steps_done']} steps guided by {html.escape(settings.guide.name)}.</p>"
+            f"{collapsed}{_validation_note(record)}"
             + _table(rows, ("", "start", "end"))
             + _figure(folder / RunFolder.WEIGHTS_FIGURE, "Gradient weights P(z=−|u+) and P(z=+|u−) at the start and end (the supplementary's Figure 2)")
             + _figure(folder / RunFolder.LOSS_FIGURE, "Loss terms and mean gradient weights per step"))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
+from .adaptor import split_adaptor
 from .settings import RANDOM
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Backbone:
     layers: tuple[int, ...]
     weights_id: str
     patch_size: int = 1
+    adaptor: dict[str, torch.Tensor] | None = None  # a fine-tuned feature adaptor's tensors (see features.adaptor)
 
 
 _REGISTRY: dict[str, Callable[[], Backbone]] = {}
@@ -246,8 +248,9 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
             "(a .safetensors file or a state_dict)"
         ) from exc
     weights_id = f"timm:{name}" if pretrained else f"random:{RANDOM_WEIGHTS_SEED}"
+    adaptor = None
     if weights is not None:
-        state = load_state_dict_file(weights)
+        state, adaptor = split_adaptor(load_state_dict_file(weights))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches: weights of another architecture
@@ -268,6 +271,7 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
         _default_layers(model),
         weights_id,
         patch_size=int(patch[0]),
+        adaptor=adaptor,
     )
 
 

@@ -3,7 +3,8 @@
 ``FeatureExtractor`` normalises a [0, 1] RGB batch with the backbone's own statistics,
 takes the maps of the chosen stages, resizes them to the finest of them (at least a
 stride-8 grid: 32x32 for a 256x256 input), concatenates them, averages each position
-over a ``pool`` x ``pool`` neighbourhood and optionally applies a fixed linear
+over a ``pool`` x ``pool`` neighbourhood, applies the fine-tuned :class:`Adaptor` when
+the weights hold one, and optionally applies a fixed linear
 projection (``random`` or ``pca``) to ``proj_dim`` dimensions. Every step is
 differentiable, so the fine-tuning can backpropagate from a detector's density into the
 backbone. Stages after the last used one are dropped, and batch-norm statistics stay
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AnomatuneError, BackboneError
+from .adaptor import Adaptor
 from .backbones import Backbone, create_backbone
 from .settings import FeatureSettings
 
@@ -65,6 +67,10 @@ class FeatureExtractor(nn.Module):
             self.stage_channels = tuple(m.shape[1] for m in self._stage_maps(torch.zeros(1, 3, 64, 64)))
             probe.train(self.training)
         self.raw_dim = sum(self.stage_channels)
+        self.adaptor = None if backbone.adaptor is None else Adaptor.from_state(backbone.adaptor, settings.backbone_weights)
+        if self.adaptor is not None and self.adaptor.dim != self.raw_dim:
+            raise BackboneError(f"{settings.backbone_weights}: its adaptor was trained on {self.adaptor.dim}-dimensional features, "
+                                f"these layers give {self.raw_dim}; use the fine-tuning's layers")
         self.proj_dim = proj_dim = settings.proj_dim
         if proj_dim is not None:
             if not 0 < proj_dim <= self.raw_dim:
@@ -107,7 +113,15 @@ class FeatureExtractor(nn.Module):
         return self.model.forward_intermediates(x, indices=list(self.layers), intermediates_only=True)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenated, pooled stage features before the projection: ``(B, raw_dim, h, w)``."""
+        """Concatenated, pooled (and adapted) stage features before the projection: ``(B, raw_dim, h, w)``."""
+        return self.adapt(self.stage_features(x))
+
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        """The adaptor's map (identity without one)."""
+        return features if self.adaptor is None else self.adaptor(features)
+
+    def stage_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated, pooled stage features, before any adaptor."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise AnomatuneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
         maps = self._stage_maps(x)
@@ -128,21 +142,26 @@ class FeatureExtractor(nn.Module):
         centred = features - self.proj_mean.view(1, -1, 1, 1)
         return torch.einsum("dc,bchw->bdhw", self.proj_weight.to(features.dtype), centred)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(self.raw_features(x))
+    def forward(self, x: torch.Tensor, from_stage: bool = False) -> torch.Tensor:
+        """Features of images, or of stage features already computed (``from_stage``: the adaptor and projection only)."""
+        return self.project(self.adapt(x) if from_stage else self.raw_features(x))
 
     @torch.no_grad()
-    def extract(self, batches: Iterable, desc: str = "features", raw: bool = False) -> torch.Tensor:
+    def extract(self, batches: Iterable, desc: str = "features", raw: bool = False, adapt: bool = True) -> torch.Tensor:
         """Features of every batch (image tensors or dataset dicts), gathered on the CPU.
 
         The one batched loop of fitting, the fine-tuning's set-up and its diagnostics;
-        ``raw`` skips the projection. One progress bar.
+        ``raw`` skips the projection, ``adapt=False`` (with ``raw``) the adaptor too. One progress bar.
         """
         device = self.mean.device
         outputs = []
         for batch in tqdm(batches, desc=desc, leave=False):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device)
-            outputs.append((self.raw_features(images) if raw else self(images)).cpu())
+            if raw:
+                features = self.raw_features(images) if adapt else self.stage_features(images)
+            else:
+                features = self(images)
+            outputs.append(features.cpu())
         if not outputs:
             raise AnomatuneError("no images to extract features from")
         return torch.cat(outputs)

@@ -109,16 +109,19 @@ def weight_figure(start: dict, end: dict | None, title: str = "") -> Figure:
     return fig
 
 
-def loss_figure(history: list[dict]) -> Figure:
-    """Loss terms and mean gradient weights per step."""
+def loss_figure(history: list[dict], validation: list[dict] | None = None) -> Figure:
+    """Loss terms and mean gradient weights per step, and the validation scores at the checkpoints."""
     steps = [h["step"] for h in history]
-    fig = Figure(figsize=(9, 3.4))
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(13.5 if validation else 9, 3.4))
+    axes = fig.subplots(1, 3 if validation else 2)
     for key in ("loss", "loss_pos", "loss_neg"):
         axes[0].plot(steps, [h[key] for h in history], label=key)
     for key in ("p_pos_misclassified", "p_neg_inside", "p_kept_inside"):
         axes[1].plot(steps, [h[key] for h in history], label=key)
     axes[0].set_yscale("log")
+    if validation:
+        for key in ("image_auroc", "pixel_auroc", "score"):
+            axes[2].plot([v["step"] for v in validation], [v[key] for v in validation], marker="o", label=f"validation {key}")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()

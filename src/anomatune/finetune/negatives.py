@@ -1,4 +1,4 @@
-"""Negatives: natural photos, random-resized-cropped and colour-mapped onto good product images.
+"""Negatives: natural photos colour-mapped onto good product images, or boxes cut from the product itself.
 
 Every random draw goes through one ``torch.Generator`` whose state is saved with the
 checkpoints, so a resumed run draws exactly the negatives an uninterrupted one would.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..data.color import transfer
 from ..data.datasets import NaturalImages
-from .settings import FinetuneSettings
+from .settings import IMAGE_NEGATIVES, FinetuneSettings
 
 
 def random_resized_crop(image: torch.Tensor, size: tuple[int, int], min_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -34,37 +34,71 @@ def patch_mask(masks: torch.Tensor, grid) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks, tuple(grid)).flatten() > 0.5
 
 
-class NegativeSampler:
-    """Batches of natural crops colour-mapped onto randomly drawn good images with ρ ~ U[ρ_min, 1].
+def paste_box(size: tuple[int, int], side_min: float, side_max: float, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A random box ``(top, left, height, width)`` whose sides are U[side_min, side_max] of the image's."""
+    h, w = size
+    side = side_min + (side_max - side_min) * torch.rand(2, generator=generator)
+    ph, pw = max(1, round(side[0].item() * h)), max(1, round(side[1].item() * w))
+    return int(torch.randint(h - ph + 1, (), generator=generator)), int(torch.randint(w - pw + 1, (), generator=generator)), ph, pw
 
-    ``negative_mode="photos"`` (the paper): whole images. ``"pasted"`` (ours): the mapped
-    crop, of side U[paste_min, paste_max] of the image's, is pasted at a random place into
-    the good image it was mapped onto, so the negative patches live in the product's
-    context; the mask says which pixels are negative. The settings are the
-    :class:`FinetuneSettings`' negative fields.
+
+def paste(image: torch.Tensor, mask: torch.Tensor, content: torch.Tensor, box: tuple[int, int, int, int]) -> None:
+    """Resize ``content`` into ``box`` of ``image`` and mark the box in ``mask`` (both in place)."""
+    top, left, ph, pw = box
+    image[:, top : top + ph, left : left + pw] = F.interpolate(content[None], size=(ph, pw), mode="bilinear", align_corners=False,
+                                                               antialias=True)[0]
+    mask[:, top : top + ph, left : left + pw] = 1.0
+
+
+class NegativeSampler:
+    """Negative images and the masks of their negative pixels, of the kinds ``negative_mode`` names.
+
+    - ``photos`` (the paper): natural crops colour-mapped onto a good image with
+      ρ ~ U[ρ_min, 1], whole.
+    - ``pasted`` (ours): the same crop, of side U[paste_min, paste_max] of the image's,
+      pasted at a random place into the good image it was mapped onto.
+    - ``cutpaste`` (ours, after CutPaste): a box of another good image of the product,
+      brightness-jittered, pasted into a good image: no natural photo involved.
+
+    Kinds joined by ``+`` alternate over the batch (``noise``, a feature-space kind, is
+    made by the training loop, not here). The settings are :class:`FinetuneSettings`'.
     """
 
-    def __init__(self, natural: NaturalImages, good_images: torch.Tensor, settings: FinetuneSettings):
+    def __init__(self, natural: NaturalImages | None, good_images: torch.Tensor, settings: FinetuneSettings):
         self.natural, self.good_images, self.settings = natural, good_images, settings
         self.size = tuple(good_images.shape[-2:])
+        self.kinds = [kind for kind in settings.negative_kinds if kind in IMAGE_NEGATIVES]
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` negatives ``(n, 3, H, W)`` in [0, 1] and their negative-pixel masks ``(n, 1, H, W)``."""
-        picks = torch.randint(len(self.natural), (n,), generator=generator).tolist()
+    def sample(self, n: int, generator: torch.Generator, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` negatives ``(n, 3, H, W)`` in [0, 1] and their negative-pixel masks ``(n, 1, H, W)``.
+
+        ``targets``: the good images to put them in (default: drawn from the good images).
+        """
         s = self.settings
-        crops = torch.stack([random_resized_crop(self.natural[i], self.size, s.crop_min, generator) for i in picks])
-        targets = self.good_images[torch.randint(len(self.good_images), (n,), generator=generator)]
-        rho = s.rho_min + (1 - s.rho_min) * torch.rand(n, generator=generator, dtype=torch.float64)
-        mapped = transfer(crops, targets, rho, s.color_method).clamp(0, 1)
-        if s.negative_mode == "photos":
-            return mapped, torch.ones(n, 1, *self.size)
-        images, masks = targets.clone(), torch.zeros(n, 1, *self.size)
-        h, w = self.size
-        for i in range(n):
-            side = s.paste_min + (s.paste_max - s.paste_min) * torch.rand(2, generator=generator)
-            ph, pw = max(1, round(side[0].item() * h)), max(1, round(side[1].item() * w))
-            top, left = int(torch.randint(h - ph + 1, (), generator=generator)), int(torch.randint(w - pw + 1, (), generator=generator))
-            patch = F.interpolate(mapped[i : i + 1], size=(ph, pw), mode="bilinear", align_corners=False, antialias=True)[0]
-            images[i, :, top : top + ph, left : left + pw] = patch
-            masks[i, :, top : top + ph, left : left + pw] = 1.0
+        kinds = [self.kinds[i % len(self.kinds)] for i in range(n)]
+        if targets is None:
+            targets = self.good_images[torch.randint(len(self.good_images), (n,), generator=generator)]
+        images = targets.clone()
+        masks = torch.zeros(n, 1, *self.size)
+        natural = [i for i, kind in enumerate(kinds) if kind != "cutpaste"]
+        if natural:
+            for i, crop in zip(natural, self.natural_crops(images[natural], generator)):
+                if kinds[i] == "photos":
+                    images[i], masks[i] = crop, 1.0
+                else:
+                    paste(images[i], masks[i], crop, paste_box(self.size, s.paste_min, s.paste_max, generator))
+        for i in (i for i, kind in enumerate(kinds) if kind == "cutpaste"):
+            top, left, ph, pw = paste_box(self.size, s.paste_min, s.paste_max, generator)
+            source = self.good_images[int(torch.randint(len(self.good_images), (), generator=generator))]
+            brightness = 0.8 + 0.4 * torch.rand((), generator=generator).item()
+            patch = (source[:, top : top + ph, left : left + pw] * brightness).clamp(0, 1)
+            paste(images[i], masks[i], patch, paste_box(self.size, s.paste_min, s.paste_max, generator))
         return images, masks
+
+    def natural_crops(self, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random-resized natural crops colour-mapped onto ``targets`` with ρ ~ U[rho_min, 1]."""
+        s = self.settings
+        picks = torch.randint(len(self.natural), (len(targets),), generator=generator).tolist()
+        crops = torch.stack([random_resized_crop(self.natural[i], self.size, s.crop_min, generator) for i in picks])
+        rho = s.rho_min + (1 - s.rho_min) * torch.rand(len(targets), generator=generator, dtype=torch.float64)
+        return transfer(crops, targets, rho, s.color_method).clamp(0, 1)

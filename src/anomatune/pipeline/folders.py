@@ -114,7 +114,8 @@ class RunFolder:
     # a fine-tuning
     FINETUNE = "finetune.yaml"
     CHECKPOINT = "checkpoint.pt"
-    BACKBONE = "backbone.safetensors"
+    BACKBONE = "backbone.safetensors"  # the best checkpoint on validation (the frozen backbone after a fallback)
+    LAST_BACKBONE = "backbone_last.safetensors"  # the last step's, whatever the validation said
     DIAGNOSTICS = "diagnostics.json"
     WEIGHTS_FIGURE = "finetune_weights.png"
     LOSS_FIGURE = "finetune_loss.png"
@@ -330,6 +331,9 @@ class RunFolder:
         self.require("finetune")
         if not (self.path / self.BACKBONE).is_file():
             raise RunFolderError(f"{self.path} holds no {self.BACKBONE}: the fine-tuning did not finish; resume it with --resume")
+        if (self.read_yaml(self.FINETUNE) or {}).get("fallback"):
+            log.warning("%s: the fine-tuning did not beat the frozen backbone on validation, so its %s is the frozen backbone "
+                        "(for the last step's weights pass %s)", self.path, self.BACKBONE, self.path / self.LAST_BACKBONE)
         return self.path / self.BACKBONE
 
 
