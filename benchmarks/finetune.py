@@ -126,6 +126,13 @@ def _mean_std(values) -> str:
     return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
 
 
+def _category_mean(rows: list[dict], key: str) -> str:
+    """Per seed, the mean of ``key`` over the categories; then mean ± std over the seeds."""
+    seeds = sorted({r["seed"] for r in rows})
+    per_seed = [[r[key] for r in rows if r["seed"] == seed and r[key] is not None] for seed in seeds]
+    return _mean_std(statistics.mean(values) for values in per_seed if values)
+
+
 def _deltas(rows: list[dict], frozen: dict, backbone: str = "fine-tuned") -> list[dict]:
     """Each fine-tuned row with its test gains over the frozen row of the same category and detector."""
     out = []
@@ -151,11 +158,15 @@ def write_table(files: list[Path], out: Path) -> None:
     kept, last = _deltas(rows, frozen), _deltas(rows, frozen, "last")
     models = sorted({r["model"] for r in rows})
     lines = ["# Frozen vs fine-tuned backbone on the six development categories", "",
-             "Commands (device in brackets):", "",
-             *[f"    {c}    [{p['device']}]" for p in parts for c in p.get("commands", [p.get("command")])], ""]
+             f"Rows: {', '.join(f'`{f.name}`' for f in files)}; written by `python benchmarks/finetune.py --table "
+             f"{' '.join(f.name for f in files)} --name {out.stem}`. Commands (device in brackets):", "",
+             *[f"    {c}    [{p['device'] if isinstance(p['device'], str) else '; '.join(p['device'])}]"
+               for p in parts for c in p.get("commands", [p.get("command")])], ""]
     lines += ["## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)", "",
-              "Validation gain: the validation score (mean of the image and pixel AUROC on held-out good images with synthetic "
-              "defects) of the kept checkpoint minus the frozen features'. Fallbacks: runs that kept the frozen backbone.", "",
+              "Each Δ: the mean over the categories of fine-tuned minus frozen, per seed, then mean ± std over the seeds (one "
+              "seed: the number alone); the categories are listed per configuration below. Validation gain: the validation "
+              "score (mean of the image and pixel AUROC on held-out good images with synthetic defects) of the kept "
+              "checkpoint minus the frozen features', mean ± std over runs. Fallbacks: runs that kept the frozen backbone.", "",
               "| configuration | runs | fallbacks | validation gain | " + " | ".join(f"{m} Δ image AUROC | {m} Δ AUPRO" for m in models)
               + " | fine-tuning s |", "|---|---|---|---|" + "---|---|" * len(models) + "---|"]
     for config in dict.fromkeys(r["config"] for r in kept):
@@ -164,7 +175,7 @@ def write_table(files: list[Path], out: Path) -> None:
         cells = []
         for m in models:
             by_model = [r for r in group if r["model"] == m]
-            cells += [_mean_std(r["d_image_auroc"] for r in by_model), _mean_std(r["d_aupro"] for r in by_model)]
+            cells += [_category_mean(by_model, "d_image_auroc"), _category_mean(by_model, "d_aupro")]
         lines.append(f"| {config} | {len(runs)} | {sum(r['fallback'] for r in runs.values())} | "
                      f"{_mean_std(r['validation_gain'] for r in runs.values())} | " + " | ".join(cells)
                      + f" | {statistics.mean(r['finetune_seconds'] for r in runs.values()):.0f} |")
