@@ -84,8 +84,11 @@ def test_pca_projection_fitted_once_and_saved(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with pytest.raises(AnomatuneError, match="PCA projection is not fitted"):
         extractor(x)
-    extractor.fit_projection([x, {"image": torch.rand(2, 3, 32, 32)}])
+    y = torch.rand(2, 3, 32, 32)
+    extractor.fit_projection([x, {"image": y}])
     weight = extractor.proj_weight.clone()
+    from_features = fast(proj_dim=8, proj="pca").fit_projection_on(extractor.extract([x, y], raw=True))  # one pass, same PCA
+    assert torch.equal(from_features.proj_weight, weight) and torch.equal(from_features.proj_mean, extractor.proj_mean)
     assert torch.allclose(weight @ weight.T, torch.eye(8), atol=1e-4)  # orthonormal components
     extractor.train()
     extractor(x).sum().backward()

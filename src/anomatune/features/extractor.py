@@ -175,10 +175,18 @@ class FeatureExtractor(nn.Module):
         """
         if self.proj_dim is None or self.proj == "random":
             return self
-        generator = torch.Generator().manual_seed(seed)
         was_training = self.training
         self.eval()
-        raw = self.extract(batches, desc="fit PCA projection", raw=True)
+        self.fit_projection_on(self.extract(batches, desc="fit PCA projection", raw=True), max_patches, seed)
+        self.train(was_training)
+        return self
+
+    @torch.no_grad()
+    def fit_projection_on(self, raw: torch.Tensor, max_patches: int = 200_000, seed: int = 0) -> "FeatureExtractor":
+        """Fit the PCA projection on raw features ``(N, raw_dim, h, w)`` already extracted (no second pass over the images)."""
+        if self.proj_dim is None or self.proj == "random":
+            return self
+        generator = torch.Generator().manual_seed(seed)
         patches = raw.permute(0, 2, 3, 1).reshape(-1, self.raw_dim).double()
         if len(patches) > max_patches:
             patches = patches[torch.randperm(len(patches), generator=generator)[:max_patches]]
@@ -187,8 +195,7 @@ class FeatureExtractor(nn.Module):
         mean = patches.mean(0)
         cov = torch.cov((patches - mean).T)
         _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
-        self.proj_weight.copy_(vectors[:, -self.proj_dim :].flip(1).T.float())
-        self.proj_mean.copy_(mean.float())
+        self.proj_weight.copy_(vectors[:, -self.proj_dim :].flip(1).T.float().to(self.proj_weight.device))
+        self.proj_mean.copy_(mean.float().to(self.proj_mean.device))
         self.proj_fitted.fill_(True)
-        self.train(was_training)
         return self

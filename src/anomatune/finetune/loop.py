@@ -169,11 +169,12 @@ class Finetuner:
     def setup(self) -> dict:
         """Fit the projection and the guiding model on the frozen features, calibrate log L, validate, diagnose."""
         s = self.settings
-        if s.features.proj_dim is not None and s.features.proj == "pca":
-            self.extractor.fit_projection(torch.split(self.good, diagnostics.FEATURE_BATCH), seed=s.seed)
-        stage = self.stage_features(self.good, "frozen features")
+        stage = self.stage_features(self.good, "frozen features")  # one pass over the images serves the PCA and the guide
         with torch.no_grad():
-            features = torch.cat([self.extractor(chunk.to(self.device), from_stage=True).cpu() for chunk in torch.split(stage, 64)])
+            raw = torch.cat([self.extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(stage, 64)])
+            self.extractor.fit_projection_on(raw, seed=s.seed)
+            features = torch.cat([self.extractor.project(chunk.to(self.device)).cpu() for chunk in torch.split(raw, 64)])
+        del raw
         if s.mode == "adaptor":
             self.cache["good"] = stage
             self.cache_negatives()
