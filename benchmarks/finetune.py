@@ -45,8 +45,6 @@ from anomatune import RunFolder, open_dataset
 from anomatune.data.datasets import collate
 from anomatune.device import resolve_device
 from anomatune.evaluation.metrics import evaluate_scores
-from anomatune.features.adaptor import Adaptor, split_adaptor
-from anomatune.features.backbones import load_state_dict_file
 from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
@@ -98,13 +96,11 @@ class Category:
     def features(self, weights: str | None = None, adaptor_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and test features with ``weights``; ``adaptor_only``: the weights are the frozen backbone plus an
         adaptor, which is then applied to the frozen features computed once (the same arithmetic, minutes sooner)."""
-        if adaptor_only:
-            state = load_state_dict_file(weights)
-            adaptor = Adaptor.from_state(split_adaptor(state)[1], weights).to(self.device)
-            with torch.no_grad():
-                return tuple(torch.cat([adaptor(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
-                             for frozen in self.frozen)
         extractor = FeatureExtractor(FeatureSettings(backbone_weights=weights)).to(self.device).eval()
+        if adaptor_only:
+            with torch.no_grad():
+                return tuple(torch.cat([extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
+                             for frozen in self.frozen)
         split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
         features = extractor.extract(split(self.train_images), "train"), extractor.extract(split(self.test_images), "test")
         if weights is None:

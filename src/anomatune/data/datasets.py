@@ -119,6 +119,13 @@ class AnomalyDataset(Dataset):
                 "path": str(record.path), "mask": mask}
 
 
+def seeded_split(n: int, n_held: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``0..n-1`` split (seeded) into the kept ones and ``n_held`` held out, each in order: the one hold-out
+    draw of the pipeline's threshold images and of the fine-tuning's validation images."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_held:]), sorted(order[:n_held])
+
+
 def collate(batch: Sequence[dict]) -> dict:
     """Batch dataset items; ``mask`` stays ``None`` when the dataset has no ground truth."""
     masks = [item["mask"] for item in batch]

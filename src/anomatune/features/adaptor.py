@@ -2,7 +2,7 @@
 
 Feature-adaptation methods (CFA, SimpleNet) keep the pretrained network frozen and learn
 a light map on its patch features. Ours is a residual MLP ``u + U gelu(D u + b)`` with
-``rank`` hidden units, applied after the stages are concatenated and pooled: ``U``
+``width`` hidden units, applied after the stages are concatenated and pooled: ``U``
 starts at zero, so a fresh adaptor is the identity and the fine-tuning starts exactly
 from the frozen features. It is non-linear on purpose: a Gaussian detector refit on
 linearly mapped features (PaDiM, a full-covariance GMM) gives the same Mahalanobis
@@ -25,12 +25,12 @@ PREFIX = "adaptor."
 class Adaptor(nn.Module):
     """``u + up @ gelu(down @ u + bias)`` at every patch; ``(B, D, h, w)`` → ``(B, D, h, w)``."""
 
-    def __init__(self, dim: int, rank: int, seed: int = 0):
+    def __init__(self, dim: int, width: int, seed: int = 0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.down = nn.Parameter(torch.randn(rank, dim, generator=generator) / dim**0.5)
-        self.bias = nn.Parameter(torch.zeros(rank))
-        self.up = nn.Parameter(torch.zeros(dim, rank))
+        self.down = nn.Parameter(torch.randn(width, dim, generator=generator) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.up = nn.Parameter(torch.zeros(dim, width))
 
     @property
     def dim(self) -> int:
@@ -44,10 +44,10 @@ class Adaptor(nn.Module):
     def from_state(cls, state: dict[str, torch.Tensor], origin: str) -> "Adaptor":
         """The adaptor saved in a weights file (its tensors without the prefix)."""
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-        rank, dim = shapes.get("down", (0, 0))
-        if shapes != {"down": (rank, dim), "bias": (rank,), "up": (dim, rank)}:
+        width, dim = shapes.get("down", (0, 0))
+        if shapes != {"down": (width, dim), "bias": (width,), "up": (dim, width)}:
             raise BackboneError(f"{origin}: the adaptor tensors do not fit together ({shapes}); fine-tune again")
-        adaptor = cls(dim, rank)
+        adaptor = cls(dim, width)
         adaptor.load_state_dict(state)
         return adaptor
 

@@ -142,9 +142,8 @@ class FeatureExtractor(nn.Module):
         centred = features - self.proj_mean.view(1, -1, 1, 1)
         return torch.einsum("dc,bchw->bdhw", self.proj_weight.to(features.dtype), centred)
 
-    def forward(self, x: torch.Tensor, from_stage: bool = False) -> torch.Tensor:
-        """Features of images, or of stage features already computed (``from_stage``: the adaptor and projection only)."""
-        return self.project(self.adapt(x) if from_stage else self.raw_features(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.raw_features(x))
 
     @torch.no_grad()
     def extract(self, batches: Iterable, desc: str = "features", raw: bool = False, adapt: bool = True) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ..data.datasets import AnomalyDataset, NaturalImages, collate
 from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError
 from ..features.adaptor import PREFIX, Adaptor
-from ..features.backbones import create_backbone
+from ..features.backbones import Backbone, create_backbone
 from ..features.extractor import FeatureExtractor
 from ..models.base import DensityModel, flatten_patches
 from ..models.registry import DETECTORS, create_detector
@@ -176,8 +176,7 @@ class Finetuner:
             features = torch.cat([self.extractor.project(chunk.to(self.device)).cpu() for chunk in torch.split(raw, 64)])
         del raw
         if s.mode == "adaptor":
-            self.cache["good"] = stage
-            self.cache_negatives()
+            self.cache_stage_features(stage)
         del stage
         self.guide.fit(features.to(self.device))
         self.guide.to(self.device)
@@ -197,9 +196,11 @@ class Finetuner:
         self.start_summary = self.diagnose()
         return self.start_summary
 
-    def cache_negatives(self) -> None:
-        """The pool of image negatives of mode=adaptor and their stage features, drawn from a seed of their own."""
+    def cache_stage_features(self, good: torch.Tensor) -> None:
+        """What mode=adaptor trains on: the good images' stage features ``good``, and a pool of image negatives (drawn
+        from a seed of their own, so a resumed run draws the same) with their stage features and masks."""
         negatives, masks = self.sampler.sample(NEGATIVE_POOL, torch.Generator().manual_seed(self.settings.seed + 3))
+        self.cache["good"] = good
         self.cache["negatives"], self.cache["negative_masks"] = self.stage_features(negatives, "negative features"), masks
 
     def diagnose(self) -> dict:
@@ -346,8 +347,7 @@ class Finetuner:
         self.history, self.validation, self.best = state["history"], state["validation"], state["best"]
         self.step_done, self.start_summary, self.noise_basis = state["step"], state["start"], state["noise_basis"]
         if self.settings.mode == "adaptor":  # the stage features computed once are computed again, identically
-            self.cache["good"] = self.stage_features(self.good, "frozen features")
-            self.cache_negatives()
+            self.cache_stage_features(self.stage_features(self.good, "frozen features"))
 
     def run(self, resume: bool = False) -> dict:
         """Set up (or resume), train, write the fine-tuned backbone and the diagnostics."""
@@ -391,9 +391,9 @@ class Finetuner:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def backbone_state(self, trained: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The whole backbone file (pruned stages from the starting weights) with ``trained`` weights; None: the starting one."""
-        start = create_backbone(self.settings.features.backbone, weights=self.weights)
+    def backbone_state(self, start: Backbone, trained: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The whole backbone file: the starting backbone ``start`` (whose stages the extractor pruned) with the
+        ``trained`` weights; None: the starting one."""
         state, adaptor = start.model.state_dict(), start.adaptor
         if self.settings.mode == "backbone":
             state.update(trained or {})
@@ -411,11 +411,12 @@ class Finetuner:
         last = {k: v.detach().cpu() for k, v in self.trained.state_dict().items()}
         kept_step = self.step_done if self.best is None else self.best["step"]
         fallback = self.best is not None and kept_step == 0
+        start = create_backbone(self.settings.features.backbone, weights=self.weights)  # read once for both files
         if self.best is None:
-            self.folder.write_tensors(RunFolder.BACKBONE, self.backbone_state(last))
+            self.folder.write_tensors(RunFolder.BACKBONE, self.backbone_state(start, last))
         else:
-            self.folder.write_tensors(RunFolder.BACKBONE, self.backbone_state(None if fallback else self.best["state"]))
-            self.folder.write_tensors(RunFolder.LAST_BACKBONE, self.backbone_state(last))
+            self.folder.write_tensors(RunFolder.BACKBONE, self.backbone_state(start, None if fallback else self.best["state"]))
+            self.folder.write_tensors(RunFolder.LAST_BACKBONE, self.backbone_state(start, last))
         if fallback:
             log.warning("no checkpoint beat the frozen features on validation: %s holds the frozen backbone "
                         "(the last step's weights are %s)", RunFolder.BACKBONE, RunFolder.LAST_BACKBONE)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import NaturalImages
+from ..data.datasets import NaturalImages, seeded_split
 from ..evaluation.metrics import image_auroc, pixel_auroc
 from ..models.registry import create_detector
 from ..models.settings import detector_settings
@@ -43,9 +43,9 @@ PIXEL_POOL = 4  # pixel AUROC on maps pooled to a quarter of the side: the ranki
 def holdout(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of ``n`` training images: (kept for training, held out); when holding out at all, at least 2 of
     each and at most ``MAX_HELD_OUT`` held out."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_held = 0 if share == 0 else min(max(2, round(share * n)), n - 2, MAX_HELD_OUT)
-    return order[n_held:].sort().values, order[:n_held].sort().values
+    kept, held = seeded_split(n, n_held, seed)
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
 
 def smooth_noise(shape: tuple[int, ...], size: tuple[int, int], cells: int, generator: torch.Generator) -> torch.Tensor:

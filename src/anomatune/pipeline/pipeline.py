@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..data.datasets import AnomalyDataset, collate
+from ..data.datasets import AnomalyDataset, collate, seeded_split
 from ..data.images import image_to_tensor, read_image
 from ..device import resolve_device
 from ..errors import AnomatuneError, NotFittedError, RunFolderError
@@ -69,8 +69,8 @@ def split_holdout(dataset: AnomalyDataset, share: float, seed: int) -> tuple[Ano
         n_held = 0
     if not n_held:
         return dataset, None
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    return dataset.subset(sorted(order[n_held:])), dataset.subset(sorted(order[:n_held]))
+    kept, held = seeded_split(len(dataset), n_held, seed)
+    return dataset.subset(kept), dataset.subset(held)
 
 
 def check_threshold(value: Any) -> float:
