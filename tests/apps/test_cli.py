@@ -52,7 +52,7 @@ def test_help_lists_every_option_with_its_default():
     for option in ("--detector", "--set", "--backbone", "--layers", "--image-size", "--proj-dim", "--threshold-quantile",
                    "--good", "--defect", "--masks", "--data", "--category", "--device", "--seed", "--config"):
         assert option in result.output
-    assert "[default: padim]" in result.output and "[default: auto]" in result.output and "[default: 256]" in result.output
+    assert "[default: glad]" in result.output and "[default: auto]" in result.output and "[default: 256]" in result.output
     finetune_help = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200).output
     for leaf in leaves(FinetuneSettings):
         assert "--" + leaf.flag in finetune_help
@@ -65,7 +65,7 @@ def test_detectors_lists_their_settings():
 
 
 @pytest.mark.parametrize("args, text", [
-    (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from ridge, normalize"),
+    (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from n_components"),
     (["fit", "--good", ".", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
     (["fit", "--good", ".", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
     (["fit", "--good", ".", "--image-size", "0"], "features.image_size: each side must be 16 to 8192 px"),

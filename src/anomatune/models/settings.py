@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 from ..errors import SettingsError
 from ..schema import Settings, setting
 
-DEFAULT_DETECTOR = "padim"  # best mean image AUROC over the six development categories (benchmarks/results/finetune.md)
+DEFAULT_DETECTOR = "glad"
 NORMALIZE_HELP = "Standardise scores per grid position by the training patches' scores there (ours; see the README)."
 
 
