@@ -40,3 +40,12 @@ def score_features(detector, features, size_hw, batch: int = 16):
     post = PostProcessor(PostprocessSettings(), size_hw)
     maps, scores = zip(*(post(*detector.detect(chunk)) for chunk in torch.split(features, batch)))
     return torch.cat(maps).cpu().numpy(), torch.cat(scores).cpu().numpy()
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    """``results/NAME.json`` and ``results/NAME.md``."""
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)

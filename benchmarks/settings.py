@@ -5,6 +5,7 @@ setting is then fitted and evaluated on them. Writes ``benchmarks/results/settin
 and ``settings.md``.
 
     python benchmarks/settings.py
+    python benchmarks/settings.py --only glad --datasets transistor magnetic_tile ...   # one detector's defaults, full vs PCA-64
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from anomatune.allocator import tune_allocator
 from anomatune.data import MVTecAD, collate
 from anomatune.evaluation.metrics import evaluate_scores
 from anomatune.features import FeatureExtractor
@@ -49,7 +51,8 @@ def features(dataset: str, layers: tuple[int, ...], proj_dim: int | None) -> tup
     batches = list(DataLoader(test, batch_size=8, collate_fn=collate))
     return extractor.extract(DataLoader(train, batch_size=8, collate_fn=collate)), {
         "features": extractor.extract(batches), "labels": test.labels,
-        "masks": torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0], "size": test.size_hw}
+        "masks": None if test.has_masks is False else torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0],
+        "size": test.size_hw}
 
 
 def evaluate(name: str, settings: dict, train: torch.Tensor, test: dict) -> dict:
@@ -64,12 +67,17 @@ def evaluate(name: str, settings: dict, train: torch.Tensor, test: dict) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=FIRST_TWO, choices=list(DATASETS))
+    parser.add_argument("--only", choices=sorted({name for name, _ in DETECTOR_GRID}),
+                        help="Only this detector's defaults on the feature grid (writes settings_ONLY.json/.md).")
     args = parser.parse_args()
     for name in args.datasets:
         dataset_path(name)  # exits early when ../shared/data is absent
+    tune_allocator()  # as the command line does
     rows = []
-    plans = [(d, layers, proj, DETECTOR_GRID) for d in args.datasets for layers, proj in FEATURE_GRID]
-    plans += [("transistor", layers, proj, [("padim", {})]) for layers, proj in LAYER_GRID]
+    grid = [(args.only, {})] if args.only else DETECTOR_GRID
+    plans = [(d, layers, proj, grid) for d in args.datasets for layers, proj in FEATURE_GRID]
+    if not args.only:
+        plans += [("transistor", layers, proj, [("padim", {})]) for layers, proj in LAYER_GRID]
     for dataset, layers, proj, grid in plans:
         train, test = features(dataset, layers, proj)
         for name, settings in grid:
@@ -79,7 +87,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     command = ("python benchmarks/settings.py " + " ".join(sys.argv[1:])).strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "settings.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    out = f"settings_{args.only}" if args.only else "settings"
+    (RESULTS / f"{out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = ["# Detector settings on frozen efficientnet_lite0 features", "",
              f"Command: `{command}` (2-core CPU). Settings not listed are the defaults.", "",
              "| dataset | layers | PCA | detector | settings | image AUROC | pixel AUROC | AUPRO | fit s |",
@@ -88,7 +97,7 @@ def main() -> None:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
         lines.append(f"| {r['dataset']} | {','.join(map(str, r['layers']))} | {r['pca'] or '-'} | {r['detector']} | {settings} | "
                      f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_seconds']} |")
-    (RESULTS / "settings.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{out}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,16 @@ def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
     assert b["detector"] == a["detector"] and b["features"] == a["features"] and b["postprocess"]["sigma"] == 2.0
 
 
+def test_fit_evaluate_in_one_process_equals_fit_then_evaluate(mvtec_tree, tmp_path):
+    fit = ("fit", "--data", mvtec_tree / "widget", "--detector", "padim", *FAST_OPTIONS)
+    assert cli(*fit, "--out", tmp_path / "two")[0] == 0 and cli("evaluate", tmp_path / "two", "--no-figures")[0] == 0
+    code, out, err = cli(*fit, "--out", tmp_path / "one", "--evaluate", "--no-figures")
+    assert code == 0 and "image auroc" in out, err
+    one, two = (json.loads((tmp_path / x / "evaluation" / "metrics.json").read_text()) for x in ("one", "two"))
+    measured = ("run", "test_images_per_s", "fit_seconds")
+    assert {k: v for k, v in one.items() if k not in measured} == {k: v for k, v in two.items() if k not in measured}
+
+
 def test_finetune_dry_run_from_the_command_line(mvtec_tree, tmp_path):
     photos = tmp_path / "photos"
     for i in range(2):

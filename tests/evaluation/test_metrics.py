@@ -5,7 +5,8 @@ import logging
 import numpy as np
 import pytest
 
-from anomatune.evaluation.metrics import aupro, evaluate_scores, f1_at, f1_optimal_threshold, image_auroc, pixel_auroc, pro_curve
+from anomatune.evaluation.metrics import (aupro, evaluate_scores, f1_at, f1_optimal_threshold, image_auroc, image_roc, pixel_auroc,
+                                         pro_curve)
 
 
 def _case():
@@ -85,3 +86,23 @@ def test_f1_by_hand():
     assert f1_at(labels, scores, 0.5) == pytest.approx(2 * 2 / (3 + 3))  # tp 2, 3 predicted, 3 true
     threshold, f1 = f1_optimal_threshold(labels, scores)
     assert f1 == pytest.approx(2 * 3 / (3 + 4)) and threshold == pytest.approx(0.1)  # everything above 0.1: tp 3, 4 predicted
+
+
+def test_pixel_metrics_from_one_sort_match_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    _, masks, maps = _case()
+    maps = np.round(maps + masks * 0.2, 1)  # few distinct values: many ties across classes
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert pixel_auroc(masks, maps.astype(np.float32)) == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+
+
+def test_image_auroc_and_roc_match_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.random(60) + 0.3 * labels, 1)
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(np.c_[image_roc(labels, scores)], np.c_[fpr, tpr], atol=1e-12)

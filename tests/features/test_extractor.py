@@ -47,7 +47,7 @@ def test_extract_gathers_batches_on_the_cpu():
 
 
 def test_gradient_reaches_the_first_conv():
-    extractor = fast(proj_dim=16)
+    extractor = fast(proj_dim=16, proj="random")
     extractor.train()
     extractor(torch.rand(2, 3, 32, 32)).square().mean().backward()
     grad = extractor.model.conv_stem.weight.grad
@@ -104,16 +104,21 @@ def test_pca_projection_fitted_once_and_saved(tmp_path):
 
 
 def test_random_projection_is_seeded():
-    a = FeatureExtractor(FeatureSettings(**FAST, proj_dim=8), seed=3)
-    b = FeatureExtractor(FeatureSettings(**FAST, proj_dim=8), seed=3)
+    a = FeatureExtractor(FeatureSettings(**FAST, proj_dim=8, proj="random"), seed=3)
+    b = FeatureExtractor(FeatureSettings(**FAST, proj_dim=8, proj="random"), seed=3)
     assert torch.equal(a.proj_weight, b.proj_weight)
+
+
+def test_auto_projection_is_a_pca_only_when_it_reduces():
+    assert fast(proj_dim=8).proj == "pca" and fast(proj_dim=8).proj_dim == 8  # auto with a dimension: PCA
+    assert fast(proj_dim=500).proj_dim is None  # auto, not below the 80 dimensions: none
 
 
 def test_bad_settings_are_explained():
     with pytest.raises(BackboneError, match=r"layers \[7\] not available .*2 \(stride 8, 32 ch\)"):
         fast(layers=(7,))
     with pytest.raises(AnomatuneError, match="proj_dim must be in 1..80"):
-        fast(proj_dim=500)
+        fast(proj_dim=500, proj="pca")
     with pytest.raises(SettingsError, match="pool must be odd"):
         fast(pool=2)
     with pytest.raises(AnomatuneError, match=r"expected an image batch \(B, 3, H, W\)"):

@@ -173,3 +173,13 @@ def test_component_holding_a_single_outlier_is_reseeded_never_nan(cls):
     detector = cls(n_components=2).fit(x)
     assert all(torch.isfinite(v).all() for v in detector.state_dict().values() if v.is_floating_point())
     assert torch.isfinite(detector.anomaly_map(x)).all()
+
+
+def test_greedy_coreset_takes_one_patch_of_each_far_cluster():
+    from anomatune.models.patchcore import greedy_coreset
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 40, generator=generator) * 100
+    x = (centres[:, None] + torch.randn(6, 50, 40, generator=generator)).reshape(300, 40)
+    chosen = greedy_coreset(x, 6, proj_dim=16, seed=0)
+    assert sorted((chosen // 50).tolist()) == list(range(6))  # k-center: every cluster covered once

@@ -144,3 +144,12 @@ def test_a_tiny_image_in_the_training_set_is_refused(tmp_path):
 def test_score_gives_the_test_metrics(fast_run, brick):
     metrics = Pipeline.load(fast_run, device="cpu").score(open_dataset(data=brick, category="brick", split="test"))
     assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1 and "f1_at_learnt_threshold" in metrics
+
+
+def test_auto_projection_is_the_detectors_choice_and_saved():
+    from anomatune.pipeline.settings import PipelineSettings
+
+    assert Pipeline(detector="glad").settings.features.proj_dim == 64  # the mixtures: PCA-64
+    assert Pipeline(detector="padim").settings.features.proj_dim is None  # PaDiM and PatchCore keep every feature
+    assert Pipeline(detector="glad", proj_dim=16).settings.features.proj_dim == 16  # the user's dimension wins
+    assert Pipeline(PipelineSettings(), detector="glad", proj="random").settings.features.proj_dim is None  # not auto: as given

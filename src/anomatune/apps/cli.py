@@ -14,6 +14,7 @@ import sys
 import click
 
 from .. import __version__
+from ..allocator import tune_allocator
 from ..data.settings import DataSettings
 from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
@@ -28,6 +29,7 @@ CONFIG_OPTION = click.option("--config", type=click.Path(dir_okay=False), defaul
                              help="YAML file of settings (the groups features, detector, postprocess, threshold, ...; "
                                   "a run's config.yaml works too); options given here override it.")
 DEVICE_ONLY = ("device",)
+NO_FIGURES_OPTION = click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 120})
@@ -77,7 +79,10 @@ def detectors_cmd() -> None:
 @options.options(RuntimeSettings)
 @CONFIG_OPTION
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors), replaced as one set.")
-def fit_cmd(out, config, **values):
+@click.option("--evaluate", "then_evaluate", is_flag=True,
+              help="Then evaluate on the data's test split in the same process, as 'anomatune evaluate OUT' would (start-up paid once).")
+@NO_FIGURES_OPTION
+def fit_cmd(out, config, then_evaluate, no_figures, **values):
     """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images)."""
     data = options.build(DataSettings, values)
     settings = options.build(PipelineSettings, values, config=config)
@@ -87,22 +92,30 @@ def fit_cmd(out, config, **values):
     from ..pipeline.pipeline import Pipeline
 
     with RunFolder(out).claim("run"):  # a second command on --out stops now, not after the fit
-        Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train")).save(out)
+        pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
+        pipeline.save(out)
     click.echo(f"run saved in {out}")
+    if then_evaluate:
+        from ..evaluation.evaluate import evaluate
+
+        echo_metrics(out, evaluate(out, figures=not no_figures, pipeline=pipeline))
 
 
 @app.command("evaluate")
 @click.argument("run", type=click.Path())
 @options.options(DataSettings)
 @options.options(RuntimeSettings)
-@click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
+@NO_FIGURES_OPTION
 def evaluate_cmd(run, no_figures, **values):
     """Score the test split (of the run's data unless given): RUN/evaluation/ with metrics, curves and heatmaps."""
     data = options.build(DataSettings, values)
     runtime = options.build(RuntimeSettings, values)
     from ..evaluation.evaluate import evaluate
 
-    result = evaluate(run, data, figures=not no_figures, **runtime.to_dict())
+    echo_metrics(run, evaluate(run, data, figures=not no_figures, **runtime.to_dict()))
+
+
+def echo_metrics(run: str, result: dict) -> None:
     shown = "  ".join(f"{k.replace('_', ' ')} {result[k]}" for k in ("image_auroc", "pixel_auroc", "aupro"))
     click.echo(f"{shown}  ({run}/evaluation/metrics.json)")
 
@@ -236,6 +249,7 @@ def demo_cmd(out, **values):
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    tune_allocator()
     try:
         app(standalone_mode=False)
     except click.exceptions.Abort:

@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..pipeline.folders import RunFolder
 from ..pipeline.pipeline import Pipeline
 from . import plots
-from .metrics import evaluate_scores, f1_at, f1_optimal_threshold
+from .metrics import PixelCurves, f1_at, f1_optimal_threshold, image_auroc, pixel_curves, pixel_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ class Evaluation:
     images: torch.Tensor | None
     seconds: float
     metrics: dict[str, float]
+    curves: PixelCurves | None
 
 
-def test_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray, threshold: float | None) -> dict[str, float]:
+def test_metrics(labels: np.ndarray, scores: np.ndarray, curves: PixelCurves | None, threshold: float | None) -> dict[str, float]:
     """Image AUROC, pixel AUROC, AUPRO; the test-tuned F1; the F1 at the learnt threshold."""
-    metrics = evaluate_scores(labels, scores, masks, maps)
+    metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(curves)
     if labels.min() != labels.max():
         tuned, best_f1 = f1_optimal_threshold(labels, scores)
         metrics |= {"f1_threshold_tuned_on_test": tuned, "f1_tuned_on_test": best_f1}
@@ -73,19 +74,22 @@ def score_dataset(pipeline: Pipeline, dataset: AnomalyDataset, keep_images: bool
     seconds = time.perf_counter() - start
     maps_np, scores_np, labels_np = torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(labels).numpy()
     masks_np = torch.cat(masks).numpy().astype(bool)[:, 0] if all(m is not None for m in masks) else None
-    metrics = test_metrics(labels_np, scores_np, masks_np, maps_np, pipeline.threshold)
-    return Evaluation(labels_np, scores_np, maps_np, masks_np, paths, torch.cat(images) if keep_images else None, seconds, metrics)
+    curves = pixel_curves(masks_np, maps_np)
+    metrics = test_metrics(labels_np, scores_np, curves, pipeline.threshold)
+    return Evaluation(labels_np, scores_np, maps_np, masks_np, paths, torch.cat(images) if keep_images else None, seconds, metrics, curves)
 
 
-def evaluate(run_dir: str | Path, data: DataSettings | None = None, figures: bool = True, **runtime) -> dict:
+def evaluate(run_dir: str | Path, data: DataSettings | None = None, figures: bool = True, pipeline: Pipeline | None = None,
+             **runtime) -> dict:
     """Score the run's test split (or ``data``'s) and write ``evaluation/`` in the run folder as one set.
 
     ``evaluation/`` holds ``metrics.json`` (``null`` where a metric does not apply),
     ``metrics.md`` and, with ``figures``, ``roc.png``, ``pro.png``, ``heatmaps.png`` and the
-    gallery. ``runtime``: ``device``, ``batch_size``. Returns the metrics.
+    gallery. ``pipeline``: the run's pipeline already in memory (``fit --evaluate``), else
+    it is loaded with ``runtime`` (``device``, ``batch_size``). Returns the metrics.
     """
     run = RunFolder(run_dir)
-    pipeline = Pipeline.load(run.path, **runtime)
+    pipeline = pipeline if pipeline is not None else Pipeline.load(run.path, **runtime)
     data = data if data is not None and data.given else pipeline.data_
     if data is None:
         raise DataError(f"{run.path} does not record its data (fitted from Python): pass the test data (--data/--category or --good/--defect)")
@@ -121,7 +125,7 @@ def metrics_table(result: dict) -> str:
 def write_figures(stage: RunFolder, evaluation: Evaluation, threshold: float | None) -> None:
     """ROC, PRO, heatmaps and the gallery (at the learnt threshold, else the test-tuned one, else the median score)."""
     for name, figure in ((RunFolder.ROC, plots.roc_figure(evaluation.labels, evaluation.scores)),
-                         (RunFolder.PRO, plots.pro_figure(evaluation.masks, evaluation.maps)),
+                         (RunFolder.PRO, plots.pro_figure(evaluation.curves)),
                          (RunFolder.HEATMAPS, plots.heatmaps_figure(evaluation))):
         if figure is not None:
             stage.write_figure(name, figure, dpi=80 if name == RunFolder.HEATMAPS else 100)

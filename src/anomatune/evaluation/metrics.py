@@ -10,59 +10,102 @@ scores' order only, so any strictly increasing transform leaves it unchanged.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score, roc_curve
 
 log = logging.getLogger(__name__)
 
 
+def ranked(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores' descending order, and the position in it of the last of each run of equal scores.
+
+    A curve is read at those positions only: tied scores cross a threshold together.
+    """
+    flat = np.asarray(scores).ravel()
+    order = np.argsort(flat)[::-1]  # no stable sort needed: ties are read together
+    return order, np.r_[np.nonzero(np.diff(flat[order]))[0], len(flat) - 1]
+
+
+def rising(weights: np.ndarray, last_of_each: np.ndarray, total: float = 1.0) -> np.ndarray:
+    """A curve from 0: the running sum of ``weights`` (in score order) at each distinct threshold, over ``total``."""
+    return np.clip(np.r_[0.0, np.cumsum(weights, dtype=np.float64)[last_of_each] / max(total, 1e-300)], 0, 1)
+
+
+def image_roc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold (descending), from (0, 0)."""
+    truth = np.asarray(labels).astype(bool).ravel()
+    order, last_of_each = ranked(scores)
+    in_order = truth[order]
+    return rising(~in_order, last_of_each, (~truth).sum()), rising(in_order, last_of_each, truth.sum())
+
+
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by trapezoids over the distinct thresholds (equal to scikit-learn's)."""
     labels = np.asarray(labels)
     if labels.min() == labels.max():
         log.warning("image AUROC needs both good and defective test images: skipped")
         return float("nan")
-    return float(roc_auc_score(labels, scores))
+    return float(np.trapezoid(*image_roc(labels, scores)[::-1]))
+
+
+@dataclass(frozen=True)
+class PixelCurves:
+    """Pixel ROC and PRO curves at every distinct threshold (descending), from one sort of the maps.
+
+    ``fpr``: share of defect-free pixels above the threshold (the x axis of both curves);
+    ``tpr``: share of defective pixels above it; ``pro``: mean over the ground-truth
+    regions (8-connected) of each region's share above it. Each starts at 0.
+    """
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    pro: np.ndarray
+
+    @classmethod
+    def of(cls, masks: np.ndarray, maps: np.ndarray) -> "PixelCurves":
+        truth = np.asarray(masks).astype(bool)
+        regions = label_regions(truth)
+        sizes = np.bincount(regions.ravel())
+        region_share = np.r_[0.0, 1.0 / (sizes[1:] * max(len(sizes) - 1, 1))]  # each pixel of region r adds 1/(|r| #regions)
+        order, last_of_each = ranked(maps)
+        in_order = truth.ravel()[order]
+        return cls(fpr=rising(~in_order, last_of_each, (~truth).sum()), tpr=rising(in_order, last_of_each, truth.sum()),
+                   pro=rising(region_share[regions.ravel()[order]], last_of_each))
+
+
+def label_regions(masks: np.ndarray) -> np.ndarray:
+    """Ground-truth regions (8-connected), numbered 1.. across all masks; 0 is defect-free."""
+    labelled = np.zeros(masks.shape, dtype=np.int64)
+    offset = 0
+    for i, mask in enumerate(masks):
+        labelled[i], n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+        labelled[i][mask] += offset
+        offset += n
+    return labelled
+
+
+def pixel_curves(masks: np.ndarray | None, maps: np.ndarray) -> PixelCurves | None:
+    """The curves, or None (logged) without both defective and defect-free pixels."""
+    if masks is None:
+        log.warning("no ground-truth masks: pixel AUROC skipped, and AUPRO")
+        return None
+    truth = np.asarray(masks).astype(bool)
+    if truth.all() or not truth.any():
+        log.warning("pixel AUROC and AUPRO need both defective and defect-free pixels: skipped")
+        return None
+    return PixelCurves.of(truth, maps)
 
 
 def pixel_auroc(masks: np.ndarray | None, maps: np.ndarray) -> float:
-    if masks is None:
-        log.warning("no ground-truth masks: pixel AUROC skipped")
-        return float("nan")
-    truth = np.asarray(masks).ravel().astype(bool)
-    if truth.all() or not truth.any():
-        log.warning("pixel AUROC needs both defective and defect-free pixels: skipped")
-        return float("nan")
-    return float(roc_auc_score(truth, np.asarray(maps).ravel()))
+    return pixel_metrics(pixel_curves(masks, maps))["pixel_auroc"]
 
 
 def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False-positive rates and per-region overlaps at every distinct threshold (descending).
-
-    Each defect-free pixel adds 1/#defect-free to the FPR when the threshold passes its
-    score; each pixel of region r adds 1/(|r| · #regions) to the mean overlap.
-    """
-    masks = np.asarray(masks).astype(bool)
-    maps = np.asarray(maps, dtype=np.float64)
-    fp_change = np.zeros(maps.shape, dtype=np.float64)
-    pro_change = np.zeros(maps.shape, dtype=np.float64)
-    n_ok = (~masks).sum()
-    structure = np.ones((3, 3), dtype=int)  # 8-connectivity
-    regions = []
-    for i, mask in enumerate(masks):
-        labelled, n = ndimage.label(mask, structure=structure)
-        regions += [(i, labelled == r) for r in range(1, n + 1)]
-    fp_change[~masks] = 1.0 / max(n_ok, 1)
-    for i, region in regions:
-        pro_change[i][region] = 1.0 / (region.sum() * len(regions))
-    order = np.argsort(maps.ravel(), kind="mergesort")[::-1]
-    scores = maps.ravel()[order]
-    fpr = np.cumsum(fp_change.ravel()[order])
-    pro = np.cumsum(pro_change.ravel()[order])
-    last_of_each = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]  # ties move together
-    fpr, pro = np.r_[0.0, fpr[last_of_each]], np.r_[0.0, pro[last_of_each]]
-    return np.clip(fpr, 0, 1), np.clip(pro, 0, 1)
+    """False-positive rates and per-region overlaps at every distinct threshold (descending)."""
+    curves = PixelCurves.of(masks, maps)
+    return curves.fpr, curves.pro
 
 
 def area_under(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -77,28 +120,19 @@ def area_under(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 
 def aupro(masks: np.ndarray | None, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit``."""
-    if masks is None:
-        log.warning("no ground-truth masks: AUPRO skipped")
-        return float("nan")
-    if not np.asarray(masks).any():
-        log.warning("no defective pixels in the ground truth: AUPRO skipped")
-        return float("nan")
-    fpr, pro = pro_curve(masks, maps)
-    return area_under(fpr, pro, fpr_limit) / fpr_limit
+    return pixel_metrics(pixel_curves(masks, maps), fpr_limit)["aupro"]
+
+
+def pixel_metrics(curves: PixelCurves | None, fpr_limit: float = 0.3) -> dict[str, float]:
+    """Pixel AUROC (trapezoids over the distinct thresholds, as scikit-learn) and AUPRO; NaN without curves."""
+    if curves is None:
+        return {"pixel_auroc": float("nan"), "aupro": float("nan")}
+    return {"pixel_auroc": float(np.trapezoid(curves.tpr, curves.fpr)), "aupro": area_under(curves.fpr, curves.pro, fpr_limit) / fpr_limit}
 
 
 def evaluate_scores(labels, image_scores, masks, maps, fpr_limit: float = 0.3) -> dict[str, float]:
-    """The three MVTec metrics in one dict."""
-    return {
-        "image_auroc": image_auroc(labels, image_scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps, fpr_limit),
-    }
-
-
-def image_roc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return fpr, tpr
+    """The three MVTec metrics in one dict (the pixel ones from one sort of the maps)."""
+    return {"image_auroc": image_auroc(labels, image_scores)} | pixel_metrics(pixel_curves(masks, maps), fpr_limit)
 
 
 def f1_at(labels, scores, threshold: float) -> float:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from .metrics import image_roc, pro_curve
+from .metrics import PixelCurves, image_roc
 
 
 def roc_figure(labels: np.ndarray, scores: np.ndarray) -> Figure | None:
@@ -31,14 +31,13 @@ def roc_figure(labels: np.ndarray, scores: np.ndarray) -> Figure | None:
     return fig
 
 
-def pro_figure(masks: np.ndarray | None, maps: np.ndarray) -> Figure | None:
-    """The per-region overlap curve, with the FPR limit of AUPRO; ``None`` without defective pixels."""
-    if masks is None or not masks.any():
+def pro_figure(curves: PixelCurves | None) -> Figure | None:
+    """The per-region overlap curve, with the FPR limit of AUPRO; ``None`` without pixel curves."""
+    if curves is None:
         return None
-    fpr, pro = pro_curve(masks, maps)
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
-    ax.plot(fpr, pro)
+    ax.plot(curves.fpr, curves.pro)
     ax.axvline(0.3, ls=":", color="grey")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false-positive rate", ylabel="per-region overlap", title="PRO curve")
     fig.tight_layout()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import AnomatuneError, BackboneError
 from .adaptor import Adaptor
 from .backbones import Backbone, create_backbone
-from .settings import FeatureSettings
+from .settings import AUTO, FeatureSettings
 
 GRID_STRIDE = 8
 
@@ -55,11 +55,13 @@ class FeatureExtractor(nn.Module):
         self.layers = tuple(sorted(backbone.layers if settings.layers is None else settings.layers))
         self.patch_size = backbone.patch_size
         self.pool = settings.pool
-        self.proj = settings.proj
+        self.proj = "pca" if settings.proj == AUTO else settings.proj
         self.freeze_batchnorm = freeze_batchnorm
         self.model = backbone.model
         self._check_layers()
         self.model.prune_intermediate_layers(list(self.layers), prune_norm=True, prune_head=True)
+        if self.patch_size == 1:  # convolutions run 1.6x faster channels-last on the CPU (benchmarks/results/speed.md)
+            self.model.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
         with torch.no_grad():
@@ -71,7 +73,10 @@ class FeatureExtractor(nn.Module):
         if self.adaptor is not None and self.adaptor.dim != self.raw_dim:
             raise BackboneError(f"{settings.backbone_weights}: its adaptor was trained on {self.adaptor.dim}-dimensional features, "
                                 f"these layers give {self.raw_dim}; use the fine-tuning's layers")
-        self.proj_dim = proj_dim = settings.proj_dim
+        proj_dim = settings.proj_dim
+        if settings.proj == AUTO and proj_dim is not None and proj_dim >= self.raw_dim:
+            proj_dim = None  # auto: projecting to as many dimensions as there are gains nothing
+        self.proj_dim = proj_dim
         if proj_dim is not None:
             if not 0 < proj_dim <= self.raw_dim:
                 raise AnomatuneError(f"proj_dim must be in 1..{self.raw_dim} for these layers, not {proj_dim}")
@@ -110,6 +115,8 @@ class FeatureExtractor(nn.Module):
             h, w = (max(self.patch_size, round(s / self.patch_size) * self.patch_size) for s in x.shape[-2:])
             if (h, w) != tuple(x.shape[-2:]):
                 x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_intermediates(x, indices=list(self.layers), intermediates_only=True)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:

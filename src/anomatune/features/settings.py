@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from ..data.images import DEFAULT_IMAGE_SIZE, parse_image_size
 from ..schema import Settings, setting
 
-PROJECTIONS = ("random", "pca")
+AUTO = "auto"  # as projection: the detector's choice (PCA for the mixtures, none for PaDiM and PatchCore)
+PROJECTIONS = (AUTO, "random", "pca")
 RANDOM = "random"  # as backbone weights: random weights drawn from a fixed seed
 
 
@@ -26,8 +27,11 @@ class FeatureSettings(Settings):
                                                   "images' median aspect ratio), or WxH exactly, e.g. 320x256.", metavar="SIZE",
                               parse=parse_image_size)
     pool: int = setting(3, "Side of the average-pooling neighbourhood of patch features (odd; 1 = none).", interval="[1, 31]")
-    proj_dim: int | None = setting(None, "Project features to this many dimensions (none: keep all).", interval="[1, 100000]")
-    proj: str = setting("random", "Projection kind when --proj-dim is set: random (seeded) or pca (fitted on the good images).",
+    proj_dim: int | None = setting(None, "Project features to this many dimensions (none: keep all, or with --proj auto the "
+                                         "detector's choice: 64 for gmm and glad, all for padim and patchcore).",
+                                   interval="[1, 100000]")
+    proj: str = setting(AUTO, "Projection kind: pca (fitted on the good images), random (seeded), or auto: PCA, to the "
+                              "detector's dimension unless --proj-dim is given, and none when that is not below the features'.",
                         choices=PROJECTIONS)
 
     def check(self) -> list[str]:

@@ -13,20 +13,29 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int) -> torch.T
     """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection.
 
     Distances for the selection are computed after a Gaussian random projection to
-    ``proj_dim`` dimensions (Johnson–Lindenstrauss), as in the PatchCore paper.
+    ``proj_dim`` dimensions (Johnson–Lindenstrauss), as in the PatchCore paper. Each
+    step reads every projected patch once, so the loop is bound by memory bandwidth:
+    the projected patches are kept in float16 (scaled to norms <= 1, so no product
+    overflows), which halves what each step reads; the running distances stay float32.
+    Rounding moves a distance by about 1e-3 of the largest, far less than the projection's
+    own distortion (``benchmarks/results/speed.md`` measures the effect on the metrics).
     """
     generator = torch.Generator().manual_seed(seed)
     if x.shape[1] > proj_dim:
         x = x @ (torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim**0.5).to(x)
+    x = (x / torch.linalg.vector_norm(x, dim=1).max().clamp_min(1e-30)).to(torch.float16)
     first = int(torch.randint(len(x), (1,), generator=generator))
     selected = [first]
-    sq_norms = (x**2).sum(1)
-    # squared distances by |x|² − 2 x·c + |c|²: one matrix-vector product per step, no N x D temporary
-    min_dist = sq_norms - 2 * (x @ x[first]) + sq_norms[first]
+    sq_norms = (x.float() ** 2).sum(1)
+
+    def distances_to(i: int) -> torch.Tensor:  # |x|² − 2 x·c + |c|²: one matrix-vector product, no N x D temporary
+        return sq_norms - 2 * (x @ x[i]).float() + sq_norms[i]
+
+    min_dist = distances_to(first)
     for _ in tqdm(range(n - 1), desc="coreset", leave=False, mininterval=1.0):
         idx = int(torch.argmax(min_dist))
         selected.append(idx)
-        min_dist = torch.minimum(min_dist, sq_norms - 2 * (x @ x[idx]) + sq_norms[idx])
+        min_dist = torch.minimum(min_dist, distances_to(idx))
     return torch.tensor(selected)
 
 

@@ -43,6 +43,7 @@ except ImportError:  # not POSIX: no lock (said once when a lock is asked for)
     fcntl = None
 
 log = logging.getLogger(__name__)
+PNG_COMPRESSION = 1  # zlib level of every PNG written: 3-4x faster than the default 6, files about a third larger
 
 _HELD: dict[Path, int] = {}  # locks this process holds, by folder: re-entrant within a process
 
@@ -264,13 +265,13 @@ class RunFolder:
     def write_figure(self, name: str, figure, dpi: int = 100) -> Path:
         """A matplotlib ``Figure`` as PNG."""
         path = self._target(name)
-        atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+        atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": PNG_COMPRESSION}))
         return path
 
     def write_image(self, name: str, image) -> Path:
         """A ``PIL.Image`` as PNG."""
         path = self._target(name)
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=PNG_COMPRESSION))
         return path
 
     @contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -28,7 +28,7 @@ from ..data.images import image_to_tensor, read_image
 from ..device import resolve_device
 from ..errors import AnomatuneError, NotFittedError, RunFolderError
 from ..features.backbones import create_backbone
-from ..features.settings import RANDOM
+from ..features.settings import AUTO, RANDOM
 from ..features.extractor import FeatureExtractor
 from ..models.registry import create_detector
 from ..schema import leaves
@@ -101,6 +101,10 @@ class Pipeline:
         runtime_keys = {leaf.key for leaf in leaves(RuntimeSettings)}
         self.runtime = RuntimeSettings().updated(**{k: v for k, v in changes.items() if k in runtime_keys})
         self.settings = (settings or PipelineSettings()).updated(**{k: v for k, v in changes.items() if k not in runtime_keys})
+        features, detector = self.settings.features, self.settings.detector
+        if features.proj == AUTO and features.proj_dim is None and detector.auto_proj_dim is not None:
+            # the detector's choice, saved with the run
+            self.settings = replace(self.settings, features=replace(features, proj_dim=detector.auto_proj_dim))
 
     def __repr__(self) -> str:
         f = self.settings.features
@@ -160,9 +164,11 @@ class Pipeline:
         size = dataset.size_for(s.features.image_size)
         train, held_out = split_holdout(dataset.at_size(size), s.threshold.holdout, s.seed)
         extractor = self._extractor()
-        if s.features.proj_dim is not None and s.features.proj == "pca":
-            extractor.fit_projection(self._loader(train), seed=s.seed)
-        features = extractor.extract(self._loader(train), desc="train features")
+        if extractor.proj_dim is not None and extractor.proj == "pca":  # one pass over the images: fit the PCA, then project
+            raw = extractor.extract(self._loader(train), desc="train features", raw=True)
+            features = extractor.fit_projection_on(raw, seed=s.seed).project(raw.to(device)).cpu()
+        else:
+            features = extractor.extract(self._loader(train), desc="train features")
         self.extractor_ = extractor
         self.detector_ = create_detector(s.detector).fit(features.to(device))
         self.postprocessor_ = PostProcessor(s.postprocess, size)
@@ -247,7 +253,7 @@ class Pipeline:
         run = RunFolder(folder)
         with run.staged("run") as stage:
             stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
-            if self.settings.features.proj_dim is not None:
+            if self.extractor_.proj_dim is not None:
                 stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
             stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
         return run
@@ -263,7 +269,7 @@ class Pipeline:
         if extractor.weights_id != fitted.weights_id:
             raise RunFolderError(f"{run.path}: fitted with backbone weights {fitted.weights_id}, but "
                                  f"{config.settings.features.backbone} now has {extractor.weights_id}: install the same weights or refit")
-        if config.settings.features.proj_dim is not None:
+        if extractor.proj_dim is not None:
             extractor.load_state_dict(run.read_tensors(RunFolder.PROJECTION), strict=False)
         detector = create_detector(config.settings.detector)
         detector.load_state_dict(run.read_tensors(RunFolder.DETECTOR), source=str(run / RunFolder.DETECTOR)).to(pipeline.device)
