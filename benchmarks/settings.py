@@ -61,7 +61,8 @@ def evaluate(name: str, settings: dict, train: torch.Tensor, test: dict) -> dict
     fit_seconds = time.perf_counter() - start
     maps, scores = score_features(detector, test["features"], test["size"])
     metrics = evaluate_scores(test["labels"], scores, test["masks"], maps)
-    return {k: round(v, 4) for k, v in metrics.items()} | {"fit_seconds": round(fit_seconds, 1)}
+    # a metric that does not apply (no masks) is null, as in metrics.json
+    return {k: round(v, 4) if v == v else None for k, v in metrics.items()} | {"fit_seconds": round(fit_seconds, 1)}
 
 
 def main() -> None:
@@ -96,7 +97,8 @@ def main() -> None:
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
         lines.append(f"| {r['dataset']} | {','.join(map(str, r['layers']))} | {r['pca'] or '-'} | {r['detector']} | {settings} | "
-                     f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_seconds']} |")
+                     + " | ".join("n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro"))
+                     + f" | {r['fit_seconds']} |")
     (RESULTS / f"{out}.md").write_text("\n".join(lines) + "\n")
 
 
