@@ -37,8 +37,12 @@ def image_roc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct threshold (descending), from (0, 0)."""
     truth = np.asarray(labels).astype(bool).ravel()
     order, last_of_each = ranked(scores)
-    in_order = truth[order]
-    return rising(~in_order, last_of_each, (~truth).sum()), rising(in_order, last_of_each, truth.sum())
+    return roc_in_order(truth[order], last_of_each)
+
+
+def roc_in_order(in_order: np.ndarray, last_of_each: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates of labels already in descending score order (see :func:`ranked`)."""
+    return rising(~in_order, last_of_each, (~in_order).sum()), rising(in_order, last_of_each, in_order.sum())
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -70,9 +74,8 @@ class PixelCurves:
         sizes = np.bincount(regions.ravel())
         region_share = np.r_[0.0, 1.0 / (sizes[1:] * max(len(sizes) - 1, 1))]  # each pixel of region r adds 1/(|r| #regions)
         order, last_of_each = ranked(maps)
-        in_order = truth.ravel()[order]
-        return cls(fpr=rising(~in_order, last_of_each, (~truth).sum()), tpr=rising(in_order, last_of_each, truth.sum()),
-                   pro=rising(region_share[regions.ravel()[order]], last_of_each))
+        fpr, tpr = roc_in_order(truth.ravel()[order], last_of_each)
+        return cls(fpr=fpr, tpr=tpr, pro=rising(region_share[regions.ravel()[order]], last_of_each))
 
 
 def label_regions(masks: np.ndarray) -> np.ndarray:
