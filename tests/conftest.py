@@ -6,6 +6,7 @@ use timm's ``test_efficientnet`` with random weights (drawn from a fixed seed).
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,16 @@ def fast_run(brick, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fast_run") / "run"
     Pipeline(detector="padim", device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(out)
     return out
+
+
+@pytest.fixture
+def two_categories(mvtec_tree, brick):
+    """widget (fine) and broken (its only training images are truncated), beside a copy of brick."""
+    root = mvtec_tree
+    shutil.copytree(brick / "brick", root / "brick")
+    broken = root / "broken" / "train" / "good"
+    broken.mkdir(parents=True)
+    for i in range(3):
+        (broken / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (root / "notes").mkdir()  # no train/: not a category
+    return root

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from .. import __version__
 from ..allocator import tune_allocator
-from ..data.settings import DataSettings
+from ..data.settings import ALL_CATEGORIES, DataSettings
+from ..distributed.settings import RAY, EngineSettings
 from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
 from ..finetune.settings import FinetuneSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from . import options
+from .jobs import Job, evaluate, fit, finetune
 from .settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
 
 log = logging.getLogger("anomatune")
@@ -77,42 +80,64 @@ def detectors_cmd() -> None:
 @options.options(DataSettings)
 @options.options(PipelineSettings)
 @options.options(RuntimeSettings)
+@options.options(EngineSettings)
 @CONFIG_OPTION
-@click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors), replaced as one set.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors), replaced as one set "
+              "(with --category all: a run folder per category inside it).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Then evaluate on the data's test split in the same process, as 'anomatune evaluate OUT' would (start-up paid once).")
 @NO_FIGURES_OPTION
 def fit_cmd(out, config, then_evaluate, no_figures, **values):
-    """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images)."""
+    """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images).
+
+    With --category all: a run per category of --data in OUT/<category>, and OUT/summary.md.
+    """
     data = options.build(DataSettings, values)
     settings = options.build(PipelineSettings, values, config=config)
-    runtime = options.build(RuntimeSettings, values)
-    from ..data.layouts import open_dataset
-    from ..pipeline.folders import RunFolder
-    from ..pipeline.pipeline import Pipeline
-
-    with RunFolder(out).claim("run"):  # a second command on --out stops now, not after the fit
-        pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
-        pipeline.save(out)
+    job = Job("fit", out, data, options.build(RuntimeSettings, values),
+              {"settings": settings, "evaluate": then_evaluate, "figures": not no_figures})
+    if run_all(job, options.build(EngineSettings, values), data.category):
+        return
+    result = fit(data, Path(out), runtime=job.runtime, **job.options)
     click.echo(f"run saved in {out}")
     if then_evaluate:
-        from ..evaluation.evaluate import evaluate
-
-        echo_metrics(out, evaluate(out, figures=not no_figures, pipeline=pipeline))
+        echo_metrics(out, result)
 
 
 @app.command("evaluate")
 @click.argument("run", type=click.Path())
 @options.options(DataSettings)
 @options.options(RuntimeSettings)
+@options.options(EngineSettings)
 @NO_FIGURES_OPTION
 def evaluate_cmd(run, no_figures, **values):
-    """Score the test split (of the run's data unless given): RUN/evaluation/ with metrics, curves and heatmaps."""
-    data = options.build(DataSettings, values)
-    runtime = options.build(RuntimeSettings, values)
-    from ..evaluation.evaluate import evaluate
+    """Score the test split (of the run's data unless given): RUN/evaluation/ with metrics, curves and heatmaps.
 
-    echo_metrics(run, evaluate(run, data, figures=not no_figures, **runtime.to_dict()))
+    With --category all: every run under RUN (the --out of 'fit --category all'), and RUN/summary.md.
+    """
+    data = options.build(DataSettings, values)
+    job = Job("evaluate", run, data if data.given else None, options.build(RuntimeSettings, values), {"figures": not no_figures})
+    if run_all(job, options.build(EngineSettings, values), data.category):
+        return
+    echo_metrics(run, evaluate(job.data, Path(run), job.runtime, not no_figures))
+
+
+def run_all(job: "Job", engine: EngineSettings, category: str | None) -> bool:
+    """With --category all: ``job`` for every category, then its summary; exit 1 if one failed. False otherwise."""
+    if category != ALL_CATEGORIES:
+        if engine.engine == RAY:
+            raise click.UsageError(f"--engine ray runs {job.command} on every category of a dataset root: add --category all")
+        return False
+    from .jobs import SUMMARY_CSV, SUMMARY_MD, run_categories
+
+    rows = run_categories(job, engine)
+    click.echo(Path(job.root, SUMMARY_MD).read_text(), nl=False)
+    failed = [r["category"] for r in rows if r["status"] != "ok"]
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} categories done" + (f"; failed: {', '.join(failed)}" if failed else "")
+               + f" ({Path(job.root, SUMMARY_MD)}, {SUMMARY_CSV})")
+    if failed:
+        sys.exit(1)
+    return True
 
 
 def echo_metrics(run: str, result: dict) -> None:
@@ -126,30 +151,43 @@ def echo_metrics(run: str, result: dict) -> None:
               "needed by the photos and pasted negatives.")
 @click.option("--validation-negatives", type=click.Path(), help="A second folder of photos, not the --negatives, for the "
               "validation's synthetic defects (default: noise defects only).")
-@click.option("--out", required=True, type=click.Path(), help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics.")
+@click.option("--out", required=True, type=click.Path(), help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics "
+              "(with --category all: a folder per category inside it).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (same settings; --steps may grow).")
 @click.option("--dry-run", is_flag=True, help="Only diagnose the frozen features: gradient-weight distributions, no training.")
 @options.options(FinetuneSettings)
 @options.options(RuntimeSettings, only=DEVICE_ONLY)
+@options.options(EngineSettings)
 @CONFIG_OPTION
 def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, **values):
     """Fine-tune the backbone on good images, guided by a density model (the paper's method).
 
     Then refit any detector on the fine-tuned features: anomatune fit --backbone-weights OUT ...
+    With --category all: a fine-tuning per category of --data in OUT/<category>, and OUT/summary.md;
+    'fit --category all --backbone-weights OUT' then uses each category's own.
     """
     data = options.build(DataSettings, values)
     settings = options.build(FinetuneSettings, values, config=config)
     runtime = options.build(RuntimeSettings, values)
-    from ..data.layouts import open_dataset
-    from ..finetune import diagnostics
-    from ..finetune.loop import Finetuner
-
-    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
+    engine = options.build(EngineSettings, values)
+    job = Job("finetune", out, data, runtime, {"settings": settings, "negatives": negatives,
+                                              "validation_negatives": validation_negatives, "resume": resume})
     if dry_run:
-        click.echo(diagnostics.describe(tuner.dry_run()))
+        if data.category == ALL_CATEGORIES or engine.engine == RAY:
+            raise click.UsageError("--dry-run diagnoses one category in this process: drop --category all and --engine ray")
+        from ..data.layouts import open_dataset
+        from ..finetune import diagnostics
+        from ..finetune.loop import Finetuner
+
+        click.echo(diagnostics.describe(Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives,
+                                                  **runtime.to_dict()).dry_run()))
         click.echo(f"histograms: {out}/dry_run_weights.png")
         return
-    report = tuner.run(resume=resume)
+    if run_all(job, engine, data.category):
+        return
+    from ..finetune import diagnostics
+
+    report = finetune(data, Path(out), runtime=runtime, **job.options)
     click.echo(diagnostics.describe(report["end"]))
     if report["fallback"]:
         click.echo(f"no checkpoint beat the frozen backbone on validation: {out} holds the frozen backbone (fallback)")
@@ -159,29 +197,42 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
 
 @app.command("predict")
 @click.argument("run", type=click.Path())
-@click.argument("images", nargs=-1, type=click.Path())
+@click.argument("inputs", nargs=-1, type=click.Path(), metavar="[IMAGES]...")
 @options.options(DataSettings)
-@click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, overlays/ and masks/, replaced as one set.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for results.csv (results.parquet/ with --engine ray), "
+              "overlays/ and masks/, replaced as one set.")
 @options.options(PredictSettings)
 @options.options(RuntimeSettings)
-def predict_cmd(run, images, out, **values):
-    """Score IMAGES (files or folders; or the test split of --data/--good) with RUN: score, decision, overlay and mask per image.
+@options.options(EngineSettings)
+def predict_cmd(run, inputs, out, **values):
+    """Score IMAGES with RUN: score, decision, overlay and mask per image.
 
-    Unreadable files are reported in results.csv and skipped; the exit code is 1 if any failed.
+    IMAGES are files, folders (searched recursively), glob patterns ('parts/**/*.png', quoted)
+    or CSV/Parquet manifests with a 'path' column; or give the test split of --data/--good.
+    Unreadable files are reported in the results and skipped; the exit code is 1 if any failed.
     """
     data = options.build(DataSettings, values)
     predict_settings = options.build(PredictSettings, values)
     runtime = options.build(RuntimeSettings, values)
-    if not images and not data.given:
-        raise click.UsageError("give IMAGES (files or folders) or a dataset (--data/--category or --good)")
-    from ..apps.predict import predict
+    engine = options.build(EngineSettings, values)
+    if not inputs and not data.given:
+        raise click.UsageError("give IMAGES (files, folders, patterns or manifests) or a dataset (--data/--category or --good)")
     from ..data.layouts import open_dataset
+    from ..pipeline.folders import RunFolder
 
-    sources = list(images) + ([str(r.path) for r in open_dataset(data, "test").records] if data.given else [])
-    results = predict(run, sources, out, threshold=predict_settings.threshold, **runtime.to_dict())
-    failed = [r for r in results if r.error]
-    defective = sum(r.decision == "defective" for r in results)
-    click.echo(f"{len(results) - len(failed)} images scored, {defective} defective, {len(failed)} failed; {out}/results.csv")
+    sources = list(inputs) + ([str(r.path) for r in open_dataset(data, "test").records] if data.given else [])
+    if engine.engine == RAY:
+        from ..distributed.batch import predict_on_ray
+
+        tally = predict_on_ray(run, sources, out, predict_settings.threshold, predict_settings.images, engine, **runtime.to_dict())
+        scored, defective, failed, results = tally.scored, tally.defective, tally.failed, RunFolder.RESULTS_PARQUET
+    else:
+        from ..apps.predict import predict
+
+        rows = predict(run, sources, out, predict_settings.threshold, predict_settings.images, **runtime.to_dict())
+        failed = sum(bool(r.error) for r in rows)
+        scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), RunFolder.RESULTS
+    click.echo(f"{scored} images scored, {defective} defective, {failed} failed; {out}/{results}")
     if failed:
         sys.exit(1)
 

@@ -1,6 +1,7 @@
 """``anomatune predict``: score image files with a run; a CSV row, an overlay and a mask per image.
 
-Images stream through in batches (memory stays bounded on any folder size); a file that
+This is the local engine (one process); ``anomatune.distributed.batch`` runs the same
+:func:`score_paths` in a Ray actor pool. Images stream through in batches (memory stays bounded on any folder size); a file that
 cannot be read is a row with its error while the rest are scored. The output folder is
 written as one set (staged, then swapped in), so a second prediction into the same
 folder replaces the first entirely. Overlays and masks are drawn at each image's own size.
@@ -18,7 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
+from ..data.images import read_image
+from ..data.sources import expand_sources
 from ..errors import AnomatuneError, DataError
 from ..evaluation.plots import heat_overlay
 from ..pipeline.folders import RunFolder
@@ -26,87 +28,97 @@ from ..pipeline.pipeline import Pipeline, check_threshold
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "decision", "threshold", "overlay", "mask", "error")
+COLUMNS = ("path", "score", "decision", "threshold", "model", "overlay", "mask", "error")
 
 
 @dataclass
 class PredictionRow:
-    """One line of ``results.csv``."""
+    """One line of ``results.csv`` (one row of ``results.parquet``): a score and decision, or an error."""
 
     path: str
+    threshold: float
+    model: str | None
     score: float | None = None
     decision: str | None = None
     overlay: str | None = None
     mask: str | None = None
     error: str | None = None
 
-
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images; a missing path is an error up front."""
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += list_images(item, recursive=True)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise DataError(f"{item} does not exist: pass image files or folders of images")
-    if not paths:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
-    return paths
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in COLUMNS}
 
 
-def _unique_name(path: Path, taken: set[str]) -> str:
-    name, n = path.stem, 1
-    while name in taken:
-        name, n = f"{path.stem}_{n}", n + 1
-    taken.add(name)
-    return name
-
-
-def predict_rows(pipeline: Pipeline, paths: Sequence[Path], stage: RunFolder, threshold: float) -> Iterator[PredictionRow]:
-    """A row per path, in order, batch by batch; overlay and mask PNGs written into ``stage``."""
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """A file name (without suffix) per path for its overlay and mask: the stem, numbered when taken."""
     taken: set[str] = set()
+    names = []
+    for path in paths:
+        name, n = path.stem, 1
+        while name in taken:
+            name, n = f"{path.stem}_{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def score_paths(pipeline: Pipeline, paths: Sequence[Path], names: Sequence[str], threshold: float,
+                images: RunFolder | None) -> list[PredictionRow]:
+    """A row per path, in order (one forward pass); overlay and mask PNGs named ``names`` written into ``images`` when given.
+
+    A file that cannot be read is a row with its error; the others are scored.
+    """
+    model = getattr(pipeline, "model_id_", None)
+    rows: list[PredictionRow] = [PredictionRow(str(path), threshold, model) for path in paths]  # by position: a file given twice gets two rows
+    readable = []
+    for row, path, name in zip(rows, paths, names):
+        try:
+            readable.append((row, name, read_image(path)))
+        except DataError as exc:
+            log.error("%s", exc)
+            row.decision, row.error = "error", str(exc)
+    if not readable:
+        return rows
     low = pipeline.fit_record_.good_map_median
-    for start in range(0, len(paths), pipeline.runtime.batch_size):
-        chunk = paths[start : start + pipeline.runtime.batch_size]
-        rows: list[PredictionRow | None] = [None] * len(chunk)  # by position: a file given twice gets two rows
-        readable = []
-        for i, path in enumerate(chunk):
-            try:
-                readable.append((i, path, read_image(path)))
-            except DataError as exc:
-                log.error("%s", exc)
-                rows[i] = PredictionRow(str(path), error=str(exc))
-        if readable:
-            predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
-            for (i, path, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
-                                                                   predictions.maps, predictions.masks):
-                name = _unique_name(path, taken)
-                row = PredictionRow(str(path), float(score), "defective" if label else "good",
-                                    f"{RunFolder.OVERLAYS}/{name}.png", f"{RunFolder.MASKS}/{name}.png")
-                overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
-                stage.write_image(row.overlay, Image.fromarray(overlay))
-                stage.write_image(row.mask, Image.fromarray((mask * 255).astype(np.uint8), "L"))
-                rows[i] = row
-        yield from rows
+    predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
+    for (row, name, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
+                                                            predictions.maps, predictions.masks):
+        row.score, row.decision = float(score), "defective" if label else "good"
+        if images is not None:
+            row.overlay, row.mask = f"{RunFolder.OVERLAYS}/{name}.png", f"{RunFolder.MASKS}/{name}.png"
+            overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
+            images.write_image(row.overlay, Image.fromarray(overlay))
+            images.write_image(row.mask, Image.fromarray((mask * 255).astype(np.uint8), "L"))
+    return rows
 
 
-def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
-            **runtime) -> list[PredictionRow]:
-    """Score every image of ``inputs`` (files or folders) with the run; write ``results.csv``,
-    ``overlays/`` and ``masks/`` into ``out`` as one set. ``runtime``: ``device``, ``batch_size``."""
+def predict_rows(pipeline: Pipeline, paths: Sequence[Path], threshold: float, images: RunFolder | None) -> Iterator[PredictionRow]:
+    """A row per path, in order, batch by batch (memory stays bounded on any number of paths)."""
+    names, size = unique_names(paths), pipeline.runtime.batch_size
+    for start in range(0, len(paths), size):
+        yield from score_paths(pipeline, paths[start : start + size], names[start : start + size], threshold, images)
+
+
+def load_for_predict(run_dir: str | Path, threshold: float | None, **runtime) -> tuple[Pipeline, float]:
+    """The run's pipeline and the threshold to decide with (the given one, else the learnt one)."""
     pipeline = Pipeline.load(run_dir, **runtime)
     threshold = pipeline.threshold if threshold is None else check_threshold(threshold)
     if threshold is None:
         raise AnomatuneError("this run learnt no threshold (fitted with threshold_holdout=0 or too few images): pass --threshold")
-    paths = collect_images(inputs)
+    return pipeline, threshold
+
+
+def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
+            images: bool = True, **runtime) -> list[PredictionRow]:
+    """Score every image of ``inputs`` (files, folders, globs, manifests) with the run in this process;
+    write ``results.csv`` (and ``overlays/``, ``masks/`` when ``images``) into ``out`` as one set.
+    ``runtime``: ``device``, ``batch_size``."""
+    pipeline, threshold = load_for_predict(run_dir, threshold, **runtime)
+    paths = expand_sources(inputs)
     results = []
     with RunFolder(out).staged("predictions") as stage, stage.open_text(RunFolder.RESULTS) as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
-        for row in tqdm(predict_rows(pipeline, paths, stage, threshold), total=len(paths), desc="predict"):
-            writer.writerow([row.path, "" if row.score is None else f"{row.score:.6g}", row.decision or "error",
-                             f"{threshold:.6g}", row.overlay or "", row.mask or "", row.error or ""])
+        for row in tqdm(predict_rows(pipeline, paths, threshold, stage if images else None), total=len(paths), desc="predict"):
+            writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row.to_dict().values()])
             results.append(row)
     return results

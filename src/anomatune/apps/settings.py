@@ -12,6 +12,7 @@ from ..schema import Settings, setting
 class PredictSettings(Settings):
     section = "predict"
     threshold: float | None = setting(None, "Decision threshold on the image score; default: the one the run learnt from held-out good images.")
+    images: bool = setting(True, "Write each image's heatmap overlay and defect mask (PNG) beside the results.")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Three layouts: your own folders (``--good``, with ``--defect`` / ``--masks`` /
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -42,11 +43,30 @@ def detect_layout(settings: DataSettings) -> tuple[str, DataSettings]:
         raise DataError(f"{root / settings.category} has no train/ folder and {root} no {VisA.SPLIT_CSV}: {LAYOUT_HELP}")
     if (root / "train").is_dir():
         return "mvtec", settings.updated(data=str(root.parent), category=root.name)
-    categories = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    categories = mvtec_categories(root)
     if visa or categories:
         names = categories if categories else "the objects in " + str(root / VisA.SPLIT_CSV)
         raise DataError(f"{root} holds several categories: pass --category (one of {', '.join(names) if categories else names})")
     raise DataError(f"{root} is in no known layout: {LAYOUT_HELP}")
+
+
+def mvtec_categories(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+
+
+def list_categories(settings: DataSettings) -> list[str]:
+    """Every category of the dataset root ``--data`` (MVTec AD: the folders with a train/; VisA: the csv's objects)."""
+    if not settings.data or not Path(settings.data).is_dir():
+        raise DataError(f"--category all needs --data ROOT, a dataset root holding categories (got {settings.data or 'none'})")
+    root = Path(settings.data)
+    if (root / VisA.SPLIT_CSV).is_file():
+        with open(root / VisA.SPLIT_CSV, newline="", encoding="utf-8") as f:
+            found = sorted({row.get("object", "") for row in csv.DictReader(f)} - {""})
+    else:
+        found = mvtec_categories(root)
+    if not found:
+        raise DataError(f"{root} holds no categories (folders with a train/ subfolder, or {VisA.SPLIT_CSV}): {LAYOUT_HELP}")
+    return found
 
 
 def open_dataset(settings: DataSettings | None = None, split: str = "train", image_size=DEFAULT_IMAGE_SIZE, **changes) -> AnomalyDataset:

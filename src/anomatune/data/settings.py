@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ..schema import Settings, setting
 
+ALL_CATEGORIES = "all"  # --category all: every category of the root
+
 
 @dataclass(frozen=True)
 class DataSettings(Settings):
@@ -17,7 +19,8 @@ class DataSettings(Settings):
     section = "data"
     data: str | None = setting(None, "Dataset root: an MVTec AD root (with --category), one MVTec AD category folder, "
                                      "or a VisA root holding split_csv/1cls.csv (with --category).", metavar="DIR")
-    category: str | None = setting(None, "Category under --data, e.g. transistor.")
+    category: str | None = setting(None, "Category under --data, e.g. transistor; 'all': every category, each in its own "
+                                         "folder under --out, then a summary table (fit, finetune, evaluate).")
     good: str | None = setting(None, "Your own folder of good images (instead of --data).", metavar="DIR")
     good_test: str | None = setting(None, "Folder of good test images for --good; default: a --test-split share of --good.", metavar="DIR")
     defect: tuple[str, ...] = setting((), "Folder of defective test images for --good (repeat for several; the folder name is the defect type).", metavar="DIR")
@@ -32,7 +35,7 @@ class DataSettings(Settings):
             return ["pass either --good (your own folders) or --data (a dataset root), not both"]
         if not self.good and (self.good_test or self.defect or self.masks):
             return ["--good-test, --defect and --masks go with --good"]
-        if self.category and not self.data:
+        if self.category and not self.data and self.category != ALL_CATEGORIES:  # evaluate RUNS --category all: each run's own data
             return ["--category goes with --data"]
         return []
 

@@ -7,7 +7,8 @@ Three kinds of folder, told apart by the file that marks them:
   curves, gallery), ``report.html`` and exported models beside them;
 - a **fine-tuning** (``anomatune finetune``): ``checkpoint.pt`` while it trains, then
   ``backbone.safetensors``, ``finetune.yaml``, ``diagnostics.json`` and figures;
-- **predictions** (``anomatune predict --out``): ``results.csv``, ``overlays/``, ``masks/``.
+- **predictions** (``anomatune predict --out``): ``results.csv`` (``results.parquet/`` with
+  ``--engine ray``), ``overlays/``, ``masks/``.
 
 Every file is written atomically (a temporary file in the same folder, then a rename).
 A run, an evaluation and a set of predictions are each written as one set: staged in a
@@ -20,6 +21,7 @@ a second command writing the same folder stops with one line instead of mixing f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -124,10 +126,11 @@ class RunFolder:
     DRY_RUN_FIGURE = "dry_run_weights.png"
     # predictions
     RESULTS = "results.csv"
+    RESULTS_PARQUET = "results.parquet"  # a folder of Parquet files (predict --engine ray)
     OVERLAYS = "overlays"
     MASKS = "masks"
 
-    KINDS = {"run": (CONFIG,), "finetune": (FINETUNE, CHECKPOINT, DRY_RUN), "evaluation": (METRICS,), "predictions": (RESULTS,)}
+    KINDS = {"run": (CONFIG,), "finetune": (FINETUNE, CHECKPOINT, DRY_RUN), "evaluation": (METRICS,), "predictions": (RESULTS, RESULTS_PARQUET)}
     COMMANDS = {"run": "anomatune fit", "finetune": "anomatune finetune", "evaluation": "anomatune evaluate",
                 "predictions": "anomatune predict"}
 
@@ -152,7 +155,7 @@ class RunFolder:
                 return "foreign"
             return None
         for kind, markers in self.KINDS.items():
-            if any((self.path / m).is_file() for m in markers):
+            if any((self.path / m).exists() for m in markers):
                 return kind
         return "foreign" if any(not _ours(p.name) for p in self.path.iterdir()) else None
 
@@ -295,6 +298,15 @@ class RunFolder:
         return path
 
     # -- reading ---------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """``<folder name>@<12 hex digits>``: the SHA-256 of a run's files, the model id in predictions and logs."""
+        digest = hashlib.sha256()
+        for name in (self.CONFIG, self.DETECTOR, self.PROJECTION):
+            path = self.path / name
+            if path.is_file():
+                digest.update(name.encode() + b"\0" + path.read_bytes())
+        return f"{self.path.resolve().name}@{digest.hexdigest()[:12]}"
 
     def _read(self, name: str, parse: Callable[[Path], Any], errors: tuple, what: str, advice: str = "") -> Any:
         """``parse(path)``; a missing file, or one ``parse`` fails on, is one line saying what to do."""

@@ -94,7 +94,8 @@ class Pipeline:
             ``device`` and ``batch_size`` (:class:`RuntimeSettings`).
 
     Fitted attributes: ``extractor_``, ``detector_``, ``postprocessor_``, ``fit_record_``
-    (input size, threshold, ...) and ``data_`` (the data settings of the training set).
+    (input size, threshold, ...), ``data_`` (the data settings of the training set) and,
+    once saved or loaded, ``model_id_`` (the run folder's name and files' hash).
     """
 
     def __init__(self, settings: PipelineSettings | None = None, **changes: Any):
@@ -156,7 +157,7 @@ class Pipeline:
         s = self.settings
         device = self.device
         start = time.perf_counter()
-        for name in ("fit_record_", "extractor_", "detector_", "postprocessor_", "data_"):  # a failed fit leaves it unfitted
+        for name in ("fit_record_", "extractor_", "detector_", "postprocessor_", "data_", "model_id_"):  # a failed fit leaves it unfitted
             self.__dict__.pop(name, None)
         weights = s.features.backbone_weights
         if weights not in (None, RANDOM):  # a run finds its weights wherever it is loaded from
@@ -256,6 +257,7 @@ class Pipeline:
             if self.extractor_.proj_dim is not None:
                 stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
             stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
+        self.model_id_ = run.fingerprint()
         return run
 
     @classmethod
@@ -276,6 +278,7 @@ class Pipeline:
         pipeline.extractor_, pipeline.detector_ = extractor, detector
         pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size)
         pipeline.fit_record_, pipeline.data_ = fitted, config.data
+        pipeline.model_id_ = run.fingerprint()
         return pipeline
 
 

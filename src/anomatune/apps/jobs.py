@@ -1,0 +1,198 @@
+"""The work of fit, finetune and evaluate for one category, and for every category at once.
+
+A :class:`Job` is one command with its settings, for one category of a dataset root
+(picklable, so that Ray can ship it). ``--category all`` runs a job per category, in this
+process one after the other (``--engine local``) or as one Ray task each
+(``--engine ray``), each writing its own folder ``ROOT/<category>``; then one summary
+table of the categories, ``ROOT/summary.md`` and ``ROOT/summary.csv``, with the mean
+of every metric over the categories that succeeded. A category that fails is a row with
+its error: it never stops the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..allocator import tune_allocator
+from ..data.settings import DataSettings
+from ..distributed.settings import RAY, EngineSettings
+from ..errors import AnomatuneError
+from ..finetune.settings import FinetuneSettings
+from ..pipeline.folders import RunFolder
+from ..pipeline.settings import PipelineSettings, RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"
+SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "kept_step", "fallback")  # what the table shows
+
+
+def fit(data: DataSettings, out: Path, settings: PipelineSettings, runtime: RuntimeSettings, evaluate: bool = False,
+        figures: bool = True) -> dict:
+    """Fit and save a run in ``out`` (and evaluate it in the same process with ``evaluate``)."""
+    from ..data.layouts import open_dataset
+    from ..pipeline.pipeline import Pipeline
+
+    with RunFolder(out).claim("run"):  # a second command on --out stops now, not after the fit
+        pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
+        pipeline.save(out)
+    result = {"run": str(out), "fit_seconds": pipeline.fit_record_.fit_seconds}
+    if evaluate:
+        from ..evaluation.evaluate import evaluate as evaluate_run
+
+        result.update(evaluate_run(out, figures=figures, pipeline=pipeline))
+    return result
+
+
+def finetune(data: DataSettings, out: Path, settings: FinetuneSettings, runtime: RuntimeSettings, negatives: str | None = None,
+             validation_negatives: str | None = None, resume: bool = False) -> dict:
+    """Fine-tune a backbone into ``out``; the report of :meth:`Finetuner.run`."""
+    from ..data.layouts import open_dataset
+    from ..finetune.loop import Finetuner
+
+    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
+    return {"out": str(out), **tuner.run(resume=resume)}
+
+
+def evaluate(data: DataSettings | None, out: Path, runtime: RuntimeSettings, figures: bool = True) -> dict:
+    """Evaluate the run in ``out`` on its own test split (or ``data``'s)."""
+    from ..evaluation.evaluate import evaluate as evaluate_run
+
+    return evaluate_run(out, data, figures=figures, **runtime.to_dict())
+
+
+COMMANDS = {"fit": fit, "finetune": finetune, "evaluate": evaluate}
+
+
+@dataclass(frozen=True)
+class Job:
+    """``command`` for each category of a root: ``ROOT/<category>`` is its folder (``--out``, or the run of evaluate).
+
+    ``data`` is ``None`` for an evaluate that uses each run's own data.
+    """
+
+    command: str
+    root: str
+    data: DataSettings | None
+    runtime: RuntimeSettings
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def categories(self) -> list[str]:
+        """The data root's categories (fit, finetune), or the runs under the root (evaluate without --data)."""
+        from ..data.layouts import list_categories
+
+        if self.data is not None:
+            return list_categories(self.data)
+        runs = sorted(p.name for p in Path(self.root).iterdir() if RunFolder(p).kind == "run") if Path(self.root).is_dir() else []
+        if not runs:
+            raise AnomatuneError(f"{self.root} holds no run folders: pass the --out of 'anomatune fit --category all'")
+        return runs
+
+    def __call__(self, category: str, device: str | None = None) -> dict:
+        """Run the command for one category (``device`` overrides the runtime's: a Ray worker's GPU)."""
+        options = dict(self.options)
+        settings = options.get("settings")
+        if self.command == "fit" and settings is not None:
+            options["settings"] = with_category_weights(settings, category)
+        runtime = self.runtime if device is None else self.runtime.updated(device=device)
+        data = None if self.data is None else self.data.updated(category=category)
+        return COMMANDS[self.command](data, Path(self.root) / category, runtime=runtime, **options)
+
+
+def with_category_weights(settings: PipelineSettings, category: str) -> PipelineSettings:
+    """``--backbone-weights ROOT``, the ``--out`` of a ``finetune --category all``, means ``ROOT/<category>``."""
+    weights = settings.features.backbone_weights
+    if not weights or RunFolder(weights).kind == "finetune" or not Path(weights).is_dir():
+        return settings
+    folder = Path(weights) / category
+    return settings.updated(backbone_weights=str(folder)) if RunFolder(folder).kind == "finetune" else settings
+
+
+def attempt(job: Job, category: str, device: str | None = None) -> dict:
+    """One row of the summary: the category's results, or its error in one line (never raised)."""
+    tune_allocator()  # a Ray worker is a fresh process
+    start = time.perf_counter()
+    try:
+        result = job(category, device)
+        row = {"category": category, "status": "ok", **result}
+    except Exception as exc:  # a failing category is reported, the others go on
+        log.debug("%s failed", category, exc_info=True)
+        message = str(exc) if isinstance(exc, AnomatuneError) else f"{type(exc).__name__}: {exc}"
+        row = {"category": category, "status": "failed", "error": " ".join(message.split())[:500]}
+        log.error("%s: %s", category, row["error"])
+    return {**row, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_categories(job: Job, engine: EngineSettings, categories: Sequence[str] | None = None) -> list[dict]:
+    """The job for every category (``categories``, default all of them), then the summary table in ``job.root``."""
+    categories = list(categories or job.categories())
+    log.info("%s on %d categories: %s", job.command, len(categories), ", ".join(categories))
+    rows = _on_ray(job, categories, engine) if engine.engine == RAY else [attempt(job, c) for c in categories]
+    write_summary(Path(job.root), rows)
+    return rows
+
+
+def _on_ray(job: Job, categories: list[str], engine: EngineSettings) -> list[dict]:
+    """One Ray task per category, at most ``engine.workers`` at once; a worker lost for good is a failed row."""
+    from tqdm.auto import tqdm
+
+    from ..distributed.cluster import connect, plan_workers
+
+    ray = connect(engine.address)
+    plan = plan_workers(ray, engine.workers, job.runtime.device, cpus_per_worker=2)
+    task = ray.remote(attempt).options(max_retries=1, **plan.ray_args)
+    log.info("%d categories on Ray: %d at once, %g CPU%s each", len(categories), plan.workers, plan.cpus,
+             ", 1 GPU" if plan.device == "cuda" else "")
+    pending = {task.remote(job, c, plan.device): c for c in categories}
+    rows = {}
+    with tqdm(total=len(categories), desc=job.command) as bar:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            category = pending.pop(ref)
+            try:
+                rows[category] = ray.get(ref)
+            except Exception as exc:  # the worker died more times than Ray retries
+                rows[category] = {"category": category, "status": "failed", "error": " ".join(str(exc).split())[:500]}
+            bar.update()
+    return [rows[c] for c in categories]
+
+
+def summary_columns(rows: Sequence[dict]) -> list[str]:
+    shown = [k for k in SUMMARY_KEYS if any(k in r for r in rows)]
+    return ["category", "status", *shown, "seconds", "error"]
+
+
+def _mean_row(rows: Sequence[dict], columns: Sequence[str]) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    mean = {"category": "mean", "status": f"{len(ok)}/{len(rows)} ok"}
+    for key in columns[2:-1]:
+        values = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if values and len(values) == len(ok):
+            mean[key] = round(sum(values) / len(values), 4)
+    return mean
+
+
+def write_summary(root: Path, rows: Sequence[dict]) -> None:
+    """``summary.md`` and ``summary.csv``: a row per category, then the mean over those that succeeded."""
+    columns = summary_columns(rows)
+    table = [*rows, _mean_row(rows, columns)]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(table)
+
+    def cell(value) -> str:
+        return "" if value is None else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in table]
+    folder = RunFolder(root)
+    folder.write_text(SUMMARY_CSV, text.getvalue())
+    folder.write_text(SUMMARY_MD, "\n".join(lines) + "\n")
+    log.info("summary of %d categories in %s and %s", len(rows), root / SUMMARY_MD, SUMMARY_CSV)

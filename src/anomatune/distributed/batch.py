@@ -1,0 +1,101 @@
+"""``predict --engine ray``: batch scoring on Ray Data.
+
+The driver expands the inputs (the same :func:`expand_sources` as the local engine) into a
+table of paths; Ray Data streams it through ``map_batches`` in an actor pool, where each
+:class:`BatchScorer` loads the run once and runs the local engine's :func:`score_paths` on
+its batches; the rows stream out to Parquet. A file that cannot be read is a row with its
+error. A worker that dies is restarted by Ray and its batch retried, so the output holds
+every input exactly once (tested by killing an actor mid-run). Overlays and masks are
+written by the workers straight into the output folder, which must therefore be on a
+filesystem every node sees when the cluster has several machines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..allocator import tune_allocator
+from ..apps.predict import COLUMNS, load_for_predict, score_paths, unique_names
+from ..data.sources import expand_sources
+from ..pipeline.folders import RunFolder
+from .cluster import connect, plan_workers
+from .settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+BATCHES_PER_BLOCK = 4  # a block of paths is a few batches: small enough to spread over the actors
+
+
+def results_schema():
+    import pyarrow as pa
+
+    text, number = pa.string(), pa.float64()
+    kinds = {"score": number, "threshold": number}
+    return pa.schema([("index", pa.int64())] + [(name, kinds.get(name, text)) for name in COLUMNS])
+
+
+class BatchScorer:
+    """A Ray Data actor: loads the run once, then turns batches of paths into result rows."""
+
+    def __init__(self, run_dir: str, threshold: float, images_dir: str | None, device: str, batch_size: int):
+        tune_allocator()
+        self.pipeline, self.threshold = load_for_predict(run_dir, threshold, device=device, batch_size=batch_size)
+        self.images = RunFolder(images_dir) if images_dir else None
+        self.schema = results_schema()
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        paths = [Path(p) for p in batch["path"].to_pylist()]
+        rows = score_paths(self.pipeline, paths, batch["name"].to_pylist(), self.threshold, self.images)
+        records = [{"index": index, **row.to_dict()} for index, row in zip(batch["index"].to_pylist(), rows)]
+        return pa.Table.from_pylist(records, schema=self.schema)
+
+
+def scored_dataset(run_dir: str | Path, paths: Sequence[Path], threshold: float, images_dir: str | Path | None = None,
+                   workers: int | None = None, device: str = "auto", batch_size: int = 8, scorer: type = BatchScorer):
+    """The lazy Ray Dataset of result rows (``index`` = position in ``paths``); nothing runs until it is consumed."""
+    import pyarrow as pa
+    import ray.data
+
+    plan = plan_workers(connect(), workers, device)
+    table = pa.table({"index": list(range(len(paths))), "path": [str(p) for p in paths], "name": unique_names(paths)})
+    block = batch_size * BATCHES_PER_BLOCK
+    blocks = [table.slice(start, block) for start in range(0, len(table), block)]
+    log.info("scoring %d images with %d Ray workers (%g CPU%s each)", len(paths), plan.workers, plan.cpus,
+             ", 1 GPU" if plan.device == "cuda" else "")
+    return ray.data.from_arrow(blocks).map_batches(
+        scorer, fn_constructor_args=(str(run_dir), threshold, None if images_dir is None else str(images_dir), plan.device,
+                                     batch_size),
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.workers),
+        **plan.ray_args)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What a prediction found: images scored, of them defective, and files that failed."""
+
+    scored: int
+    defective: int
+    failed: int
+
+
+def predict_on_ray(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
+                   images: bool = True, engine: EngineSettings | None = None, device: str = "auto", batch_size: int = 8) -> Tally:
+    """Score every image of ``inputs`` on Ray: ``out/results.parquet/`` (and ``overlays/``, ``masks/``), written as one set."""
+    import pyarrow.parquet as pq
+
+    engine = engine or EngineSettings(engine="ray")
+    _, threshold = load_for_predict(run_dir, threshold, device="cpu")  # a bad run or threshold stops here, before any worker
+    paths = expand_sources(inputs)
+    connect(engine.address)
+    with RunFolder(out).staged("predictions") as stage:
+        results = stage / RunFolder.RESULTS_PARQUET
+        scored_dataset(run_dir, paths, threshold, stage.path if images else None, engine.workers, device,
+                       batch_size).write_parquet(str(results))
+        decisions = Counter(pq.read_table(results, columns=["decision"]).column("decision").to_pylist())
+    return Tally(decisions["good"] + decisions["defective"], decisions["defective"], decisions["error"])
