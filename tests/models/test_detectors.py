@@ -113,6 +113,36 @@ def test_patchcore_coreset_and_reweighting():
     assert full.anomaly_map(train).max() < 5e-3  # every patch is in the bank (sqrt of rounding error)
 
 
+def test_padim_streamed_fit_is_each_positions_sample_gaussian():
+    train = _features(n=12) * 10 + 50  # far from zero: the running sums must stay accurate
+    padim = PaDiM(ridge=0.01).fit_batches(iter(torch.split(train, 5)), n_images=12)
+    x = train.flatten(2).permute(2, 0, 1).double()  # (P, N, D)
+    for p in (0, 7, 15):
+        cov = torch.cov(x[p].T) + 0.01 * torch.eye(train.shape[1], dtype=torch.float64)
+        prec = torch.linalg.inv(cov)
+        assert torch.allclose(padim.means_[p].double(), x[p].mean(0), atol=1e-4)
+        chol = padim.prec_chol_[p].double()
+        assert torch.allclose(chol @ chol.T, prec, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(PaDiM(ridge=0.01).fit(train).prec_chol_, padim.prec_chol_, atol=1e-5)
+
+
+def test_patchcore_streamed_fit_keeps_a_bounded_sample_and_equals_the_in_memory_fit():
+    train = _features(n=10)  # 160 patches
+    batches = list(torch.split(train, 3))
+    whole = PatchCore(coreset_ratio=0.5, max_patches=50).fit(train)
+    streamed = PatchCore(coreset_ratio=0.5, max_patches=50).fit_batches(iter(batches), n_images=10)
+    assert len(whole.memory_bank_) == len(streamed.memory_bank_) == 25  # half of the 50 kept, not of the 160
+    assert torch.equal(whole.memory_bank_, streamed.memory_bank_)
+    assert tuple(streamed.grid_.tolist()) == (4, 4) and int(streamed.n_features_) == train.shape[1]
+    bank_rows = {tuple(r.tolist()) for r in streamed.memory_bank_}
+    assert bank_rows <= {tuple(r.tolist()) for r in train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])}
+    unbounded = PatchCore(coreset_ratio=0.5, max_patches=None).fit_batches(iter(batches), n_images=10)
+    assert torch.equal(unbounded.memory_bank_, PatchCore(coreset_ratio=0.5, max_patches=None).fit(train).memory_bank_)
+    assert len(unbounded.memory_bank_) == 80
+    with pytest.raises(AnomatuneError, match="no features"):
+        PatchCore().fit_batches(iter([]), n_images=0)
+
+
 def test_errors_are_explained():
     with pytest.raises(SettingsError, match="unknown detector 'svm'"):
         create_detector("svm")

@@ -163,6 +163,8 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
     """Fine-tune the backbone on good images, guided by a density model (the paper's method).
 
     Then refit any detector on the fine-tuned features: anomatune fit --backbone-weights OUT ...
+    On several GPUs (or CPU processes), --mode backbone runs under torchrun: torchrun --nproc_per_node N
+    $(which anomatune) finetune ... (the same global batch, split between the processes).
     With --category all: a fine-tuning per category of --data in OUT/<category>, and OUT/summary.md;
     'fit --category all --backbone-weights OUT' then uses each category's own.
     """
@@ -188,6 +190,8 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
     from ..finetune import diagnostics
 
     report = finetune(data, Path(out), runtime=runtime, **job.options)
+    if report.get("rank"):  # under torchrun, rank 0 speaks for every process
+        return
     click.echo(diagnostics.describe(report["end"]))
     if report["fallback"]:
         click.echo(f"no checkpoint beat the frozen backbone on validation: {out} holds the frozen backbone (fallback)")

@@ -13,7 +13,7 @@ frozen in training mode by default (small batches would otherwise wreck them).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,21 +153,24 @@ class FeatureExtractor(nn.Module):
         return self.project(self.raw_features(x))
 
     @torch.no_grad()
-    def extract(self, batches: Iterable, desc: str = "features", raw: bool = False, adapt: bool = True) -> torch.Tensor:
-        """Features of every batch (image tensors or dataset dicts), gathered on the CPU.
+    def stream(self, batches: Iterable, desc: str = "features", raw: bool = False, adapt: bool = True) -> Iterator[torch.Tensor]:
+        """Features of each batch (image tensors or dataset dicts) in turn, on the CPU, under one progress bar.
 
         The one batched loop of fitting, the fine-tuning's set-up and its diagnostics;
-        ``raw`` skips the projection, ``adapt=False`` (with ``raw``) the adaptor too. One progress bar.
+        ``raw`` skips the projection, ``adapt=False`` (with ``raw``) the adaptor too.
         """
         device = self.mean.device
-        outputs = []
         for batch in tqdm(batches, desc=desc, leave=False):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device)
             if raw:
                 features = self.raw_features(images) if adapt else self.stage_features(images)
             else:
                 features = self(images)
-            outputs.append(features.cpu())
+            yield features.cpu()
+
+    def extract(self, batches: Iterable, desc: str = "features", raw: bool = False, adapt: bool = True) -> torch.Tensor:
+        """Features of every batch gathered in one tensor (see :meth:`stream`)."""
+        outputs = list(self.stream(batches, desc, raw, adapt))
         if not outputs:
             raise AnomatuneError("no images to extract features from")
         return torch.cat(outputs)

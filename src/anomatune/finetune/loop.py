@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from ..models.registry import DETECTORS, create_detector
 from ..pipeline.folders import RunFolder, resolve_weights
 from ..pipeline.settings import RuntimeSettings
 from . import diagnostics
+from .ddp import Ranks, StageFeatures
 from .loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
 from .negatives import NegativeSampler, patch_mask
 from .settings import FinetuneSettings
@@ -102,7 +104,11 @@ class Finetuner:
         needs_photos = {"photos", "pasted"} & set(s.negative_kinds)
         if needs_photos and negatives is None:
             raise AnomatuneError(f"negative_mode {s.negative_mode} needs a folder of natural photos: pass --negatives DIR")
-        self.folder, self.device = RunFolder(out), resolve_device(RuntimeSettings().updated(**runtime).device)
+        device = resolve_device(RuntimeSettings().updated(**runtime).device)
+        self.ranks = Ranks.from_env(device)  # one process, or torchrun's (see .ddp)
+        if self.ranks.world > 1 and s.mode != "backbone":
+            raise AnomatuneError("torchrun fine-tunes the whole backbone (--mode backbone); an adaptor trains on one process")
+        self.folder, self.device = RunFolder(out), self.ranks.local_device(device)
         self.size = train.size_for(s.features.image_size)
         self.data = {"train": train.source.to_dict() if train.source else train.name,
                      "negatives": None if negatives is None else str(Path(negatives).resolve()),
@@ -128,6 +134,7 @@ class Finetuner:
         if s.trust and s.mode == "backbone":
             self.frozen = copy.deepcopy(self.extractor).eval().requires_grad_(False)
         self.weights_id = self.extractor.weights_id
+        self.forward_stage: torch.nn.Module = StageFeatures(self.extractor)  # under DDP once the optimizer knows what trains
         self.generator = torch.Generator().manual_seed(s.seed)
         n_diag = min(s.diag_images, len(self.good))
         self.diag_good = self.good[torch.linspace(0, len(self.good) - 1, n_diag).long()]
@@ -234,11 +241,13 @@ class Finetuner:
             stage = torch.cat([good, self.cache["negatives"][picks]]).to(self.device)
             return stage, self.cache["negative_masks"][picks], stage[: s.batch_pos]
         positives = _flip(self.good[torch.randint(len(self.good), (s.batch_pos,), generator=g)], s.flip, g)
-        negatives, masks = self.sampler.sample(n_images, g)
+        negatives, masks = self.sampler.sample(n_images, g)  # the global batch; this process computes its share
+        mine = self.ranks.share(n_images)
+        positives, negatives, masks = positives[self.ranks.share(s.batch_pos)], negatives[mine], masks[mine]
         self.extractor.train()
         amp = s.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            stage = self.extractor.stage_features(torch.cat([positives, negatives]).to(self.device)).float()
+            stage = self.forward_stage(torch.cat([positives, negatives]).to(self.device)).float()
             frozen = None
             if self.frozen is not None:
                 with torch.no_grad():
@@ -246,47 +255,64 @@ class Finetuner:
         return stage, masks, frozen
 
     def step(self, optimizer: torch.optim.Optimizer) -> dict:
-        """One optimisation step; returns its record (loss terms and mean gradient weights)."""
-        s, g = self.settings, self.generator
+        """One optimisation step; returns its record (loss terms and mean gradient weights).
+
+        Under torchrun every sum below is this process's share and every count the global
+        one (see :mod:`.ddp`); on one process the shares are the whole batch.
+        """
+        s, g, ranks = self.settings, self.generator, self.ranks
         stage, masks, frozen = self.stage_batch()
         raw = self.extractor.adapt(stage)
         features = self.extractor.project(raw)
+        mine = ranks.share(s.batch_pos)
         b, _, h, w = features.shape
-        n_pos = s.batch_pos * h * w
+        n_pos = (mine.stop - mine.start) * h * w
         u = flatten_patches(features)
         positions = torch.arange(h * w, device=self.device).repeat(b)
         inside = n_pos + torch.nonzero(patch_mask(masks, (h, w))).flatten().to(self.device)
         u_neg, neg_positions = u[inside], positions[inside]
         if self.n_noise:  # good patches moved along the guide space's low-variance directions
             source = torch.randint(s.batch_pos, (self.n_noise,), generator=g)
-            noisy = u[:n_pos].view(s.batch_pos, h * w, -1)[source].flatten(0, 1)
-            noise = torch.randn(len(noisy), self.noise_basis.shape[1], generator=g).to(self.device) @ self.noise_basis.T
+            noise = torch.randn(self.n_noise * h * w, self.noise_basis.shape[1], generator=g).view(self.n_noise, h * w, -1)
+            local = (source >= mine.start) & (source < mine.stop)  # the noise negatives of this process's good images
+            noisy = u[:n_pos].view(mine.stop - mine.start, h * w, -1)[source[local] - mine.start].flatten(0, 1)
+            noise = noise[local].flatten(0, 1).to(self.device) @ self.noise_basis.T
             u_neg = torch.cat([u_neg, noisy + s.noise_scale * noise])
-            neg_positions = torch.cat([neg_positions, positions[:h * w].repeat(self.n_noise)])
-        self.guide.online_update(u[:n_pos].detach(), positions[:n_pos], s.decay)
+            neg_positions = torch.cat([neg_positions, positions[:h * w].repeat(int(local.sum()))])
+        self.guide.online_update(ranks.gather(u[:n_pos]), positions[:h * w].repeat(s.batch_pos), s.decay)
         ld_pos = self.guide.log_density(u[:n_pos], positions[:n_pos])
         ld_neg = self.guide.log_density(u_neg, neg_positions)
-        kept = keep_negatives(ld_neg, self.loss, s.filter, s.filter_fraction)
-        loss_pos = self.loss.positive(ld_pos).mean()
-        loss_neg = self.loss.negative(ld_neg[kept]).sum() / max(len(kept), 1)
+        kept = keep_negatives(ld_neg, self.loss, s.filter, s.filter_fraction, population=ranks.gather(ld_neg) if ranks.world > 1 else None)
+        n_all_pos, n_all_neg, n_all_kept = ranks.sum(torch.tensor([n_pos, len(ld_neg), len(kept)], dtype=torch.float64)).tolist()
+        loss_pos = self.loss.positive(ld_pos).sum() / n_all_pos
+        loss_neg = self.loss.negative(ld_neg[kept]).sum() / max(n_all_kept, 1)
         loss = loss_pos + loss_neg
         drift = torch.zeros((), device=self.device)
         if s.trust and frozen is not None:
-            drift = (raw[: s.batch_pos] - frozen).pow(2).sum(1).mean() / frozen.var(dim=(0, 2, 3)).sum().clamp_min(1e-12)
+            drift = (raw[: len(frozen)] - frozen).pow(2).sum(1).sum() / n_all_pos / self.frozen_variance(frozen)
             loss = loss + s.trust * drift
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {loss.item()} (L_pos {loss_pos.item()}, L_neg {loss_neg.item()})")
+        with torch.no_grad():
+            p_neg = self.loss.p_inside(ld_neg)
+            sums = ranks.sum(torch.stack([loss, loss_pos, loss_neg, drift, (1 - self.loss.p_inside(ld_pos)).sum(), p_neg.sum(),
+                                          p_neg[kept].sum()]).double()).tolist()
+        if not math.isfinite(sums[0]):
+            raise FloatingPointError(f"loss {sums[0]} (L_pos {sums[1]}, L_neg {sums[2]})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * ranks.world).backward()  # DDP averages the processes' gradients: their sum is the global batch's
         if s.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.trained.parameters(), s.clip_grad)
         optimizer.step()
-        with torch.no_grad():
-            p_neg = self.loss.p_inside(ld_neg)
-            return {"step": self.step_done + 1, "loss": loss.item(), "loss_pos": loss_pos.item(), "loss_neg": loss_neg.item(),
-                    "drift": drift.item(), "p_pos_misclassified": (1 - self.loss.p_inside(ld_pos)).mean().item(),
-                    "p_neg_inside": p_neg.mean().item() if len(p_neg) else 0.0,
-                    "p_kept_inside": p_neg[kept].mean().item() if len(kept) else 0.0}
+        return {"step": self.step_done + 1, "loss": sums[0], "loss_pos": sums[1], "loss_neg": sums[2], "drift": sums[3],
+                "p_pos_misclassified": sums[4] / n_all_pos, "p_neg_inside": sums[5] / n_all_neg if n_all_neg else 0.0,
+                "p_kept_inside": sums[6] / n_all_kept if n_all_kept else 0.0}
+
+    def frozen_variance(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The summed per-channel variance of the global batch's frozen good features (the drift's scale)."""
+        f = frozen.detach().double()
+        c = f.shape[1]
+        n, total, squares = self.ranks.sum(torch.cat([torch.tensor([f.numel() / c], dtype=torch.float64, device=f.device),
+                                                      f.sum((0, 2, 3)), (f**2).sum((0, 2, 3))])).split([1, c, c])
+        return ((squares - total**2 / n) / (n - 1)).sum().clamp_min(1e-12).float()
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -350,14 +376,15 @@ class Finetuner:
             self.cache_stage_features(self.stage_features(self.good, "frozen features"))
 
     def run(self, resume: bool = False) -> dict:
-        """Set up (or resume), train, write the fine-tuned backbone and the diagnostics."""
-        with self.folder.claim("finetune"):
+        """Set up (or resume), train, write the fine-tuned backbone and the diagnostics (rank 0 writes, and holds the lock)."""
+        with self.folder.claim("finetune") if self.ranks.main else contextlib.nullcontext():
             self.folder.path.mkdir(parents=True, exist_ok=True)
             return self._train(resume)
 
     def _train(self, resume: bool) -> dict:
         s = self.settings
         optimizer = self.optimizer()
+        self.forward_stage = self.ranks.wrap(StageFeatures(self.extractor))
         has_checkpoint = (self.folder / RunFolder.CHECKPOINT).is_file()
         if has_checkpoint and resume:
             self.load_checkpoint(optimizer)
@@ -371,7 +398,8 @@ class Finetuner:
             log.info("frozen features:\n%s", diagnostics.describe(self.start_summary))
             self.validate()
         start = time.perf_counter()
-        progress = tqdm(range(self.step_done, s.steps), desc="fine-tune", initial=self.step_done, total=s.steps)
+        progress = tqdm(range(self.step_done, s.steps), desc="fine-tune", initial=self.step_done, total=s.steps,
+                        disable=not self.ranks.main)
         for _ in progress:
             try:
                 record = self.step(optimizer)
@@ -386,7 +414,8 @@ class Finetuner:
                                  neg=f"{record['p_neg_inside']:.3f}", refresh=False)
             if self.step_done % s.checkpoint_every == 0 or self.step_done == s.steps:
                 self.validate()
-                self.save_checkpoint(optimizer)
+                if self.ranks.main:
+                    self.save_checkpoint(optimizer)
         return self.finish(time.perf_counter() - start)
 
     # -- outputs ---------------------------------------------------------------------------------
@@ -402,6 +431,9 @@ class Finetuner:
         return state | {PREFIX + k: v for k, v in (adaptor or {}).items()}
 
     def finish(self, seconds: float) -> dict:
+        if not self.ranks.main:  # rank 0 writes the outputs
+            self.ranks.barrier()
+            return {"rank": self.ranks.rank}
         end = self.diagnose()
         variance_ratio = end["good_feature_variance"] / self.start_summary["good_feature_variance"]
         collapsed = variance_ratio < COLLAPSE_RATIO
@@ -436,6 +468,7 @@ class Finetuner:
         self.folder.write_figure(RunFolder.WEIGHTS_FIGURE, diagnostics.weight_figure(self.start_summary, end, title), dpi=110)
         self.folder.write_figure(RunFolder.LOSS_FIGURE, diagnostics.loss_figure(self.history, self.validation), dpi=110)
         log.info("after fine-tuning:\n%s", diagnostics.describe(end))
+        self.ranks.barrier()  # the other processes end once the outputs are written
         return report
 
     def dry_run(self) -> dict:

@@ -73,14 +73,20 @@ def auto_temperature(good: torch.Tensor, negative: torch.Tensor) -> float:
     return max((good.double().median() - negative.double().median()).item() / AUTO_TEMPERATURE_DIVISOR, 1e-3)
 
 
-def keep_negatives(log_density: torch.Tensor, loss: MixtureLoss, mode: str = "fraction", fraction: float = 0.1) -> torch.Tensor:
+def keep_negatives(log_density: torch.Tensor, loss: MixtureLoss, mode: str = "fraction", fraction: float = 0.1,
+                   population: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the negative patches whose gradient is kept (the outlier filter).
 
     ``fraction``: the ``fraction`` of the batch with the lowest log-density (most outside);
     ``threshold``: those with P(z=+|u) < 1/2; ``none``: all. Negatives deep inside the
     model (plain background) would otherwise carry weight ≈ 1 and cause gradient spikes.
+    ``population``: the whole batch's log-densities when ``log_density`` is one process's
+    share of it (torchrun): the fraction is taken of the whole batch.
     """
     ld = log_density.detach()
+    if mode == "fraction" and population is not None and len(population):
+        cut = torch.kthvalue(population.to(ld.device), max(1, round(fraction * len(population)))).values
+        return torch.nonzero(ld <= cut).flatten()
     if len(ld) == 0:
         return torch.zeros(0, dtype=torch.long, device=ld.device)
     if mode == "fraction":

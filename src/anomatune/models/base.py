@@ -14,7 +14,7 @@ fine-tuning needs of its guide.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -159,14 +159,24 @@ class Detector:
         self._check_features(features)
         self._reset()
         self._fit(features)
-        self.grid_ = torch.tensor(features.shape[-2:])
-        self.n_features_ = torch.tensor(features.shape[1])
+        self._record_shape(features)
         if self.normalized:
             with torch.no_grad():
                 scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
             self.score_mean_ = scores.mean(0)
             self.score_std_ = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
         return self
+
+    def _record_shape(self, features: torch.Tensor) -> None:
+        """The grid and feature dimension fitted on: what scoring checks its inputs against."""
+        self.grid_ = torch.tensor(features.shape[-2:])
+        self.n_features_ = torch.tensor(features.shape[1])
+
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "Detector":
+        """Fit on features that arrive batch by batch, ``n_images`` in all. This default gathers
+        them, so memory grows with the training set; PaDiM keeps running sums and PatchCore a
+        bounded sample instead."""
+        return self.fit(torch.cat(list(batches)))
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
         """Patch anomaly scores ``(B, h, w)``, higher = more anomalous."""

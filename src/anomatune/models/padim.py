@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -25,20 +26,38 @@ class PaDiM(Detector):
 
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
-        n, d, h, w = features.shape
+        self._fit_sums(torch.split(features, 16))
+
+    @torch.no_grad()
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "PaDiM":
+        """Fit while the features stream in: each position's running sums, never every feature
+        (memory: h*w x D x D float64, whatever the number of images)."""
+        if self.normalized:  # the normalisation scores every training image: that needs them all
+            return super().fit_batches(batches, n_images)
+        self._reset()
+        features = self._fit_sums(batches)
+        self._record_shape(features)
+        return self
+
+    def _fit_sums(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Each position's mean and precision from sums over the batches, shifted by the first
+        batch's mean (numerically stable in float64); returns the last batch."""
+        n, shift, s1, s2, features = 0, None, 0.0, 0.0, None
+        for features in batches:
+            self._check_features(features)
+            x = features.flatten(2).permute(2, 0, 1).double()  # (P, B, D)
+            shift = x.mean(1, keepdim=True) if shift is None else shift
+            centred = x - shift
+            s1, s2, n = s1 + centred.sum(1), s2 + centred.transpose(1, 2) @ centred, n + len(features)
         if n < 2:
             raise AnomatuneError("PaDiM needs at least 2 training images")
-        x = features.flatten(2).permute(2, 0, 1)  # (P, N, D)
-        means, precs = [], []
+        mean = s1 / n
+        d = features.shape[1]
         eye = torch.eye(d, dtype=torch.float64, device=features.device)
-        for chunk in torch.split(x, 64):
-            c = chunk.double()
-            mean = c.mean(1)
-            centred = c - mean[:, None]
-            cov = centred.transpose(1, 2) @ centred / (n - 1) + self.settings.ridge * eye
-            means.append(mean.float())
-            precs.append(precision_cholesky(cov).float())
-        self.means_, self.prec_chol_ = torch.cat(means), torch.cat(precs)
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1) + self.settings.ridge * eye
+        self.means_ = (shift[:, 0] + mean).float()
+        self.prec_chol_ = torch.cat([precision_cholesky(c).float() for c in torch.split(cov, 64)])
+        return features
 
     @torch.no_grad()
     def online_update(self, u: torch.Tensor, positions: torch.Tensor, decay: float) -> None:

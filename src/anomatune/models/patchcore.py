@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import AnomatuneError
 from .base import Detector, flatten_patches
 from .settings import PatchCoreSettings
 
@@ -60,13 +63,48 @@ class PatchCore(Detector):
     Settings = PatchCoreSettings
     state = ("memory_bank",)
 
+    def _sample(self, total: int) -> torch.Tensor | None:
+        """Sorted indices of the ``max_patches`` training patches kept out of ``total`` (seeded); ``None``: keep all."""
+        cap = self.settings.max_patches
+        if cap is None or total <= cap:
+            return None
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        return torch.randperm(total, generator=generator)[:cap].sort().values
+
+    def _select(self, patches: torch.Tensor) -> None:
+        s = self.settings
+        n = max(1, int(len(patches) * s.coreset_ratio))
+        bank = patches if n >= len(patches) else patches[greedy_coreset(patches, n, s.proj_dim, s.seed)]
+        self.memory_bank_ = bank.float().contiguous()
+
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
-        s = self.settings
-        x = flatten_patches(features).float()
-        n = max(1, int(len(x) * s.coreset_ratio))
-        bank = x if n >= len(x) else x[greedy_coreset(x, n, s.proj_dim, s.seed)]
-        self.memory_bank_ = bank.contiguous()
+        patches = flatten_patches(features)
+        kept = self._sample(len(patches))
+        self._select(patches if kept is None else patches[kept.to(patches.device)])
+
+    @torch.no_grad()
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "PatchCore":
+        """Fit while the features stream in, keeping only the ``max_patches`` sample: memory is
+        bounded whatever the number of images (``benchmarks/scaling.py`` measures it)."""
+        sample, start, kept, features = [], 0, None, None
+        for features in batches:
+            self._check_features(features)
+            patches = flatten_patches(features)
+            if start == 0:
+                kept = self._sample(n_images * features.shape[2] * features.shape[3])
+            if kept is None:
+                sample.append(patches)
+            else:
+                mine = kept[(kept >= start) & (kept < start + len(patches))] - start
+                sample.append(patches[mine.to(patches.device)])
+            start += len(patches)
+        if features is None:
+            raise AnomatuneError("no features to fit on")
+        self._reset()
+        self._select(torch.cat(sample))
+        self._record_shape(features)
+        return self
 
     def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""

@@ -118,7 +118,11 @@ class PatchCoreSettings(DetectorSettings):
     coreset_ratio: float = setting(0.1, "Share of training patches kept in the memory bank.", interval="(0, 1]")
     num_neighbors: int = setting(9, "Neighbourhood of the image score's reweighting (the paper's b).", interval="[1, 10000]")
     proj_dim: int = setting(128, "Random-projection dimension of the coreset selection distances.", interval="[1, 100000]")
-    seed: int = setting(0, "Seed of the projection and of the first coreset patch.")
+    max_patches: int | None = setting(500_000, "Training patches the coreset is chosen from, at most: beyond it a seeded random "
+                                               "sample, drawn while the features stream in (memory: max_patches x feature dim x 4 "
+                                               "bytes; none = all). 500,000 keeps every patch of an MVTec AD category (at most "
+                                               "~400 images x 1,024 patches at 256 px).", interval="[1, inf)")
+    seed: int = setting(0, "Seed of the projection, of the patch sample and of the first coreset patch.")
 
 
 def detector_settings(value: Any = DEFAULT_DETECTOR, **changes: Any) -> DetectorSettings:

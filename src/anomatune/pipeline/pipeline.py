@@ -165,13 +165,13 @@ class Pipeline:
         size = dataset.size_for(s.features.image_size)
         train, held_out = split_holdout(dataset.at_size(size), s.threshold.holdout, s.seed)
         extractor = self._extractor()
+        detector = create_detector(s.detector)
         if extractor.proj_dim is not None and extractor.proj == "pca":  # one pass over the images: fit the PCA, then project
             raw = extractor.extract(self._loader(train), desc="train features", raw=True)
-            features = extractor.fit_projection_on(raw, seed=s.seed).project(raw.to(device)).cpu()
-        else:
-            features = extractor.extract(self._loader(train), desc="train features")
-        self.extractor_ = extractor
-        self.detector_ = create_detector(s.detector).fit(features.to(device))
+            detector.fit(extractor.fit_projection_on(raw, seed=s.seed).project(raw.to(device)))
+        else:  # streamed: a detector that keeps a bounded sample (PatchCore) never holds every feature
+            detector.fit_batches((f.to(device) for f in extractor.stream(self._loader(train), desc="train features")), len(train))
+        self.extractor_, self.detector_ = extractor, detector
         self.postprocessor_ = PostProcessor(s.postprocess, size)
         threshold = good_median = None
         if held_out is not None:
