@@ -72,3 +72,12 @@ def test_fine_tuned_weights_per_category(tmp_path):
     settings = PipelineSettings().updated(backbone_weights=str(tmp_path / "ft"))
     assert with_category_weights(settings, "widget").features.backbone_weights == str(tmp_path / "ft" / "widget")
     assert with_category_weights(settings, "other") == settings
+
+
+def test_a_job_ships_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = PipelineSettings().updated(backbone_weights="ft")
+    job = Job("fit", "runs", DataSettings(data="data"), RuntimeSettings(), {"settings": settings, "negatives": "photos"}).absolute()
+    assert job.root == str(tmp_path / "runs") and job.data.data == str(tmp_path / "data")
+    assert job.options["negatives"] == str(tmp_path / "photos")
+    assert job.options["settings"].features.backbone_weights == str(tmp_path / "ft")

@@ -15,7 +15,7 @@ import csv
 import io
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +23,7 @@ from ..allocator import tune_allocator
 from ..data.settings import DataSettings
 from ..distributed.settings import RAY, EngineSettings
 from ..errors import AnomatuneError
+from ..features.settings import RANDOM
 from ..finetune.settings import FinetuneSettings
 from ..pipeline.folders import RunFolder
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
@@ -68,6 +69,7 @@ def evaluate(data: DataSettings | None, out: Path, runtime: RuntimeSettings, fig
 
 
 COMMANDS = {"fit": fit, "finetune": finetune, "evaluate": evaluate}
+PATH_OPTIONS = ("negatives", "validation_negatives")  # the options of a command that are paths
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,19 @@ class Job:
     data: DataSettings | None
     runtime: RuntimeSettings
     options: dict[str, Any] = field(default_factory=dict)
+
+    def absolute(self) -> "Job":
+        """The same job with absolute paths: a Ray worker may run in another folder, or on another machine."""
+        from ..data.layouts import absolute
+
+        def full(path):
+            return path if path in (None, RANDOM) else str(Path(path).expanduser().resolve())
+
+        options = {k: full(v) if k in PATH_OPTIONS else v for k, v in self.options.items()}
+        settings = options.get("settings")
+        if isinstance(settings, PipelineSettings):
+            options["settings"] = settings.updated(backbone_weights=full(settings.features.backbone_weights))
+        return replace(self, root=full(self.root), data=None if self.data is None else absolute(self.data), options=options)
 
     def categories(self) -> list[str]:
         """The data root's categories (fit, finetune), or the runs under the root (evaluate without --data)."""
@@ -131,6 +146,7 @@ def attempt(job: Job, category: str, device: str | None = None) -> dict:
 
 def run_categories(job: Job, engine: EngineSettings, categories: Sequence[str] | None = None) -> list[dict]:
     """The job for every category (``categories``, default all of them), then the summary table in ``job.root``."""
+    job = job.absolute()
     categories = list(categories or job.categories())
     log.info("%s on %d categories: %s", job.command, len(categories), ", ".join(categories))
     rows = _on_ray(job, categories, engine) if engine.engine == RAY else [attempt(job, c) for c in categories]

@@ -86,16 +86,18 @@ class Tally:
 
 def predict_on_ray(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
                    images: bool = True, engine: EngineSettings | None = None, device: str = "auto", batch_size: int = 8) -> Tally:
-    """Score every image of ``inputs`` on Ray: ``out/results.parquet/`` (and ``overlays/``, ``masks/``), written as one set."""
+    """Score every image of ``inputs`` on Ray: ``out/results.parquet/`` (and ``overlays/``, ``masks/``), written as one set.
+
+    Paths are made absolute (the ``path`` column holds them so) for workers that run elsewhere."""
     import pyarrow.parquet as pq
 
     engine = engine or EngineSettings(engine="ray")
     _, threshold = load_for_predict(run_dir, threshold, device="cpu")  # a bad run or threshold stops here, before any worker
-    paths = expand_sources(inputs)
+    paths = [path.resolve() for path in expand_sources(inputs)]  # absolute: a worker may run elsewhere
     connect(engine.address)
     with RunFolder(out).staged("predictions") as stage:
-        results = stage / RunFolder.RESULTS_PARQUET
-        scored_dataset(run_dir, paths, threshold, stage.path if images else None, engine.workers, device,
+        results = stage.path.resolve() / RunFolder.RESULTS_PARQUET
+        scored_dataset(Path(run_dir).resolve(), paths, threshold, stage.path.resolve() if images else None, engine.workers, device,
                        batch_size).write_parquet(str(results))
         decisions = Counter(pq.read_table(results, columns=["decision"]).column("decision").to_pylist())
     return Tally(decisions["good"] + decisions["defective"], decisions["defective"], decisions["error"])
