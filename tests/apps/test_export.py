@@ -27,7 +27,7 @@ def adaptor_weights(path):
 
 
 @pytest.mark.parametrize("detector, adaptor", [({"name": "glad", "n_components": 2}, False), ("patchcore", False), ("padim", True)])
-def test_exported_models_match_the_pipeline(detector, adaptor, brick, tmp_path):
+def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor, brick, tmp_path):
     import onnxruntime
 
     weights = {"backbone_weights": adaptor_weights(tmp_path / "adapted.safetensors")} if adaptor else {}
@@ -35,15 +35,28 @@ def test_exported_models_match_the_pipeline(detector, adaptor, brick, tmp_path):
     onnx_path = export(tmp_path / "run", format="onnx", batch_size=2)
     script_path = export(tmp_path / "run", tmp_path / "elsewhere.pt", format="torchscript", batch_size=2)
     side = json.loads(onnx_path.with_suffix(".json").read_text())
-    assert side["input"]["batch_size"] == 2 and side["threshold"] is not None and side["input"]["size_hw"] == [32, 32]
+    assert side["input"]["batch"] == "any" and side["threshold"] is not None and side["input"]["size_hw"] == [32, 32]
     pipeline = Pipeline.load(tmp_path / "run", device="cpu")
     assert (pipeline.extractor_.adaptor is not None) == adaptor
-    images = torch.stack([image_to_tensor(read_image(p), (32, 32)) for p in sorted((brick / "brick" / "test").rglob("*.png"))[:2]])
-    maps, scores = pipeline.forward(images)
-    normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(1, 3, 1, 1)
-    onnx_maps, onnx_scores = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": normalised.numpy()})
-    script_maps, script_scores = torch.jit.load(str(script_path))(normalised)
-    scale = max(1.0, maps.abs().max().item())  # relative to the scores' magnitude
-    for got_maps, got_scores in ((torch.from_numpy(onnx_maps), torch.from_numpy(onnx_scores)), (script_maps, script_scores)):
-        assert (got_maps - maps).abs().max() <= 1e-4 * scale
-        assert (got_scores - scores).abs().max() <= 1e-4 * scale
+    paths = sorted((brick / "brick" / "test").rglob("*.png"))
+    runners = {"onnx": lambda x: onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()}),
+               "torchscript": lambda x: torch.jit.load(str(script_path))(x)}
+    try:
+        import openvino
+    except ImportError:
+        openvino = None
+    if openvino is not None:
+        xml_path = export(tmp_path / "run", format="openvino", batch_size=2)
+        assert xml_path.name == "model.xml" and xml_path.with_suffix(".bin").is_file()
+        compiled = openvino.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        runners["openvino"] = lambda x: tuple(compiled(x.numpy()).values())
+    for n in (1, 3):  # traced with 2
+        images = torch.stack([image_to_tensor(read_image(p), (32, 32)) for p in paths[:n]])
+        maps, scores = pipeline.forward(images)
+        normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(1, 3, 1, 1)
+        scale = max(1.0, maps.abs().max().item())  # relative to the scores' magnitude
+        for name, run in runners.items():
+            got_maps, got_scores = (torch.as_tensor(v) for v in run(normalised))
+            assert got_maps.shape == maps.shape and got_scores.shape == scores.shape, name
+            assert (got_maps - maps).abs().max() <= 1e-4 * scale, name
+            assert (got_scores - scores).abs().max() <= 1e-4 * scale, name

@@ -4,20 +4,22 @@ The exported model takes a batch of images already normalised the backbone's way
 (RGB, resized to the run's input size, scaled to [0, 1], minus ``mean``, divided by
 ``std``) and returns the pixel anomaly maps ``(B, H, W)`` and the image scores ``(B,)``:
 the pipeline's own ``forward``, so the exported model and the command line cannot
-disagree. The preprocessing, the batch size and the decision threshold go in a side
-JSON beside it. The batch size is fixed at export (the detectors' chunked loops are
-traced for it).
+disagree. The preprocessing and the decision threshold go in a side JSON beside it.
+Every format takes any batch size: while traced, the detectors compute their chunked
+loops in one piece (a traced loop would freeze the batch size).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import RunFolderError
+from ..errors import AnomatuneError, RunFolderError
 from ..pipeline.folders import RunFolder, atomic_write, json_text
 from ..pipeline.pipeline import Pipeline
 from .settings import ExportSettings
@@ -36,14 +38,15 @@ class ScoringModel(nn.Module):
         return self.pipeline.postprocessor_(*self.pipeline.detector_.detect(self.extractor(images)))
 
 
-def preprocessing(pipeline: Pipeline, batch_size: int) -> dict:
+def preprocessing(pipeline: Pipeline) -> dict:
     extractor = pipeline.extractor_
-    return {"batch_size": batch_size, "size_hw": list(pipeline.input_size), "color": "RGB", "layout": "NCHW float32",
+    return {"batch": "any", "size_hw": list(pipeline.input_size), "color": "RGB", "layout": "NCHW float32",
             "scale": "pixel / 255", "mean": extractor.mean.flatten().tolist(), "std": extractor.std.flatten().tolist()}
 
 
 def export(run_dir, out=None, settings: ExportSettings | None = None, **changes) -> Path:
-    """Write the run as ``model.onnx`` or ``model.pt`` (TorchScript) plus a ``.json`` beside it; return the model path.
+    """Write the run as ``model.onnx``, ``model.pt`` (TorchScript) or ``model.xml`` + ``.bin`` (OpenVINO),
+    plus a ``.json`` beside it; return the model path.
 
     ``settings`` (or ``format=``, ``batch_size=``): see :class:`ExportSettings`. Without
     ``out`` the model goes into the run folder.
@@ -56,16 +59,24 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
     model = ScoringModel(pipeline).eval()
     example = torch.zeros(settings.batch_size, 3, *pipeline.input_size)
 
+    def write_onnx(tmp: str) -> None:
+        torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=18, input_names=["image"], output_names=["maps", "scores"],
+                          dynamic_axes={"image": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}})
+
+    target = run / RunFolder.MODELS[settings.format] if out is None else Path(out)
+
     def write_model(tmp: str) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks evaluated once
             if settings.format == "onnx":
-                torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=17, input_names=["image"], output_names=["maps", "scores"])
+                write_onnx(tmp)
+            elif settings.format == "openvino":
+                write_openvino(write_onnx, tmp, target)
             else:
                 torch.jit.trace(model, example, check_trace=False).save(tmp)
 
     config = pipeline.config()
-    side = {"anomatune_version": config.anomatune_version, "format": settings.format, "input": preprocessing(pipeline, settings.batch_size),
+    side = {"anomatune_version": config.anomatune_version, "format": settings.format, "input": preprocessing(pipeline),
             "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
             "threshold": pipeline.threshold, "detector": config.settings.detector.name,
             "backbone": config.settings.features.backbone, "weights_id": config.fitted.weights_id}
@@ -74,7 +85,24 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
             path = run.write_with(RunFolder.MODELS[settings.format], write_model)
             run.write_json(Path(RunFolder.MODELS[settings.format]).with_suffix(".json").name, side | {"model": path.name})
         return path
-    path = Path(out)
+    path = target
     atomic_write(path, write_model)
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8"))
     return path
+
+
+def write_openvino(write_onnx, xml_path: str, target: Path) -> None:
+    """OpenVINO IR converted from the ONNX export into ``xml_path`` (a temporary name of ``target``):
+    the weights are moved beside ``target`` first, the graph is renamed into place last, so a
+    reader never finds a graph without its weights."""
+    try:
+        import openvino
+    except ImportError:
+        raise AnomatuneError("--format openvino needs OpenVINO: pip install 'anomatune[openvino]'") from None
+    with tempfile.TemporaryDirectory(dir=Path(xml_path).parent) as folder:
+        onnx_path = Path(folder) / "model.onnx"
+        write_onnx(str(onnx_path))
+        converted = Path(folder) / "model.xml"
+        openvino.save_model(openvino.convert_model(str(onnx_path)), str(converted), compress_to_fp16=False)
+        os.replace(converted.with_suffix(".bin"), RunFolder.openvino_weights(target))
+        os.replace(converted, xml_path)

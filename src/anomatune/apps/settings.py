@@ -18,8 +18,10 @@ class PredictSettings(Settings):
 @dataclass(frozen=True)
 class ExportSettings(Settings):
     section = "export"
-    format: str = setting("onnx", "Model format.", choices=("onnx", "torchscript"))
-    batch_size: int = setting(1, "Batch size the exported model takes (fixed at export).", interval="[1, 4096]")
+    format: str = setting("onnx", "Model format: onnx (ONNX Runtime and most engines), torchscript, or openvino (OpenVINO IR "
+                                  "for Intel CPUs: pip install 'anomatune[openvino]').", choices=("onnx", "torchscript", "openvino"))
+    batch_size: int = setting(1, "Batch size of the example the model is traced with; the exported model takes any.",
+                              interval="[1, 4096]")
 
 
 @dataclass(frozen=True)

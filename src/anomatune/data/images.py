@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -67,24 +67,24 @@ def input_size(image_size: int | str | tuple[int, int], aspect: float = 1.0) -> 
     return (side, max(side, round(side * aspect))) if aspect >= 1 else (max(side, round(side / aspect)), side)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image, turning PIL's many failure modes into one DataError."""
+def _open(source: Path | BinaryIO, label: str | Path) -> Image.Image:
+    """Open and fully decode an image, turning PIL's many failure modes into one DataError naming ``label``."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # decoding happens here: truncated files fail now, not later
-            return img.copy() if img.getexif().get(EXIF_ORIENTATION, 1) == 1 else _upright(img, path)
+            return img.copy() if img.getexif().get(EXIF_ORIENTATION, 1) == 1 else _upright(img, label)
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
+        raise DataError(f"{label}: file not found") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); replace or remove the file") from exc
+        raise DataError(f"{label}: cannot read image ({exc}); replace or remove the file") from exc
 
 
-def _upright(img: Image.Image, path: Path) -> Image.Image:
+def _upright(img: Image.Image, path: str | Path) -> Image.Image:
     log_once("exif", "EXIF orientation is applied (e.g. %s is turned upright)", path)
     return ImageOps.exif_transpose(img)
 
 
-def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
+def _to_8bit(img: Image.Image, path: str | Path) -> Image.Image:
     """Map 16-bit and float single-channel modes onto 8 bits by their full range."""
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
         return img
@@ -97,15 +97,19 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Read any image file as upright 8-bit RGB (grayscale is replicated, alpha dropped)."""
-    path = Path(path)
-    img = _to_8bit(_open(path), path)
+def read_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Read any image file as upright 8-bit RGB (grayscale is replicated, alpha dropped).
+
+    ``path`` may also be an open binary stream (an upload), called ``name`` in messages.
+    """
+    source = Path(path) if isinstance(path, (str, Path)) else path
+    label = source if isinstance(source, Path) else name or "upload"
+    img = _to_8bit(_open(source, label), label)
     if min(img.size) < MIN_SOURCE_SIDE:
-        raise DataError(f"{path}: the image is {img.width}x{img.height} px, too small to inspect "
+        raise DataError(f"{label}: the image is {img.width}x{img.height} px, too small to inspect "
                         f"(at least {MIN_SOURCE_SIDE} px a side); replace or remove the file")
     if img.mode != "RGB":
-        log_once(f"mode:{img.mode}", "%s images (e.g. %s) are converted to RGB", img.mode, path)
+        log_once(f"mode:{img.mode}", "%s images (e.g. %s) are converted to RGB", img.mode, label)
         img = img.convert("RGB")
     return img
 
@@ -118,7 +122,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     every defect. Other masks are thresholded at 127 (anti-aliased edges).
     """
     path = Path(path)
-    img = _to_8bit(_open(path), path)
+    img = _to_8bit(_open(path, path), path)
     arr = np.asarray(img if img.mode == "L" else img.convert("L"))
     top = int(arr.max(initial=0))
     if 0 < top < 128:

@@ -25,7 +25,11 @@ CHUNK = 8192  # patches per step of the per-patch computations: bounds their mem
 
 
 def in_chunks(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None, size: int = CHUNK) -> torch.Tensor:
-    """``fn`` over aligned row chunks of ``tensors`` (``None`` passes through), concatenated."""
+    """``fn`` over aligned row chunks of ``tensors`` (``None`` passes through), concatenated.
+
+    While traced for export, one piece: a traced loop would freeze the exported batch size."""
+    if torch.jit.is_tracing():
+        return fn(*tensors)
     n = len(tensors[0])
     return torch.cat([fn(*(None if t is None else t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 

@@ -66,7 +66,8 @@ class GMM(Detector):
         k, d = self.means_.shape
         y = (u @ prec.permute(1, 0, 2).reshape(d, k * d)).view(-1, k, d)
         y = y - torch.einsum("kd,kde->ke", self.means_.to(u.dtype), prec)
-        return -0.5 * (y**2).sum(-1) + half_log_det_precision(prec) - 0.5 * d * math.log(2 * math.pi)
+        # keepdim, then [..., 0]: OpenVINO mis-broadcasts the sum of a ReduceSum without kept dimensions and a (K,) constant
+        return -0.5 * (y**2).sum(-1, keepdim=True)[..., 0] + half_log_det_precision(prec) - 0.5 * d * math.log(2 * math.pi)
 
     def component_log_prob(self, u: torch.Tensor) -> torch.Tensor:
         """log π_k + log N(u | μ_k, Σ_k) → (N, K): the joint of patch and component."""

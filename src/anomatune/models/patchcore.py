@@ -46,7 +46,8 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
     """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory)."""
     dists, idxs = [], []
     bank_sq = (bank**2).sum(1)
-    for q in (queries[i : i + chunk] for i in range(0, len(queries), chunk)):  # slices, not split: exports to ONNX
+    chunks = [queries] if torch.jit.is_tracing() else (queries[i : i + chunk] for i in range(0, len(queries), chunk))
+    for q in chunks:  # one piece while traced for export: a traced loop would freeze the batch size
         d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
         d, i = torch.topk(d2, k, dim=1, largest=False)
         dists.append(d.clamp_min(0).sqrt())
@@ -124,10 +125,10 @@ class PatchCore(Detector):
         self._check_input(features)
         dist, idx = self._nearest_patches(features)
         bank = self.memory_bank_
-        patches = flatten_patches(features).float().view(len(features), -1, bank.shape[1])  # (B, P, D)
+        patches = flatten_patches(features).float().view(features.shape[0], -1, bank.shape[1])  # (B, P, D)
         flat = dist.flatten(1)
         worst = flat.argmax(1)
-        rows = torch.arange(len(features))
+        rows = torch.arange(features.shape[0])
         score, anchor = flat[rows, worst], idx[rows, worst]
         _, support = nearest(bank[anchor], bank, k=min(self.settings.num_neighbors, len(bank)))  # the anchor itself first
         d_support = torch.linalg.vector_norm(patches[rows, worst][:, None] - bank[support], dim=-1)

@@ -105,7 +105,7 @@ class RunFolder:
     PROJECTION = "projection.safetensors"
     EVALUATION = "evaluation"
     REPORT = "report.html"
-    MODELS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+    MODELS = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}  # OpenVINO's weights: model.bin beside
     # an evaluation (the run's evaluation/ folder)
     METRICS = "metrics.json"
     METRICS_TABLE = "metrics.md"
@@ -338,6 +338,11 @@ class RunFolder:
 
         return self._read(name, lambda p: torch.load(p, map_location="cpu", weights_only=True), (Exception,),
                           "unreadable", "; delete it to start over")
+
+    @staticmethod
+    def openvino_weights(xml: Path) -> Path:
+        """The weights file beside an OpenVINO graph (OpenVINO finds it by this name)."""
+        return xml.with_suffix(".bin")
 
     def weights_file(self) -> Path:
         """The fine-tuned backbone of a finished fine-tuning."""
