@@ -9,6 +9,7 @@ are imported inside the commands, so ``--help`` and option errors stay fast.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..finetune.settings import FinetuneSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from . import options
 from .jobs import Job, evaluate, fit, finetune
+from ..serve.settings import API_KEY_ENV, ServeSettings
 from .settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
 
 log = logging.getLogger("anomatune")
@@ -263,6 +265,37 @@ def export_cmd(run, out, **values):
 
     path = export(run, out, settings)
     click.echo(f"model written to {path}; preprocessing and threshold in {path.with_suffix('.json')}")
+
+
+@app.command("serve")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@options.options(ServeSettings)
+@options.options(RuntimeSettings, only=DEVICE_ONLY)
+def serve_cmd(runs, **values):
+    """Serve RUNS over HTTP: POST /predict, GET /health, /models, /docs, and a page for the operator at /.
+
+    Listens on 127.0.0.1 only unless --host says otherwise. Needs the serve extra: pip install 'anomatune[serve]'.
+    """
+    settings = options.build(ServeSettings, values)
+    runtime = options.build(RuntimeSettings, values)
+    if settings.api_key is None and os.environ.get(API_KEY_ENV):
+        settings = settings.updated(api_key=os.environ[API_KEY_ENV])
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as exc:
+        raise AnomatuneError(f"anomatune serve needs {exc.name}: pip install 'anomatune[serve]'") from None
+    from ..serve.models import ServedModel
+
+    models = [ServedModel.load(run, settings.runtime, runtime.device) for run in runs]
+    ids = [m.id for m in models]
+    if len(set(ids)) != len(ids):
+        raise AnomatuneError(f"a run is given twice ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}): serve each once")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who reaches this machine can use the server", settings.host)
+    click.echo(f"serving {', '.join(ids)} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port, log_level="warning")
 
 
 @app.command("color-transfer")

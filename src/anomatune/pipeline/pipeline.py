@@ -203,7 +203,7 @@ class Pipeline:
         maps, scores = self.postprocessor_(*self.detector_.detect(features))
         return maps.cpu(), scores.cpu()
 
-    def _as_batch(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def as_batch(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Images of any kind → a batch at the input size, and each image's own (height, width)."""
         size = self.input_size
         if isinstance(images, torch.Tensor):
@@ -220,11 +220,11 @@ class Pipeline:
         """Scores, labels, maps and masks of ``images``: paths, PIL images, ``HxWx3`` uint8 arrays
         or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one."""
         self.check_is_fitted()
-        batch, sizes = self._as_batch(images)
+        batch, sizes = self.as_batch(images)
         maps, scores = zip(*(self.forward(chunk) for chunk in torch.split(batch, self.runtime.batch_size)))
-        return self._predictions(torch.cat(maps), torch.cat(scores), sizes, threshold)
+        return self.predictions_from(torch.cat(maps), torch.cat(scores), sizes, threshold)
 
-    def _predictions(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
+    def predictions_from(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
                      threshold: float | None = None) -> Predictions:
         """Predictions from the output of :meth:`forward`: maps resized to ``sizes``, decisions and masks."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)

@@ -1,0 +1,130 @@
+"""A run as the server holds it: its pipeline, the engine that computes its maps, what /models says of it.
+
+Every engine computes the pipeline's own ``forward`` (images in [0, 1] at the input size →
+pixel maps and image scores): eager torch, or the run exported at start-up (any batch size)
+and run by ONNX Runtime or OpenVINO. Decisions, masks and overlays are then the
+pipeline's, whatever the engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import AnomatuneError
+from ..evaluation.plots import heat_overlay
+from ..pipeline.folders import PNG_COMPRESSION, RunFolder
+from ..pipeline.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
+    return buffer.getvalue()
+
+
+def exported_forward(pipeline: Pipeline, run_dir: Path, runtime: str, folder: Path) -> Forward:
+    """The run exported into ``folder`` and run by ONNX Runtime or OpenVINO, as a forward of [0, 1] images."""
+    from ..apps.export import export
+
+    model = export(run_dir, folder / RunFolder.MODELS["onnx" if runtime == "onnx" else "openvino"], format=runtime)
+    mean, std = pipeline.extractor_.mean.cpu(), pipeline.extractor_.std.cpu()
+    if runtime == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+        def run(x: np.ndarray):
+            return session.run(None, {"image": x})
+    else:
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # not bf16: scores need f32
+
+        def run(x: np.ndarray):
+            return tuple(compiled(x).values())
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, scores = run(((images - mean) / std).numpy())
+        return torch.from_numpy(np.asarray(maps)), torch.from_numpy(np.asarray(scores))
+
+    return forward
+
+
+@dataclass
+class ServedModel:
+    """One run: ``id`` is its folder's name and files' hash (the model id of predictions)."""
+
+    run_dir: Path
+    pipeline: Pipeline
+    forward: Forward
+    runtime: str
+    _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # the exported model, removed with the object
+
+    @classmethod
+    def load(cls, run_dir: str | Path, runtime: str = "torch", device: str = "auto") -> "ServedModel":
+        run_dir = Path(run_dir)
+        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu")
+        if pipeline.threshold is None:
+            raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with threshold_holdout=0): refit it to serve decisions")
+        if runtime == "torch":
+            return cls(run_dir, pipeline, pipeline.forward, runtime)
+        folder = tempfile.TemporaryDirectory(prefix="anomatune-serve-")
+        try:
+            forward = exported_forward(pipeline, run_dir, runtime, Path(folder.name))
+        except ImportError as exc:
+            folder.cleanup()
+            raise AnomatuneError(f"--runtime {runtime} needs {exc.name}: pip install 'anomatune[{'export' if runtime == 'onnx' else 'openvino'}]'") from None
+        log.info("%s exported for %s", run_dir, runtime)
+        return cls(run_dir, pipeline, forward, runtime, folder)
+
+    @property
+    def id(self) -> str:
+        return self.pipeline.model_id_
+
+    @property
+    def threshold(self) -> float:
+        return self.pipeline.threshold
+
+    def describe(self) -> dict:
+        """What ``GET /models`` says of the run, its evaluation's metrics included when it was evaluated."""
+        config = self.pipeline.config()
+        metrics_file = RunFolder(self.run_dir).evaluation / RunFolder.METRICS
+        metrics = None
+        if metrics_file.is_file():
+            found = RunFolder(self.run_dir).evaluation.read_json(RunFolder.METRICS)
+            metrics = {k: found.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "category", "n_test")}
+        return {"id": self.id, "name": self.run_dir.name, "backbone": config.settings.features.backbone,
+                "detector": config.settings.detector.name, "threshold": self.threshold, "input_size": list(config.fitted.input_size),
+                "anomatune_version": config.anomatune_version, "runtime": self.runtime, "metrics": metrics}
+
+    def score(self, pictures: Sequence[Image.Image]) -> list[dict]:
+        """One forward pass over ``pictures``: per picture its score, decision and PNG overlay and mask (bytes)."""
+        batch, sizes = self.pipeline.as_batch(pictures)
+        maps, scores = self.forward(batch)
+        predictions = self.pipeline.predictions_from(maps, scores, sizes)
+        low = self.pipeline.fit_record_.good_map_median
+        results = []
+        for picture, score, label, heat, mask in zip(pictures, predictions.scores, predictions.labels, predictions.maps,
+                                                     predictions.masks):
+            overlay = heat_overlay(np.asarray(picture), heat, float(heat.min()) if low is None else low, self.threshold)
+            results.append({"score": float(score), "decision": "defective" if label else "good", "overlay": png_bytes(overlay),
+                            "mask": png_bytes((mask * 255).astype(np.uint8), "L")})
+        return results
+
+
+def encode(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")

@@ -1,0 +1,78 @@
+// The operator page: pick or drop images, see each one's overlay, score and decision. No external code.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let models = [];
+
+function showModel() {
+  const chosen = models.find((m) => m.id === $("model").value);
+  if (!chosen) return;
+  const metrics = chosen.metrics && chosen.metrics.image_auroc != null ? `, image AUROC ${chosen.metrics.image_auroc}` : "";
+  $("model-line").textContent = `${chosen.name}: ${chosen.detector} on ${chosen.backbone}, threshold ${chosen.threshold.toPrecision(4)}${metrics}`;
+}
+
+async function loadModels() {
+  const answer = await fetch("/models");
+  models = await answer.json();
+  for (const m of models) {
+    const option = document.createElement("option");
+    option.value = m.id;
+    option.textContent = m.name;
+    $("model").append(option);
+  }
+  $("model").disabled = models.length < 2;
+  showModel();
+}
+
+function resultItem(file) {
+  const item = document.createElement("li");
+  item.innerHTML = '<p><strong class="name"></strong> <span class="decision">…</span></p><p class="score"></p>';
+  item.querySelector(".name").textContent = file.name;
+  $("results").prepend(item);
+  return item;
+}
+
+async function inspect(file) {
+  const item = resultItem(file);
+  const form = new FormData();
+  form.append("file", file);
+  form.append("model", $("model").value);
+  const headers = $("api-key").value ? { "X-API-Key": $("api-key").value } : {};
+  try {
+    const answer = await fetch("/predict?images=base64", { method: "POST", body: form, headers });
+    const body = await answer.json();
+    if (!answer.ok) throw new Error(body.error || answer.statusText);
+    const result = body.results[0];
+    const decision = item.querySelector(".decision");
+    decision.textContent = result.decision;
+    decision.classList.add(result.decision);
+    item.dataset.decision = result.decision;
+    item.querySelector(".score").textContent = `score ${result.score.toPrecision(4)} (threshold ${body.threshold.toPrecision(4)})`;
+    const overlay = document.createElement("img");
+    overlay.alt = `Heatmap of ${file.name}: red where it looks defective`;
+    overlay.src = `data:image/png;base64,${result.overlay}`;
+    item.append(overlay);
+  } catch (problem) {
+    item.dataset.decision = "error";
+    item.querySelector(".decision").textContent = "error";
+    item.querySelector(".score").textContent = problem.message;
+    item.querySelector(".score").classList.add("error");
+  }
+}
+
+async function inspectAll(files) {
+  $("status").textContent = `Inspecting ${files.length} image(s)…`;
+  for (const file of files) await inspect(file);
+  $("status").textContent = `Inspected ${files.length} image(s).`;
+}
+
+$("file").addEventListener("change", (event) => inspectAll([...event.target.files]));
+$("model").addEventListener("change", showModel);
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  inspectAll([...event.dataTransfer.files]);
+});
+loadModels().catch((problem) => { $("model-line").textContent = `Cannot load the models: ${problem.message}`; });

@@ -1,0 +1,42 @@
+"""The operator page in headless Chromium: upload a good and a defective image, see both decisions and overlays."""
+
+import shutil
+
+import pytest
+
+from anomatune import Pipeline
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) drives the page")
+
+
+def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium when apt-get can): the page was not tested")
+    expected = Pipeline.load(fast_run, device="cpu").predict(list(images.values()))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model-line').textContent.includes('threshold')", timeout=30000)
+            for _ in range(5):  # keyboard: Tab reaches the file picker
+                page.keyboard.press("Tab")
+                if page.evaluate("document.activeElement.id") == "file":
+                    break
+            assert page.evaluate("document.activeElement.id") == "file"
+            page.set_input_files("#file", [str(p) for p in images.values()])
+            page.wait_for_function("document.querySelectorAll('#results li[data-decision]').length === 2", timeout=60000)
+            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
+                                   timeout=30000)
+            decisions = page.eval_on_selector_all("#results li", "items => items.map(i => [i.querySelector('.name').textContent, "
+                                                                  "i.dataset.decision, i.querySelector('img').naturalWidth])")
+        finally:
+            browser.close()
+    shown = {name: (decision, width) for name, decision, width in decisions}
+    for path, label in zip(images.values(), expected.labels):
+        assert shown[path.name][0] == ("defective" if label else "good")
+        assert shown[path.name][1] > 0  # the overlay loaded
+    assert all(url.startswith(server.url) for url in requests)  # nothing from elsewhere (no CDN)
