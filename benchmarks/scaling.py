@@ -12,6 +12,7 @@ this machine's CPU, then scores the test split.
     python benchmarks/scaling.py                      # everything (about an hour on 2 cores)
     python benchmarks/scaling.py --only fit --sizes 100 1000
     python benchmarks/scaling.py --only predict
+    python benchmarks/scaling.py --only bound       # PatchCore's max_patches on transistor's own images
 
 Writes ``results/scaling.json`` and ``.md``; finished cells are kept in the JSON, so a
 stopped run continues where it stopped (``--fresh`` starts over).
@@ -39,6 +40,7 @@ RAY_WORKERS = (1, 2)
 PREDICT_IMAGES = 1000  # images of each throughput cell
 STREAM_IMAGES = 10000  # images of the cost-per-image-over-time measurement
 STREAM_WINDOW = 1000
+BOUND_CAPS = ("none", "100000")  # PatchCore's max_patches on transistor's ~196k patches (the default 500,000 keeps them all)
 
 
 def augmented_pool(n: int) -> list[Path]:
@@ -110,6 +112,24 @@ def child_fit(detector: str, n: int) -> dict:
     fit_peak = peak_gb()
     metrics = pipeline.score(open_dataset(data=str(root), category="transistor", split="test", image_size=pipeline.input_size))
     return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, "images_per_s": round(n / fit_s, 1),
+            **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+
+
+def child_bound(max_patches: str) -> dict:
+    """In a fresh process: PatchCore on transistor's own training images with ``max_patches`` (``none``: every patch)."""
+    from anomatune.allocator import tune_allocator
+    from anomatune.data.layouts import open_dataset
+    from anomatune.pipeline.pipeline import Pipeline
+
+    tune_allocator()
+    root, category = dataset("transistor")
+    cap = None if max_patches == "none" else int(max_patches)
+    start = time.perf_counter()
+    pipeline = Pipeline(detector={"name": "patchcore", "max_patches": cap}, image_size=SQUARE, device="cpu")
+    pipeline.fit(open_dataset(data=str(root), category=category))
+    fit_s, fit_peak = time.perf_counter() - start, peak_gb()
+    metrics = pipeline.score(open_dataset(data=str(root), category=category, split="test", image_size=pipeline.input_size))
+    return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, "train_patches": pipeline.fit_record_.n_train * 1024,
             **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}
 
 
@@ -197,6 +217,13 @@ def markdown(results: dict) -> str:
             continue
         lines.append(f"| {detector} | {n} | {cell['fit_s']} | {cell['images_per_s']} | {cell['peak_gb']} | {cell['image_auroc']} | "
                      f"{cell['pixel_auroc']} | {cell['aupro']} |")
+    bound = results.get("bound", {})
+    if bound:
+        lines += ["", "## PatchCore's patch bound on transistor's own training images (213, ~196k patches after the hold-out)", "",
+                  "| max_patches | fit s | peak GB | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
+        for cap, cell in bound.items():
+            lines.append(f"| {cap} | " + (f"failed: {cell['error']} | | | | |" if "error" in cell else
+                         f"{cell['fit_s']} | {cell['peak_gb']} | {cell['image_auroc']} | {cell['pixel_auroc']} | {cell['aupro']} |"))
     predict = results.get("predict", {})
     if predict:
         lines += ["", f"## Predict throughput ({PREDICT_IMAGES} images, PaDiM, no PNGs, whole command incl. start-up)", "",
@@ -216,7 +243,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("fit", "predict", "stream"), action="append", help="Only these parts (repeatable).")
+    parser.add_argument("--only", choices=("fit", "bound", "predict", "stream"), action="append", help="Only these parts (repeatable).")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="Training set sizes of the fit part.")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS))
     parser.add_argument("--fresh", action="store_true", help="Forget the finished cells of results/scaling.json.")
@@ -226,6 +253,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "fit":
             result = child_fit(rest[0], int(rest[1]))
+        elif kind == "bound":
+            result = child_bound(rest[0])
         elif kind == "predict":
             result = child_predict(rest[0], int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
         else:
@@ -234,7 +263,7 @@ def main() -> None:
         return
     path = RESULTS / f"{NAME}.json"
     results = {} if args.fresh or not path.is_file() else json.loads(path.read_text())
-    parts = args.only or ["fit", "predict", "stream"]
+    parts = args.only or ["fit", "bound", "predict", "stream"]
     augmented_pool(max([*args.sizes, PREDICT_IMAGES, STREAM_IMAGES if "stream" in parts else 0]))
 
     def save():
@@ -250,6 +279,12 @@ def main() -> None:
                 results["fit"][key] = run_child("fit", detector, n)
                 print(f"  {results['fit'][key]}", flush=True)
                 save()
+    if "bound" in parts:
+        for cap in BOUND_CAPS:
+            print(f"bound {cap} ...", flush=True)
+            results.setdefault("bound", {})[cap] = run_child("bound", cap)
+            print(f"  {results['bound'][cap]}", flush=True)
+            save()
     if "predict" in parts:
         run = fitted_run()
         cells = [("local", b, 1) for b in BATCH_SIZES] + [("ray", 8, w) for w in RAY_WORKERS]

@@ -13,7 +13,7 @@ frozen in training mode by default (small batches would otherwise wreck them).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,14 +191,25 @@ class FeatureExtractor(nn.Module):
         return self
 
     @torch.no_grad()
-    def fit_projection_on(self, raw: torch.Tensor, max_patches: int = 200_000, seed: int = 0) -> "FeatureExtractor":
-        """Fit the PCA projection on raw features ``(N, raw_dim, h, w)`` already extracted (no second pass over the images)."""
+    def fit_projection_on(self, raw: torch.Tensor | Sequence[torch.Tensor], max_patches: int = 200_000,
+                          seed: int = 0) -> "FeatureExtractor":
+        """Fit the PCA projection on raw features ``(N, raw_dim, h, w)`` already extracted (no second pass over
+        the images), as one tensor or batch by batch; the patch sample is drawn before any copy is made."""
         if self.proj_dim is None or self.proj == "random":
             return self
+        batches = [raw] if isinstance(raw, torch.Tensor) else list(raw)
+        sizes = [b.shape[0] * b.shape[2] * b.shape[3] for b in batches]
+        total = sum(sizes)
         generator = torch.Generator().manual_seed(seed)
-        patches = raw.permute(0, 2, 3, 1).reshape(-1, self.raw_dim).double()
-        if len(patches) > max_patches:
-            patches = patches[torch.randperm(len(patches), generator=generator)[:max_patches]]
+        chosen = torch.randperm(total, generator=generator)[:max_patches].sort().values if total > max_patches else None
+        parts, start = [], 0
+        for batch, size in zip(batches, sizes):
+            rows = batch.permute(0, 2, 3, 1).reshape(-1, self.raw_dim)
+            if chosen is not None:
+                rows = rows[chosen[(chosen >= start) & (chosen < start + size)] - start]
+            parts.append(rows.double())
+            start += size
+        patches = torch.cat(parts)
         if len(patches) < 2:
             raise AnomatuneError("fit_projection got too few patches: pass at least one batch of good images")
         mean = patches.mean(0)

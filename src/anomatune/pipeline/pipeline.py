@@ -167,8 +167,12 @@ class Pipeline:
         extractor = self._extractor()
         detector = create_detector(s.detector)
         if extractor.proj_dim is not None and extractor.proj == "pca":  # one pass over the images: fit the PCA, then project
-            raw = extractor.extract(self._loader(train), desc="train features", raw=True)
-            detector.fit(extractor.fit_projection_on(raw, seed=s.seed).project(raw.to(device)))
+            raw = list(extractor.stream(self._loader(train), desc="train features", raw=True))
+            extractor.fit_projection_on(raw, seed=s.seed)
+            projected = []
+            while raw:  # each raw batch is freed once projected: at most the raw features and the projected ones at once
+                projected.append(extractor.project(raw.pop(0).to(device)))
+            detector.fit(torch.cat(projected))
         else:  # streamed: a detector that keeps a bounded sample (PatchCore) never holds every feature
             detector.fit_batches((f.to(device) for f in extractor.stream(self._loader(train), desc="train features")), len(train))
         self.extractor_, self.detector_ = extractor, detector
