@@ -210,8 +210,10 @@ def markdown(results: dict) -> str:
              "Peak memory is the process's maximum resident set (torch and the model included).", "",
              "## Fit time and peak memory against training images", "",
              "| detector | images | fit s | images/s | peak GB | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|---|---|"]
-    for key, cell in results.get("fit", {}).items():
+    fits = results.get("fit", {})
+    for key in sorted(fits, key=lambda k: (int(k.split("/")[1]), DETECTORS.index(k.split("/")[0]))):
         detector, n = key.split("/")
+        cell = fits[key]
         if "error" in cell:
             lines.append(f"| {detector} | {n} | failed: {cell['error']} | | | | | |")
             continue

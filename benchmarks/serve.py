@@ -179,7 +179,7 @@ def main() -> None:
             print(f"  {results['load'][name]}", flush=True)
             write_results(NAME, results, markdown(results))
     if "predict" in parts:
-        results["predict"] = predict_command(run, 200)
+        results["predict"] = predict_command(run, CLIENTS * REQUESTS)
         print(f"predict: {results['predict']}", flush=True)
     if "engines" in parts:
         print("engines ...", flush=True)

@@ -3,6 +3,8 @@
 import csv
 import json
 
+import numpy as np
+
 import pytest
 
 from anomatune.apps.jobs import Job, attempt, summary_columns, write_summary, with_category_weights
@@ -11,6 +13,7 @@ from anomatune.data.settings import DataSettings
 from anomatune.errors import DataError
 from anomatune.pipeline.settings import PipelineSettings, RuntimeSettings
 
+from ..conftest import save_image
 from .test_cli import FAST_OPTIONS, cli
 
 
@@ -81,3 +84,20 @@ def test_a_job_ships_absolute_paths(tmp_path, monkeypatch):
     assert job.root == str(tmp_path / "runs") and job.data.data == str(tmp_path / "data")
     assert job.options["negatives"] == str(tmp_path / "photos")
     assert job.options["settings"].features.backbone_weights == str(tmp_path / "ft")
+
+
+def test_finetune_every_category_then_fit_with_each_ones_weights(two_categories, tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(2):
+        save_image(photos / f"{i}.png", size=(50, 40), rng=np.random.default_rng(i))
+    code, stdout, err = cli("finetune", "--data", two_categories, "--category", "all", "--negatives", photos, "--out", tmp_path / "ft",
+                            *FAST_OPTIONS, "--proj-dim", "8", "--set", "n_components=2", "--diag-images", "2", "--mode", "adaptor",
+                            "--steps", "1", "--batch-neg", "2")
+    assert code == 1 and "2 of 3 categories done; failed: broken" in stdout, err
+    rows = read_summary(tmp_path / "ft")
+    assert rows["widget"]["kept_step"] in ("0", "1") and rows["widget"]["fallback"] in ("True", "False")
+    code, stdout, err = cli("fit", "--data", two_categories, "--category", "all", "--detector", "padim", *FAST_OPTIONS[:2],
+                            "--backbone-weights", tmp_path / "ft", *FAST_OPTIONS[4:], "--out", tmp_path / "runs")
+    assert code == 1 and "2 of 3 categories done" in stdout, err
+    config = (tmp_path / "runs" / "widget" / "config.yaml").read_text()
+    assert str(tmp_path / "ft" / "widget") in config
