@@ -3,7 +3,12 @@
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,8 @@ from PIL import Image
 
 from anomatune import Pipeline
 
-from .conftest import httpx, serve
+from ..apps.test_cli import cli
+from .conftest import free_port, httpx, serve
 
 
 def upload(path, name=None):
@@ -123,3 +129,26 @@ def test_two_models_need_a_model_field(fast_run, tmp_path, images):
         answer = c.post("/predict", files=[upload(images["good"])], data={"model": "other"})
         assert answer.status_code == 200 and answer.json()["model"].startswith("other@")
         assert json.loads(c.get("/models").text)[1]["name"] == "other"
+
+
+def test_the_serve_command_reads_the_key_from_the_environment(fast_run, images, tmp_path):
+    code, _, err = cli("serve", tmp_path / "nowhere")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "anomatune"), "serve", str(fast_run), "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(command, env=os.environ | {"ANOMATUNE_API_KEY": "from-env"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read() if server.poll() is not None else ""
+                time.sleep(0.2)
+        assert httpx.post(url + "/predict", files=[upload(images["good"])]).status_code == 401
+        assert httpx.post(url + "/predict", files=[upload(images["good"])], headers={"X-API-Key": "from-env"}).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
