@@ -23,9 +23,9 @@ from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
 from ..finetune.settings import FinetuneSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
-from . import options
-from .jobs import Job, evaluate, fit, finetune
 from ..serve.settings import API_KEY_ENV, ServeSettings
+from . import options
+from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, fit, finetune, run_categories
 from .settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
 
 log = logging.getLogger("anomatune")
@@ -124,14 +124,12 @@ def evaluate_cmd(run, no_figures, **values):
     echo_metrics(run, evaluate(job.data, Path(run), job.runtime, not no_figures))
 
 
-def run_all(job: "Job", engine: EngineSettings, category: str | None) -> bool:
+def run_all(job: Job, engine: EngineSettings, category: str | None) -> bool:
     """With --category all: ``job`` for every category, then its summary; exit 1 if one failed. False otherwise."""
     if category != ALL_CATEGORIES:
         if engine.engine == RAY:
             raise click.UsageError(f"--engine ray runs {job.command} on every category of a dataset root: add --category all")
         return False
-    from .jobs import SUMMARY_CSV, SUMMARY_MD, run_categories
-
     rows = run_categories(job, engine)
     click.echo(Path(job.root, SUMMARY_MD).read_text(), nl=False)
     failed = [r["category"] for r in rows if r["status"] != "ok"]

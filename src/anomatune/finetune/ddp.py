@@ -72,7 +72,11 @@ class Ranks:
         if self.world > 1:
             import torch.distributed as dist
 
+            device = tensor.device
+            if dist.get_backend() == "nccl" and device.type != "cuda":  # NCCL reduces GPU tensors only
+                tensor = tensor.cuda()
             dist.all_reduce(tensor)
+            tensor = tensor.to(device)
         return tensor
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
