@@ -78,17 +78,24 @@ def score_paths(pipeline: Pipeline, paths: Sequence[Path], names: Sequence[str],
             row.decision, row.error = "error", str(exc)
     if not readable:
         return rows
-    low = pipeline.fit_record_.good_map_median
     predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
     for (row, name, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
                                                             predictions.maps, predictions.masks):
         row.score, row.decision = float(score), "defective" if label else "good"
         if images is not None:
             row.overlay, row.mask = f"{RunFolder.OVERLAYS}/{name}.png", f"{RunFolder.MASKS}/{name}.png"
-            overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
-            images.write_image(row.overlay, Image.fromarray(overlay))
-            images.write_image(row.mask, Image.fromarray((mask * 255).astype(np.uint8), "L"))
+            overlay, mask_image = draw(pipeline, image, heat, mask, threshold)
+            images.write_image(row.overlay, overlay)
+            images.write_image(row.mask, mask_image)
     return rows
+
+
+def draw(pipeline: Pipeline, image: Image.Image, heat: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[Image.Image, Image.Image]:
+    """What a person looks at: the heatmap over the image (blue at the good images' median, red
+    from the threshold on) and the defect mask (white = defective), both at the image's size."""
+    low = pipeline.fit_record_.good_map_median
+    overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
+    return Image.fromarray(overlay), Image.fromarray((mask * 255).astype(np.uint8), "L")
 
 
 def predict_rows(pipeline: Pipeline, paths: Sequence[Path], threshold: float, images: RunFolder | None) -> Iterator[PredictionRow]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import AnomatuneError
-from ..evaluation.plots import heat_overlay
+from ..apps.predict import draw
 from ..pipeline.folders import PNG_COMPRESSION, RunFolder
 from ..pipeline.pipeline import Pipeline
 
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
     return buffer.getvalue()
 
 
@@ -116,13 +116,12 @@ class ServedModel:
         batch, sizes = self.pipeline.as_batch(pictures)
         maps, scores = self.forward(batch)
         predictions = self.pipeline.predictions_from(maps, scores, sizes)
-        low = self.pipeline.fit_record_.good_map_median
         results = []
         for picture, score, label, heat, mask in zip(pictures, predictions.scores, predictions.labels, predictions.maps,
                                                      predictions.masks):
-            overlay = heat_overlay(np.asarray(picture), heat, float(heat.min()) if low is None else low, self.threshold)
+            overlay, mask_image = draw(self.pipeline, picture, heat, mask, self.threshold)
             results.append({"score": float(score), "decision": "defective" if label else "good", "overlay": png_bytes(overlay),
-                            "mask": png_bytes((mask * 255).astype(np.uint8), "L")})
+                            "mask": png_bytes(mask_image)})
         return results
 
 
