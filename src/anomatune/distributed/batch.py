@@ -13,6 +13,7 @@ filesystem every node sees when the cluster has several machines.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def scored_dataset(run_dir: str | Path, paths: Sequence[Path], threshold: float,
 
     plan = plan_workers(connect(), workers, device)
     table = pa.table({"index": list(range(len(paths))), "path": [str(p) for p in paths], "name": unique_names(paths)})
-    block = batch_size * BATCHES_PER_BLOCK
+    block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / plan.workers)))  # work for every worker
     blocks = [table.slice(start, block) for start in range(0, len(table), block)]
     log.info("scoring %d images with %d Ray workers (%g CPU%s each)", len(paths), plan.workers, plan.cpus,
              ", 1 GPU" if plan.device == "cuda" else "")
@@ -98,6 +99,6 @@ def predict_on_ray(run_dir: str | Path, inputs: Sequence[str | Path], out: str |
     with RunFolder(out).staged("predictions") as stage:
         results = stage.path.resolve() / RunFolder.RESULTS_PARQUET
         scored_dataset(Path(run_dir).resolve(), paths, threshold, stage.path.resolve() if images else None, engine.workers, device,
-                       batch_size).write_parquet(str(results))
+                       batch_size).write_parquet(str(results), ray_remote_args={"num_cpus": 0})  # the actors hold the CPUs
         decisions = Counter(pq.read_table(results, columns=["decision"]).column("decision").to_pylist())
     return Tally(decisions["good"] + decisions["defective"], decisions["defective"], decisions["error"])
