@@ -98,39 +98,32 @@ def peak_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def child_fit(detector: str, n: int) -> dict:
-    """In a fresh process: fit, then score the test split; seconds, peak memory, metrics."""
+def fit_and_score(root: Path, detector) -> tuple[dict, object]:
+    """Fit on transistor's training images under ``root``, then score its test split: seconds, peak memory, metrics."""
     from anomatune.allocator import tune_allocator
     from anomatune.data.layouts import open_dataset
     from anomatune.pipeline.pipeline import Pipeline
 
     tune_allocator()
-    root = category_of(n)
     start = time.perf_counter()
     pipeline = Pipeline(detector=detector, image_size=SQUARE, device="cpu").fit(open_dataset(data=str(root), category="transistor"))
-    fit_s = time.perf_counter() - start
-    fit_peak = peak_gb()
+    fit_s, fit_peak = time.perf_counter() - start, peak_gb()
     metrics = pipeline.score(open_dataset(data=str(root), category="transistor", split="test", image_size=pipeline.input_size))
-    return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, "images_per_s": round(n / fit_s, 1),
-            **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+    return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}, pipeline
+
+
+def child_fit(detector: str, n: int) -> dict:
+    """In a fresh process: fit on ``n`` augmented images, then score the test split."""
+    cell, _ = fit_and_score(category_of(n), detector)
+    return cell | {"images_per_s": round(n / cell["fit_s"], 1)}
 
 
 def child_bound(max_patches: str) -> dict:
     """In a fresh process: PatchCore on transistor's own training images with ``max_patches`` (``none``: every patch)."""
-    from anomatune.allocator import tune_allocator
-    from anomatune.data.layouts import open_dataset
-    from anomatune.pipeline.pipeline import Pipeline
-
-    tune_allocator()
-    root, category = dataset("transistor")
+    root, _ = dataset("transistor")
     cap = None if max_patches == "none" else int(max_patches)
-    start = time.perf_counter()
-    pipeline = Pipeline(detector={"name": "patchcore", "max_patches": cap}, image_size=SQUARE, device="cpu")
-    pipeline.fit(open_dataset(data=str(root), category=category))
-    fit_s, fit_peak = time.perf_counter() - start, peak_gb()
-    metrics = pipeline.score(open_dataset(data=str(root), category=category, split="test", image_size=pipeline.input_size))
-    return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, "train_patches": pipeline.fit_record_.n_train * 1024,
-            **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+    cell, pipeline = fit_and_score(root, {"name": "patchcore", "max_patches": cap})
+    return cell | {"train_patches": pipeline.fit_record_.n_train * 1024}
 
 
 def child_predict(run: str, images: int, batch: int, engine: str, workers: int) -> dict:

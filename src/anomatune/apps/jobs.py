@@ -129,6 +129,11 @@ def with_category_weights(settings: PipelineSettings, category: str) -> Pipeline
     return settings.updated(backbone_weights=str(folder)) if RunFolder(folder).kind == "finetune" else settings
 
 
+def failed_row(category: str, message: str) -> dict:
+    """A category's row of the summary when it failed: its error in one line."""
+    return {"category": category, "status": "failed", "error": " ".join(message.split())[:500]}
+
+
 def attempt(job: Job, category: str, device: str | None = None) -> dict:
     """One row of the summary: the category's results, or its error in one line (never raised)."""
     tune_allocator()  # a Ray worker is a fresh process
@@ -138,8 +143,7 @@ def attempt(job: Job, category: str, device: str | None = None) -> dict:
         row = {"category": category, "status": "ok", **result}
     except Exception as exc:  # a failing category is reported, the others go on
         log.debug("%s failed", category, exc_info=True)
-        message = str(exc) if isinstance(exc, AnomatuneError) else f"{type(exc).__name__}: {exc}"
-        row = {"category": category, "status": "failed", "error": " ".join(message.split())[:500]}
+        row = failed_row(category, str(exc) if isinstance(exc, AnomatuneError) else f"{type(exc).__name__}: {exc}")
         log.error("%s: %s", category, row["error"])
     return {**row, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -174,7 +178,7 @@ def _on_ray(job: Job, categories: list[str], engine: EngineSettings) -> list[dic
             try:
                 rows[category] = ray.get(ref)
             except Exception as exc:  # the worker died more times than Ray retries
-                rows[category] = {"category": category, "status": "failed", "error": " ".join(str(exc).split())[:500]}
+                rows[category] = failed_row(category, str(exc))
             bar.update()
     return [rows[c] for c in categories]
 

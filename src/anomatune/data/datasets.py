@@ -126,6 +126,25 @@ def seeded_split(n: int, n_held: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[n_held:]), sorted(order[:n_held])
 
 
+class RowSample:
+    """A seeded sample of at most ``cap`` of ``total`` rows that arrive batch by batch (all of them when
+    ``total <= cap`` or ``cap`` is None): what PatchCore and the PCA keep, drawn before any row is copied.
+    The rows kept are the first ``cap`` of one seeded permutation, in their arrival order."""
+
+    def __init__(self, total: int, cap: int | None, seed: int):
+        keep_all = cap is None or total <= cap
+        self.chosen = None if keep_all else torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+        self.start = 0
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sampled ones among the next ``len(rows)`` rows."""
+        start, self.start = self.start, self.start + len(rows)
+        if self.chosen is None:
+            return rows
+        mine = self.chosen[(self.chosen >= start) & (self.chosen < self.start)] - start
+        return rows[mine.to(rows.device)]
+
+
 def collate(batch: Sequence[dict]) -> dict:
     """Batch dataset items; ``mask`` stays ``None`` when the dataset has no ground truth."""
     masks = [item["mask"] for item in batch]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.datasets import RowSample
 from ..errors import AnomatuneError, BackboneError
 from .adaptor import Adaptor
 from .backbones import Backbone, create_backbone
@@ -198,18 +199,8 @@ class FeatureExtractor(nn.Module):
         if self.proj_dim is None or self.proj == "random":
             return self
         batches = [raw] if isinstance(raw, torch.Tensor) else list(raw)
-        sizes = [b.shape[0] * b.shape[2] * b.shape[3] for b in batches]
-        total = sum(sizes)
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(total, generator=generator)[:max_patches].sort().values if total > max_patches else None
-        parts, start = [], 0
-        for batch, size in zip(batches, sizes):
-            rows = batch.permute(0, 2, 3, 1).reshape(-1, self.raw_dim)
-            if chosen is not None:
-                rows = rows[chosen[(chosen >= start) & (chosen < start + size)] - start]
-            parts.append(rows.double())
-            start += size
-        patches = torch.cat(parts)
+        sample = RowSample(sum(b.shape[0] * b.shape[2] * b.shape[3] for b in batches), max_patches, seed)
+        patches = torch.cat([sample.take(b.permute(0, 2, 3, 1).reshape(-1, self.raw_dim)).double() for b in batches])
         if len(patches) < 2:
             raise AnomatuneError("fit_projection got too few patches: pass at least one batch of good images")
         mean = patches.mean(0)

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ..data.datasets import RowSample
 from ..errors import AnomatuneError
 from .base import Detector, flatten_patches
 from .settings import PatchCoreSettings
@@ -64,13 +65,9 @@ class PatchCore(Detector):
     Settings = PatchCoreSettings
     state = ("memory_bank",)
 
-    def _sample(self, total: int) -> torch.Tensor | None:
-        """Sorted indices of the ``max_patches`` training patches kept out of ``total`` (seeded); ``None``: keep all."""
-        cap = self.settings.max_patches
-        if cap is None or total <= cap:
-            return None
-        generator = torch.Generator().manual_seed(self.settings.seed)
-        return torch.randperm(total, generator=generator)[:cap].sort().values
+    def _sample(self, total: int) -> RowSample:
+        """The seeded sample of at most ``max_patches`` of the ``total`` training patches."""
+        return RowSample(total, self.settings.max_patches, self.settings.seed)
 
     def _select(self, patches: torch.Tensor) -> None:
         s = self.settings
@@ -81,29 +78,21 @@ class PatchCore(Detector):
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        kept = self._sample(len(patches))
-        self._select(patches if kept is None else patches[kept.to(patches.device)])
+        self._select(self._sample(len(patches)).take(patches))
 
     @torch.no_grad()
     def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "PatchCore":
         """Fit while the features stream in, keeping only the ``max_patches`` sample: memory is
         bounded whatever the number of images (``benchmarks/scaling.py`` measures it)."""
-        sample, start, kept, features = [], 0, None, None
+        kept, sample, features = [], None, None
         for features in batches:
             self._check_features(features)
-            patches = flatten_patches(features)
-            if start == 0:
-                kept = self._sample(n_images * features.shape[2] * features.shape[3])
-            if kept is None:
-                sample.append(patches)
-            else:
-                mine = kept[(kept >= start) & (kept < start + len(patches))] - start
-                sample.append(patches[mine.to(patches.device)])
-            start += len(patches)
+            sample = sample or self._sample(n_images * features.shape[2] * features.shape[3])
+            kept.append(sample.take(flatten_patches(features)))
         if features is None:
             raise AnomatuneError("no features to fit on")
         self._reset()
-        self._select(torch.cat(sample))
+        self._select(torch.cat(kept))
         self._record_shape(features)
         return self
 
