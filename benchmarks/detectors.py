@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 from anomatune import Pipeline, open_dataset
-from anomatune.evaluation.evaluate import score_dataset
-from common import DATASETS, FIRST_TWO, RESULTS, SQUARE, dataset as dataset_path
+from anomatune.pipeline.scoring import score_dataset
+from common import DATASETS, FIRST_TWO, RESULTS, SQUARE
+from common import dataset as dataset_path
 
 # PatchCore's coreset ratio on magnetic_tile follows anomalib's peer run (0.01): 0.1 takes hours there.
 SETTINGS = {("patchcore", "magnetic_tile"): {"coreset_ratio": 0.01}}
@@ -38,26 +39,47 @@ def main() -> None:
         root, category = dataset_path(name)
         for model in args.models:
             settings = SETTINGS.get((model, name), {})
-            pipeline = Pipeline(detector={"name": model, **settings}, backbone=args.backbone, image_size=args.image_size,
-                                threshold_holdout=0, device=args.device)  # MVTec protocol: every training image in the fit
+            pipeline = Pipeline(
+                detector={"name": model, **settings},
+                backbone=args.backbone,
+                image_size=args.image_size,
+                threshold_holdout=0,
+                device=args.device,
+            )  # MVTec protocol: every training image in the fit
             pipeline.fit(open_dataset(data=root, category=category))
             evaluation = score_dataset(pipeline, open_dataset(data=root, category=category, split="test"))
             with tempfile.TemporaryDirectory() as tmp:
                 pipeline.save(Path(tmp) / "run")
                 size = sum(p.stat().st_size for p in (Path(tmp) / "run").glob("*.safetensors"))
-            row = {"dataset": name, "model": model, "settings": settings, **{k: round(evaluation.metrics[k], 4) for k in
-                   ("image_auroc", "pixel_auroc", "aupro")}, "fit_seconds": pipeline.fit_record_.fit_seconds,
-                   "test_images_per_s": round(len(evaluation.scores) / evaluation.seconds, 2), "model_mib": round(size / 2**20, 1)}
+            row = {
+                "dataset": name,
+                "model": model,
+                "settings": settings,
+                **{k: round(evaluation.metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")},
+                "fit_seconds": pipeline.fit_record_.fit_seconds,
+                "test_images_per_s": round(len(evaluation.scores) / evaluation.seconds, 2),
+                "model_mib": round(size / 2**20, 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     command = ("python benchmarks/detectors.py " + " ".join(sys.argv[1:])).strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "backbone": args.backbone, "rows": rows}, indent=2) + "\n")
-    lines = [f"# Detectors on the frozen {args.backbone} backbone", "", f"Command: `{command}` (2-core CPU, torch default threads).", "",
-             "| dataset | detector | image AUROC | pixel AUROC | AUPRO | fit s | test images/s | model MiB |", "|---|---|---|---|---|---|---|---|"]
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"command": command, "backbone": args.backbone, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        f"# Detectors on the frozen {args.backbone} backbone",
+        "",
+        f"Command: `{command}` (2-core CPU, torch default threads).",
+        "",
+        "| dataset | detector | image AUROC | pixel AUROC | AUPRO | fit s | test images/s | model MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = r["model"] + (f" ({', '.join(f'{k}={v}' for k, v in r['settings'].items())})" if r["settings"] else "")
-        lines.append(f"| {r['dataset']} | {name} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_seconds']:.1f} | {r['test_images_per_s']:.1f} | {r['model_mib']} |")
+        lines.append(
+            f"| {r['dataset']} | {name} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_seconds']:.1f} | {r['test_images_per_s']:.1f} | {r['model_mib']} |"
+        )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -57,7 +57,9 @@ def measure(backbone: str, device: str, threads: int, batch: int, size: int, bat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "dinov2_vits14"])
+    parser.add_argument(
+        "--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "dinov2_vits14"]
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--batch", type=int, default=8)
@@ -71,27 +73,50 @@ def main() -> None:
     rows = []
     for backbone in args.backbones:
         for threads in args.threads:
-            cmd = [sys.executable, __file__, "--child", "--backbones", backbone, "--device", args.device, "--threads", str(threads),
-                   "--batch", str(args.batch), "--size", str(args.size), "--batches", str(args.batches)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--backbones",
+                backbone,
+                "--device",
+                args.device,
+                "--threads",
+                str(threads),
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(args.size),
+                "--batches",
+                str(args.batches),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     command = "python benchmarks/features.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    meta = {"command": command.strip(), "machine": f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores", "batch": args.batch, "size": args.size}
+    meta = {
+        "command": command.strip(),
+        "machine": f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "batch": args.batch,
+        "size": args.size,
+    }
     (RESULTS / f"features{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Feature extraction speed ({args.size} px, batch {args.batch}, device {args.device})",
         "",
         f"Command: `{meta['command']}` on {meta['machine']}.",
         "",
-        "| backbone | threads | images/s | features (D, h, w) | peak RSS MiB | RSS before model MiB |" + (" peak CUDA MiB |" if args.device == "cuda" else ""),
+        "| backbone | threads | images/s | features (D, h, w) | peak RSS MiB | RSS before model MiB |"
+        + (" peak CUDA MiB |" if args.device == "cuda" else ""),
         "|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
     ]
     for r in rows:
-        lines.append(f"| {r['backbone']} | {r['threads']} | {r['images_per_s']} | {tuple(r['feature_shape'])} | {r['peak_rss_mib']} | {r['rss_before_model_mib']} |"
-                     + (f" {r['peak_cuda_mib']} |" if args.device == "cuda" else ""))
+        lines.append(
+            f"| {r['backbone']} | {r['threads']} | {r['images_per_s']} | {tuple(r['feature_shape'])} | {r['peak_rss_mib']} | {r['rss_before_model_mib']} |"
+            + (f" {r['peak_cuda_mib']} |" if args.device == "cuda" else "")
+        )
     (RESULTS / f"features{suffix}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -41,16 +41,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from anomatune import RunFolder, open_dataset
+from anomatune import open_dataset
 from anomatune.data.datasets import collate
 from anomatune.device import resolve_device
-from anomatune.evaluation.metrics import evaluate_scores
 from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
+from anomatune.folders.kinds import FinetuneFolder, RunFolder
+from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
-from common import DATASETS, NEGATIVES, RESULTS, SHARED, dataset as dataset_path, score_features
+from common import DATASETS, NEGATIVES, RESULTS, SHARED, score_features
+from common import dataset as dataset_path
 
 VALIDATION_NEGATIVES = SHARED / "natural" / "imagen"
 DETECTOR_SETTINGS = {"patchcore": {"coreset_ratio": 0.01}}  # 0.1 takes 4–11 min a fit on the 2-core CPU
@@ -99,8 +101,10 @@ class Category:
         extractor = FeatureExtractor(FeatureSettings(backbone_weights=weights)).to(self.device).eval()
         if adaptor_only:
             with torch.no_grad():
-                return tuple(torch.cat([extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
-                             for frozen in self.frozen)
+                return tuple(
+                    torch.cat([extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
+                    for frozen in self.frozen
+                )
         split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
         features = extractor.extract(split(self.train_images), "train"), extractor.extract(split(self.test_images), "test")
         if weights is None:
@@ -111,7 +115,7 @@ class Category:
         settings = detector_settings(model, **DETECTOR_SETTINGS.get(model, {}))
         detector = create_detector(settings).fit(train_features.to(self.device))
         maps, scores = score_features(detector, test_features.to(self.device), self.size)
-        result = evaluate_scores(self.labels, scores, self.masks, maps)
+        result = split_metrics(self.labels, scores, pixel_curves(self.masks, maps))
         return {m: None if np.isnan(result[m]) else round(result[m], 4) for m in METRICS}
 
 
@@ -153,18 +157,32 @@ def write_table(files: list[Path], out: Path) -> None:
     frozen = {(r["dataset"], r["model"]): r for r in rows if r["backbone"] == "frozen"}
     kept, last = _deltas(rows, frozen), _deltas(rows, frozen, "last")
     models = sorted({r["model"] for r in rows})
-    lines = ["# Frozen vs fine-tuned backbone on the six development categories", "",
-             f"Rows: {', '.join(f'`{f.name}`' for f in files)}; written by `python benchmarks/finetune.py --table "
-             f"{' '.join(f.name for f in files)} --name {out.stem}`. Commands (device in brackets):", "",
-             *[f"    {c}    [{p['device'] if isinstance(p['device'], str) else '; '.join(p['device'])}]"
-               for p in parts for c in p.get("commands", [p.get("command")])], ""]
-    lines += ["## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)", "",
-              "Each Δ: the mean over the categories of fine-tuned minus frozen, per seed, then mean ± std over the seeds (one "
-              "seed: the number alone); the categories are listed per configuration below. Validation gain: the validation "
-              "score (mean of the image and pixel AUROC on held-out good images with synthetic defects) of the kept "
-              "checkpoint minus the frozen features', mean ± std over runs. Fallbacks: runs that kept the frozen backbone.", "",
-              "| configuration | runs | fallbacks | validation gain | " + " | ".join(f"{m} Δ image AUROC | {m} Δ AUPRO" for m in models)
-              + " | fine-tuning s |", "|---|---|---|---|" + "---|---|" * len(models) + "---|"]
+    lines = [
+        "# Frozen vs fine-tuned backbone on the six development categories",
+        "",
+        f"Rows: {', '.join(f'`{f.name}`' for f in files)}; written by `python benchmarks/finetune.py --table "
+        f"{' '.join(f.name for f in files)} --name {out.stem}`. Commands (device in brackets):",
+        "",
+        *[
+            f"    {c}    [{p['device'] if isinstance(p['device'], str) else '; '.join(p['device'])}]"
+            for p in parts
+            for c in p.get("commands", [p.get("command")])
+        ],
+        "",
+    ]
+    lines += [
+        "## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)",
+        "",
+        "Each Δ: the mean over the categories of fine-tuned minus frozen, per seed, then mean ± std over the seeds (one "
+        "seed: the number alone); the categories are listed per configuration below. Validation gain: the validation "
+        "score (mean of the image and pixel AUROC on held-out good images with synthetic defects) of the kept "
+        "checkpoint minus the frozen features', mean ± std over runs. Fallbacks: runs that kept the frozen backbone.",
+        "",
+        "| configuration | runs | fallbacks | validation gain | "
+        + " | ".join(f"{m} Δ image AUROC | {m} Δ AUPRO" for m in models)
+        + " | fine-tuning s |",
+        "|---|---|---|---|" + "---|---|" * len(models) + "---|",
+    ]
     for config in dict.fromkeys(r["config"] for r in kept):
         group = [r for r in kept if r["config"] == config]
         runs = {(r["dataset"], r["seed"]): r for r in group}
@@ -172,27 +190,44 @@ def write_table(files: list[Path], out: Path) -> None:
         for m in models:
             by_model = [r for r in group if r["model"] == m]
             cells += [_category_mean(by_model, "d_image_auroc"), _category_mean(by_model, "d_aupro")]
-        lines.append(f"| {config} | {len(runs)} | {sum(r['fallback'] for r in runs.values())} | "
-                     f"{_mean_std(r['validation_gain'] for r in runs.values())} | " + " | ".join(cells)
-                     + f" | {statistics.mean(r['finetune_seconds'] for r in runs.values()):.0f} |")
-    lines += ["", "## Per category (mean ± std over seeds of fine-tuned minus frozen)", "",
-              "| configuration | dataset | detector | seeds | frozen image AUROC / pixel AUROC / AUPRO | Δ image AUROC | Δ pixel AUROC | Δ AUPRO | kept steps |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {config} | {len(runs)} | {sum(r['fallback'] for r in runs.values())} | "
+            f"{_mean_std(r['validation_gain'] for r in runs.values())} | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(r['finetune_seconds'] for r in runs.values()):.0f} |"
+        )
+    lines += [
+        "",
+        "## Per category (mean ± std over seeds of fine-tuned minus frozen)",
+        "",
+        "| configuration | dataset | detector | seeds | frozen image AUROC / pixel AUROC / AUPRO | Δ image AUROC | Δ pixel AUROC | Δ AUPRO | kept steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for config in dict.fromkeys(r["config"] for r in kept):
         for (dataset, model), base in frozen.items():
             group = [r for r in kept if (r["config"], r["dataset"], r["model"]) == (config, dataset, model)]
             if group:
                 shown = " / ".join("–" if base[m] is None else f"{base[m]:.4f}" for m in METRICS)
-                lines.append(f"| {config} | {dataset} | {model} | {len(group)} | {shown} | "
-                             + " | ".join(_mean_std(r[f"d_{m}"] for r in group) for m in METRICS)
-                             + f" | {', '.join(str(r['kept_step']) for r in group)} |")
-    lines += ["", "## Does the validation predict the test?", "",
-              "Over every (category, configuration, seed) run and both its kept and its last checkpoint (the last when it differs): "
-              "sign agreement between the validation gain and the test gain in image AUROC (pairs where both are non-zero), and "
-              "Spearman's rank correlation.", "",
-              "| detector | checkpoints | sign agreement | rank correlation |", "|---|---|---|---|"]
+                lines.append(
+                    f"| {config} | {dataset} | {model} | {len(group)} | {shown} | "
+                    + " | ".join(_mean_std(r[f"d_{m}"] for r in group) for m in METRICS)
+                    + f" | {', '.join(str(r['kept_step']) for r in group)} |"
+                )
+    lines += [
+        "",
+        "## Does the validation predict the test?",
+        "",
+        "Over every (category, configuration, seed) run and both its kept and its last checkpoint (the last when it differs): "
+        "sign agreement between the validation gain and the test gain in image AUROC (pairs where both are non-zero), and "
+        "Spearman's rank correlation.",
+        "",
+        "| detector | checkpoints | sign agreement | rank correlation |",
+        "|---|---|---|---|",
+    ]
     for m in models:
-        pairs = [(r["validation_gain"], r["d_image_auroc"]) for r in kept + last if r["model"] == m and r["d_image_auroc"] is not None]
+        pairs = [
+            (r["validation_gain"], r["d_image_auroc"]) for r in kept + last if r["model"] == m and r["d_image_auroc"] is not None
+        ]
         signed = [(v, t) for v, t in pairs if v != 0 and t != 0]
         agree = sum((v > 0) == (t > 0) for v, t in signed)
         rho = _spearman(*zip(*pairs)) if pairs else float("nan")
@@ -204,12 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=["glad", "padim", "patchcore"])
-    parser.add_argument("--last-models", nargs="*", default=["padim"],
-                        help="Detectors also refit on the last step's backbone when it is not the kept one (for the agreement).")
+    parser.add_argument(
+        "--last-models",
+        nargs="*",
+        default=["padim"],
+        help="Detectors also refit on the last step's backbone when it is not the kept one (for the agreement).",
+    )
     parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--then-best-seeds", nargs="*", type=int, default=[], help="Seeds for the best configuration by validation.")
-    parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Changes for every configuration.")
+    parser.add_argument(
+        "--then-best-seeds", nargs="*", type=int, default=[], help="Seeds for the best configuration by validation."
+    )
+    parser.add_argument(
+        "--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Changes for every configuration."
+    )
     parser.add_argument("--budget", type=float, default=float("inf"), help="Seconds after which no new unit starts.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Folder for the results file.")
@@ -221,8 +264,11 @@ def main() -> None:
         files = [Path(f) if Path(f).exists() else RESULTS / f for f in args.table or args.merge]
         if args.merge:
             parts = [json.loads(f.read_text()) for f in files]
-            merged = {"commands": [c for p in parts for c in p.get("commands", [p.get("command")])],
-                      "device": sorted({p["device"] for p in parts}), "rows": [r for p in parts for r in p["rows"]]}
+            merged = {
+                "commands": [c for p in parts for c in p.get("commands", [p.get("command")])],
+                "device": sorted({p["device"] for p in parts}),
+                "rows": [r for p in parts for r in p["rows"]],
+            }
             return (RESULTS / f"{args.name}.json").write_text(json.dumps(merged, indent=1) + "\n")
         return write_table(files, RESULTS / f"{args.name}.md")
     from anomatune.apps.options import parse_pairs
@@ -232,8 +278,11 @@ def main() -> None:
     common = parse_pairs(args.changes)
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else f"CPU, {torch.get_num_threads()} threads", "defaults": FinetuneSettings().to_dict()}
+    header = {
+        "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+        "defaults": FinetuneSettings().to_dict(),
+    }
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -255,8 +304,17 @@ def main() -> None:
                 baseline[(name, model)] = cat.metrics(model, *frozen)
                 seconds = round(time.perf_counter() - t, 1)
                 for seed in args.seeds:  # one row per seed, as the fine-tuned rows (the frozen backbone has no seed: they repeat)
-                    record({"dataset": name, "config": None, "model": model, "backbone": "frozen", "seed": seed,
-                            **baseline[(name, model)], "seconds": seconds})
+                    record(
+                        {
+                            "dataset": name,
+                            "config": None,
+                            "model": model,
+                            "backbone": "frozen",
+                            "seed": seed,
+                            **baseline[(name, model)],
+                            "seconds": seconds,
+                        }
+                    )
         for config, seed in plan:
             if in_budget():
                 run(cat, config, seed)
@@ -269,25 +327,43 @@ def main() -> None:
             seconds = round(time.perf_counter() - t, 1)
             scores = {v["step"]: v["score"] for v in report["validation"]}
             last = max(scores)
-            tune = {"finetune_seconds": seconds, "kept_step": report["kept_step"], "last_step": last, "fallback": report["fallback"],
-                    "collapsed": report["collapsed"]}
-            weights = {"fine-tuned": (RunFolder(tmp) / RunFolder.BACKBONE, report["kept_step"])}
+            tune = {
+                "finetune_seconds": seconds,
+                "kept_step": report["kept_step"],
+                "last_step": last,
+                "fallback": report["fallback"],
+                "collapsed": report["collapsed"],
+            }
+            weights = {"fine-tuned": (RunFolder(tmp) / FinetuneFolder.BACKBONE, report["kept_step"])}
             if report["kept_step"] != last:
-                weights["last"] = (RunFolder(tmp) / RunFolder.LAST_BACKBONE, last)
+                weights["last"] = (RunFolder(tmp) / FinetuneFolder.LAST_BACKBONE, last)
             for backbone, (path, step) in weights.items():
                 features = None if step == 0 else cat.features(str(path), adaptor_only=settings.mode == "adaptor")
                 for model in args.models if backbone == "fine-tuned" else args.last_models:
                     # a fallback's backbone is the frozen one, bit for bit: its metrics are the frozen row's
                     metrics = baseline[(cat.name, model)] if step == 0 else cat.metrics(model, *features)
-                    record({"dataset": cat.name, "config": config, "model": model, "backbone": backbone, "seed": seed,
-                            **metrics, "validation_gain": round(scores[step] - scores[0], 5), **tune})
+                    record(
+                        {
+                            "dataset": cat.name,
+                            "config": config,
+                            "model": model,
+                            "backbone": backbone,
+                            "seed": seed,
+                            **metrics,
+                            "validation_gain": round(scores[step] - scores[0], 5),
+                            **tune,
+                        }
+                    )
 
     for name in args.datasets:  # one category in memory at a time
         if in_budget():
             run_category(name, [(config, seed) for config in args.configs for seed in args.seeds])
     if args.then_best_seeds and in_budget():
-        gains = {c: statistics.mean(r["validation_gain"] for r in rows if r.get("config") == c and r["backbone"] == "fine-tuned")
-                 for c in args.configs if any(r.get("config") == c for r in rows)}
+        gains = {
+            c: statistics.mean(r["validation_gain"] for r in rows if r.get("config") == c and r["backbone"] == "fine-tuned")
+            for c in args.configs
+            if any(r.get("config") == c for r in rows)
+        }
         best = max(gains, key=gains.get)
         print(f"best by mean validation gain: {best} ({gains[best]:+.5f})", flush=True)
         header["best_by_validation"] = {"config": best, "mean_validation_gain": gains}

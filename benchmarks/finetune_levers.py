@@ -17,9 +17,11 @@ import json
 import logging
 import tempfile
 import time
+
 from anomatune import open_dataset
 from anomatune.finetune import FinetuneSettings, dry_run
-from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE, dataset as dataset_path
+from common import DATASETS, FIRST_TWO, NEGATIVES, RESULTS, SQUARE
+from common import dataset as dataset_path
 
 # The paper's settings (quantile calibration, no temperature, fraction filter, whole-photo negatives); each row changes them.
 PAPER = {"calibration": "quantile", "temperature": 1.0, "filter": "fraction", "negative_mode": "photos"}
@@ -38,8 +40,15 @@ LEVERS = [
     {"rho_min": 1.0},
     {"crop_min": 0.05},
 ]
-COLUMNS = ["negative_visible_share", "negative_band_share", "kept_visible_share", "good_outside_share",
-           "median_log_density_good", "median_log_density_negative", "boundary"]
+COLUMNS = [
+    "negative_visible_share",
+    "negative_band_share",
+    "kept_visible_share",
+    "good_outside_share",
+    "median_log_density_good",
+    "median_log_density_negative",
+    "boundary",
+]
 
 
 def main() -> None:
@@ -56,8 +65,12 @@ def main() -> None:
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 summary = dry_run(train, NEGATIVES, tmp, settings)
-            row = {"dataset": dataset, "lever": lever, **{k: round(summary[k], 4) for k in COLUMNS},
-                   "seconds": round(time.perf_counter() - start, 1)}
+            row = {
+                "dataset": dataset,
+                "lever": lever,
+                **{k: round(summary[k], 4) for k in COLUMNS},
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             print(row, flush=True)
             rows.append(row)
             write(rows)
@@ -66,14 +79,19 @@ def main() -> None:
 def write(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "finetune_levers.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["Command: `python benchmarks/finetune_levers.py` (rows: changes from the paper's settings, PCA-32 GMM guide, 16 good + 16 negative images).", "",
-             "| dataset | change from the paper's settings | neg > 0.01 | band (0.01, 1/2] | kept > 0.01 | good outside | median log GMM good / neg | boundary |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Command: `python benchmarks/finetune_levers.py` (rows: changes from the paper's settings, PCA-32 GMM guide, 16 good + 16 negative images).",
+        "",
+        "| dataset | change from the paper's settings | neg > 0.01 | band (0.01, 1/2] | kept > 0.01 | good outside | median log GMM good / neg | boundary |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lever = ", ".join(f"{k}={v}" for k, v in r["lever"].items()) or "none (the paper's)"
-        lines.append(f"| {r['dataset']} | {lever} | {r['negative_visible_share']:.3f} | {r['negative_band_share']:.3f} | "
-                     f"{r['kept_visible_share']:.3f} | {r['good_outside_share']:.3f} | "
-                     f"{r['median_log_density_good']:.1f} / {r['median_log_density_negative']:.1f} | {r['boundary']:.1f} |")
+        lines.append(
+            f"| {r['dataset']} | {lever} | {r['negative_visible_share']:.3f} | {r['negative_band_share']:.3f} | "
+            f"{r['kept_visible_share']:.3f} | {r['good_outside_share']:.3f} | "
+            f"{r['median_log_density_good']:.1f} / {r['median_log_density_negative']:.1f} | {r['boundary']:.1f} |"
+        )
     (RESULTS / "finetune_levers.md").write_text("\n".join(lines) + "\n")
 
 

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomatune.data import MVTecAD, collate
-from anomatune.evaluation.metrics import evaluate_scores
 from anomatune.features import FeatureExtractor
 from anomatune.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models import PatchCore
 from common import score_features
 
@@ -58,14 +58,15 @@ def run(variant: str) -> dict:
     masks = torch.cat([b["mask"] for b in test]).numpy().astype(bool)[:, 0]
     detector = PatchCore().fit(train)
     maps, scores = score_features(detector, extractor.extract(test), masks.shape[-2:])
-    metrics = evaluate_scores(torch.cat([b["label"] for b in test]).numpy(), scores, masks, maps)
+    metrics = split_metrics(torch.cat([b["label"] for b in test]).numpy(), scores, pixel_curves(masks, maps))
     return {"variant": variant, **{k: round(v, 4) for k, v in metrics.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["full", "crop", "crop+imagenet"],
-                        choices=["full", "crop", "imagenet", "crop+imagenet"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["full", "crop", "crop+imagenet"], choices=["full", "crop", "imagenet", "crop+imagenet"]
+    )
     args = parser.parse_args()
     if not ROOT.exists():
         sys.exit(f"{ROOT} is absent: this benchmark needs ../shared/data")
@@ -75,9 +76,16 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     command = ("python benchmarks/patchcore_preprocessing.py " + " ".join(sys.argv[1:])).strip()
     (RESULTS / "patchcore_preprocessing.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    lines = ["# PatchCore on transistor: whole image vs anomalib's preprocessing", "", f"Command: `{command}` (2-core CPU).", "",
-             "Pixel metrics of cropped variants cover the central 224 px only.", "",
-             "| variant | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+    lines = [
+        "# PatchCore on transistor: whole image vs anomalib's preprocessing",
+        "",
+        f"Command: `{command}` (2-core CPU).",
+        "",
+        "Pixel metrics of cropped variants cover the central 224 px only.",
+        "",
+        "| variant | image AUROC | pixel AUROC | AUPRO |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['variant']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} |" for r in rows]
     (RESULTS / "patchcore_preprocessing.md").write_text("\n".join(lines) + "\n")
 

@@ -62,8 +62,15 @@ def main() -> None:
     engine.fit(model=model, datamodule=datamodule)
     fitted = time.perf_counter()
     results = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    print(json.dumps({"fit_s": round(fitted - start, 2), "test_s": round(time.perf_counter() - fitted, 2),
-                      **{k: float(v) for k, v in results.items()}}))
+    print(
+        json.dumps(
+            {
+                "fit_s": round(fitted - start, 2),
+                "test_s": round(time.perf_counter() - fitted, 2),
+                **{k: float(v) for k, v in results.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -106,10 +106,16 @@ def fit_and_score(root: Path, detector) -> tuple[dict, object]:
 
     tune_allocator()
     start = time.perf_counter()
-    pipeline = Pipeline(detector=detector, image_size=SQUARE, device="cpu").fit(open_dataset(data=str(root), category="transistor"))
+    pipeline = Pipeline(detector=detector, image_size=SQUARE, device="cpu").fit(
+        open_dataset(data=str(root), category="transistor")
+    )
     fit_s, fit_peak = time.perf_counter() - start, peak_gb()
     metrics = pipeline.score(open_dataset(data=str(root), category="transistor", split="test", image_size=pipeline.input_size))
-    return {"fit_s": round(fit_s, 1), "peak_gb": fit_peak, **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}, pipeline
+    return {
+        "fit_s": round(fit_s, 1),
+        "peak_gb": fit_peak,
+        **{k: round(metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")},
+    }, pipeline
 
 
 def child_fit(detector: str, n: int) -> dict:
@@ -144,12 +150,23 @@ def child_predict(run: str, images: int, batch: int, engine: str, workers: int) 
 
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         started = time.perf_counter() - start
-        predict_on_ray(run, paths, out / "p", images=False, engine=EngineSettings(engine="ray", workers=workers), device="cpu",
-                       batch_size=batch)
+        predict_on_ray(
+            run,
+            paths,
+            out / "p",
+            images=False,
+            engine=EngineSettings(engine="ray", workers=workers),
+            device="cpu",
+            batch_size=batch,
+        )
         seconds = time.perf_counter() - start
-        return {"seconds": round(seconds, 1), "ray_start_s": round(started, 1), "images_per_s": round(images / seconds, 1),
-                "images_per_s_after_start": round(images / (seconds - started), 1)}
-    from anomatune.apps.predict import predict
+        return {
+            "seconds": round(seconds, 1),
+            "ray_start_s": round(started, 1),
+            "images_per_s": round(images / seconds, 1),
+            "images_per_s_after_start": round(images / (seconds - started), 1),
+        }
+    from anomatune.inference.predict import predict
 
     predict(run, paths, out / "p", images=False, device="cpu", batch_size=batch)
     seconds = time.perf_counter() - start
@@ -159,7 +176,7 @@ def child_predict(run: str, images: int, batch: int, engine: str, workers: int) 
 def child_stream(run: str, images: int, window: int) -> dict:
     """In a fresh process: score ``images`` images batch by batch as ``predict`` does; rate and memory per window."""
     from anomatune.allocator import tune_allocator
-    from anomatune.apps.predict import load_for_predict, predict_rows
+    from anomatune.inference.predict import load_for_predict, predict_rows
 
     tune_allocator()
     paths = augmented_pool(images)
@@ -198,11 +215,17 @@ def fitted_run() -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = ["# How the cost grows (transistor, augmented; 2 CPU cores)", "",
-             "Reproduce: `python benchmarks/scaling.py`. Each fit in a fresh process, all defaults but the detector, 256 x 256.",
-             "Peak memory is the process's maximum resident set (torch and the model included).", "",
-             "## Fit time and peak memory against training images", "",
-             "| detector | images | fit s | images/s | peak GB | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# How the cost grows (transistor, augmented; 2 CPU cores)",
+        "",
+        "Reproduce: `python benchmarks/scaling.py`. Each fit in a fresh process, all defaults but the detector, 256 x 256.",
+        "Peak memory is the process's maximum resident set (torch and the model included).",
+        "",
+        "## Fit time and peak memory against training images",
+        "",
+        "| detector | images | fit s | images/s | peak GB | image AUROC | pixel AUROC | AUPRO |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     fits = results.get("fit", {})
     for key in sorted(fits, key=lambda k: (int(k.split("/")[1]), DETECTORS.index(k.split("/")[0]))):
         detector, n = key.split("/")
@@ -210,35 +233,63 @@ def markdown(results: dict) -> str:
         if "error" in cell:
             lines.append(f"| {detector} | {n} | failed: {cell['error']} | | | | | |")
             continue
-        lines.append(f"| {detector} | {n} | {cell['fit_s']} | {cell['images_per_s']} | {cell['peak_gb']} | {cell['image_auroc']} | "
-                     f"{cell['pixel_auroc']} | {cell['aupro']} |")
+        lines.append(
+            f"| {detector} | {n} | {cell['fit_s']} | {cell['images_per_s']} | {cell['peak_gb']} | {cell['image_auroc']} | "
+            f"{cell['pixel_auroc']} | {cell['aupro']} |"
+        )
     bound = results.get("bound", {})
     if bound:
-        lines += ["", "## PatchCore's patch bound on transistor's own training images (213, ~196k patches after the hold-out)", "",
-                  "| max_patches | fit s | peak GB | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## PatchCore's patch bound on transistor's own training images (213, ~196k patches after the hold-out)",
+            "",
+            "| max_patches | fit s | peak GB | image AUROC | pixel AUROC | AUPRO |",
+            "|---|---|---|---|---|---|",
+        ]
         for cap, cell in bound.items():
-            lines.append(f"| {cap} | " + (f"failed: {cell['error']} | | | | |" if "error" in cell else
-                         f"{cell['fit_s']} | {cell['peak_gb']} | {cell['image_auroc']} | {cell['pixel_auroc']} | {cell['aupro']} |"))
+            lines.append(
+                f"| {cap} | "
+                + (
+                    f"failed: {cell['error']} | | | | |"
+                    if "error" in cell
+                    else f"{cell['fit_s']} | {cell['peak_gb']} | {cell['image_auroc']} | {cell['pixel_auroc']} | {cell['aupro']} |"
+                )
+            )
     predict = results.get("predict", {})
     if predict:
-        lines += ["", f"## Predict throughput ({PREDICT_IMAGES} images, PaDiM, no PNGs, whole command incl. start-up)", "",
-                  "| engine | batch | workers | images/s | note |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Predict throughput ({PREDICT_IMAGES} images, PaDiM, no PNGs, whole command incl. start-up)",
+            "",
+            "| engine | batch | workers | images/s | note |",
+            "|---|---|---|---|---|",
+        ]
         for key, cell in predict.items():
             engine, batch, workers = key.split("/")
-            note = cell.get("error") or (f"Ray start {cell['ray_start_s']} s; {cell['images_per_s_after_start']} images/s after it"
-                                         if "ray_start_s" in cell else f"peak {cell['peak_gb']} GB")
+            note = cell.get("error") or (
+                f"Ray start {cell['ray_start_s']} s; {cell['images_per_s_after_start']} images/s after it"
+                if "ray_start_s" in cell
+                else f"peak {cell['peak_gb']} GB"
+            )
             lines.append(f"| {engine} | {batch} | {workers} | {cell.get('images_per_s', '')} | {note} |")
     stream = results.get("stream", {}).get("windows")
     if stream:
-        lines += ["", f"## Cost per image as images are scored ({STREAM_IMAGES} images, local engine, batch 8)", "",
-                  "| images scored | images/s over the last " + str(STREAM_WINDOW) + " | peak GB so far |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Cost per image as images are scored ({STREAM_IMAGES} images, local engine, batch 8)",
+            "",
+            "| images scored | images/s over the last " + str(STREAM_WINDOW) + " | peak GB so far |",
+            "|---|---|---|",
+        ]
         lines += [f"| {w['scored']} | {w['images_per_s']} | {w['peak_gb']} |" for w in stream]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("fit", "bound", "predict", "stream"), action="append", help="Only these parts (repeatable).")
+    parser.add_argument(
+        "--only", choices=("fit", "bound", "predict", "stream"), action="append", help="Only these parts (repeatable)."
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="Training set sizes of the fit part.")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS))
     parser.add_argument("--fresh", action="store_true", help="Forget the finished cells of results/scaling.json.")

@@ -63,8 +63,24 @@ def load_test(run: Path, max_batch: int) -> dict:
     import httpx
 
     port = free_port()
-    server = subprocess.Popen([str(ANOMATUNE), "serve", str(run), "--port", str(port), "--max-batch", str(max_batch),
-                               "--max-wait-ms", "5", "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            str(ANOMATUNE),
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            "5",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -75,7 +91,9 @@ def load_test(run: Path, max_batch: int) -> dict:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"the server did not start: {server.stderr.read()[-500:] if server.poll() is not None else ''}")
+                raise RuntimeError(
+                    f"the server did not start: {server.stderr.read()[-500:] if server.poll() is not None else ''}"
+                )
             time.sleep(0.2)
         images = [p.read_bytes() for p in test_images()]
 
@@ -100,9 +118,15 @@ def load_test(run: Path, max_batch: int) -> dict:
         server.terminate()
         server.wait(timeout=30)
     n = len(latencies)
-    return {"requests": n, "errors": sum(e for _, e in outcomes), "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 2),
-            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * latencies[min(n - 1, int(0.99 * n))], 1),
-            "mean_batch": health["mean_batch"]}
+    return {
+        "requests": n,
+        "errors": sum(e for _, e in outcomes),
+        "seconds": round(seconds, 1),
+        "images_per_s": round(n / seconds, 2),
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p99_ms": round(1000 * latencies[min(n - 1, int(0.99 * n))], 1),
+        "mean_batch": health["mean_batch"],
+    }
 
 
 def predict_command(run: Path, n: int) -> dict:
@@ -111,8 +135,11 @@ def predict_command(run: Path, n: int) -> dict:
         manifest = Path(folder) / "list.csv"
         manifest.write_text("path\n" + "\n".join(paths) + "\n")
         start = time.perf_counter()
-        subprocess.run([str(ANOMATUNE), "predict", str(run), str(manifest), "--out", f"{folder}/p", "--device", "cpu"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(ANOMATUNE), "predict", str(run), str(manifest), "--out", f"{folder}/p", "--device", "cpu"],
+            check=True,
+            capture_output=True,
+        )
         seconds = time.perf_counter() - start
     return {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 2)}
 
@@ -121,14 +148,15 @@ def engines(run: Path) -> dict:
     import torch
 
     from anomatune.allocator import tune_allocator
-    from anomatune.data.images import read_image
+    from anomatune.data.images import image_to_tensor, read_image
     from anomatune.serve.models import ServedModel
 
     tune_allocator()
     results = {}
     for runtime in ("torch", "onnx", "openvino"):
         model = ServedModel.load(run, runtime, "cpu")
-        batch, _ = model.pipeline.as_batch([read_image(p) for p in test_images()[:ENGINE_IMAGES]])
+        input_size = model.pipeline.input_size
+        batch = torch.stack([image_to_tensor(read_image(p), input_size) for p in test_images()[:ENGINE_IMAGES]])
         for size in (1, 8):
             chunks = torch.split(batch, size)
             model.forward(chunks[0])  # warm-up
@@ -144,22 +172,40 @@ def engines(run: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Serving on this machine (2 CPU cores)", "",
-             "Reproduce: `python benchmarks/serve.py`. GLAD (the default, PCA-64) fitted on transistor at 256 x 256.", "",
-             f"## Load: {CLIENTS} clients x {REQUESTS} requests, one 1024 px PNG each, overlay and mask returned (base64)", "",
-             "| server | errors | images/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Serving on this machine (2 CPU cores)",
+        "",
+        "Reproduce: `python benchmarks/serve.py`. GLAD (the default, PCA-64) fitted on transistor at 256 x 256.",
+        "",
+        f"## Load: {CLIENTS} clients x {REQUESTS} requests, one 1024 px PNG each, overlay and mask returned (base64)",
+        "",
+        "| server | errors | images/s | p50 ms | p99 ms | mean batch |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, cell in results.get("load", {}).items():
-        lines.append(f"| {name} | {cell['errors']} / {cell['requests']} | {cell['images_per_s']} | {cell['p50_ms']} | {cell['p99_ms']} | "
-                     f"{cell['mean_batch']} |")
+        lines.append(
+            f"| {name} | {cell['errors']} / {cell['requests']} | {cell['images_per_s']} | {cell['p50_ms']} | {cell['p99_ms']} | "
+            f"{cell['mean_batch']} |"
+        )
     if "predict" in results:
         cell = results["predict"]
-        lines += ["", f"`anomatune predict` on {cell['images']} of the same images (whole command, start-up and PNGs included): "
-                      f"{cell['images_per_s']} images/s ({cell['seconds']} s)."]
+        lines += [
+            "",
+            f"`anomatune predict` on {cell['images']} of the same images (whole command, start-up and PNGs included): "
+            f"{cell['images_per_s']} images/s ({cell['seconds']} s).",
+        ]
     if "engines" in results:
-        lines += ["", "## Engines: the forward pass (decoded, resized images), images/s, best of 3", "",
-                  "| engine | batch 1 | batch 8 |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Engines: the forward pass (decoded, resized images), images/s, best of 3",
+            "",
+            "| engine | batch 1 | batch 8 |",
+            "|---|---|---|",
+        ]
         for runtime in ("torch", "onnx", "openvino"):
-            lines.append(f"| {runtime} | {results['engines'].get(f'{runtime}/1', '')} | {results['engines'].get(f'{runtime}/8', '')} |")
+            lines.append(
+                f"| {runtime} | {results['engines'].get(f'{runtime}/1', '')} | {results['engines'].get(f'{runtime}/8', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,13 @@ import time
 from common import SQUARE, dataset, write_results
 
 STEPS = {
-    "glibc defaults, contiguous, batch 8": {"allocator": False, "channels_last": False, "batch": 8, "workers": 0, "runtime": "torch"},
+    "glibc defaults, contiguous, batch 8": {
+        "allocator": False,
+        "channels_last": False,
+        "batch": 8,
+        "workers": 0,
+        "runtime": "torch",
+    },
     "+ allocator tuned": {"allocator": True, "channels_last": False, "batch": 8, "workers": 0, "runtime": "torch"},
     "+ channels_last": {"allocator": True, "channels_last": True, "batch": 8, "workers": 0, "runtime": "torch"},
     "batch 32": {"allocator": True, "channels_last": True, "batch": 32, "workers": 0, "runtime": "torch"},
@@ -65,6 +71,7 @@ def measure(step: dict) -> dict:
     if step["runtime"] == "onnx":
         forward = onnx_forward(model, layers, step["batch"])
     else:
+
         def forward(x: torch.Tensor):
             with torch.inference_mode():
                 return model.forward_intermediates(x, indices=layers, intermediates_only=True)
@@ -126,16 +133,25 @@ def main() -> None:
     dataset("transistor")
     rows = []
     for name, step in STEPS.items():
-        done = subprocess.run([sys.executable, __file__, "--step", name], env=os.environ | {"TQDM_DISABLE": "1"},
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--step", name],
+            env=os.environ | {"TQDM_DISABLE": "1"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append({"step": name, **step, **json.loads(done.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
     table = [f"| {r['step']} | {r['forward_images_per_s']} | {r['load_and_forward_images_per_s']} |" for r in rows]
-    write_results("speed", {"threads": os.cpu_count(), "rows": rows},
-                  f"# Feature extraction on the CPU, step by step\n\n`python benchmarks/speed.py`: Lite0, {SQUARE}, transistor's "
-                  f"213 training images, {os.cpu_count()} cores, each step in a fresh process. Forward: best of {REPEATS} passes over "
-                  "images in memory; load + forward: reading, decoding, resizing and forward, as `fit` does.\n\n"
-                  "| step | forward images/s | load + forward images/s |\n|---|---|---|\n" + "\n".join(table) + "\n")
+    write_results(
+        "speed",
+        {"threads": os.cpu_count(), "rows": rows},
+        f"# Feature extraction on the CPU, step by step\n\n`python benchmarks/speed.py`: Lite0, {SQUARE}, transistor's "
+        f"213 training images, {os.cpu_count()} cores, each step in a fresh process. Forward: best of {REPEATS} passes over "
+        "images in memory; load + forward: reading, decoding, resizing and forward, as `fit` does.\n\n"
+        "| step | forward images/s | load + forward images/s |\n|---|---|---|\n" + "\n".join(table) + "\n",
+    )
+
 
 if __name__ == "__main__":
     main()

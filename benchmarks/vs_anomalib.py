@@ -35,8 +35,11 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]  # the project's pins: both sid
 LAYERS = {"timm": "blocks.2,blocks.4", "anomatune": "2,3"}  # Lite0's stride-8 and stride-16 stages, anomatune's default
 CORESET = 0.01
 # job -> (anomalib model or None, anomatune detector, anomatune --set)
-JOBS = {"padim": ("padim", "padim", []), "patchcore": ("patchcore", "patchcore", [f"coreset_ratio={CORESET}"]),
-        "default": (None, "glad", [])}
+JOBS = {
+    "padim": ("padim", "padim", []),
+    "patchcore": ("patchcore", "patchcore", [f"coreset_ratio={CORESET}"]),
+    "default": (None, "glad", []),
+}
 
 
 def ensure_peer() -> None:
@@ -70,8 +73,9 @@ def timed(command: list, env: dict) -> tuple[float, float, str]:
     """Wall seconds, peak memory (GB) and stdout of one whole process."""
     with tempfile.NamedTemporaryFile(suffix=".time") as peak:
         start = time.perf_counter()
-        done = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", peak.name, *map(str, command)],
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            ["/usr/bin/time", "-q", "-f", "%M", "-o", peak.name, *map(str, command)], env=env, capture_output=True, text=True
+        )
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
@@ -91,28 +95,61 @@ def anomatune_job(name: str, root: Path, category: str, work: Path, env: dict, o
         eval_s, eval_peak, _ = timed(cli + ["evaluate", out], env)
         seconds, peak = fit_s + eval_s, max(fit_peak, eval_peak)
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    return {"tool": "anomatune", "how": "fit --evaluate" if one_process else "fit, then evaluate", "seconds": round(seconds, 1),
-            "peak_gb": round(peak, 2), **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
+    return {
+        "tool": "anomatune",
+        "how": "fit --evaluate" if one_process else "fit, then evaluate",
+        "seconds": round(seconds, 1),
+        "peak_gb": round(peak, 2),
+        **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+    }
 
 
 def anomalib_job(name: str, root: Path, category: str, work: Path, env: dict, threads: int, weights: tuple[Path, int]) -> dict:
     model = JOBS[name][0]
-    command = [PEER_PYTHON, HERE / "peer_anomalib.py", "--root", root, "--category", category, "--model", model,
-               "--weights", weights[0], "--n-features", weights[1], "--layers", LAYERS["timm"], "--out", work / f"anomalib-{category}-{name}", "--threads", threads]
+    command = [
+        PEER_PYTHON,
+        HERE / "peer_anomalib.py",
+        "--root",
+        root,
+        "--category",
+        category,
+        "--model",
+        model,
+        "--weights",
+        weights[0],
+        "--n-features",
+        weights[1],
+        "--layers",
+        LAYERS["timm"],
+        "--out",
+        work / f"anomalib-{category}-{name}",
+        "--threads",
+        threads,
+    ]
     seconds, peak, stdout = timed(command, env)
     metrics = json.loads(stdout.strip().splitlines()[-1])
-    return {"tool": "anomalib 2.7", "how": "Engine.fit, Engine.test", "seconds": round(seconds, 1), "peak_gb": round(peak, 2),
-            "image_auroc": round(metrics["image_AUROC"], 4), "pixel_auroc": round(metrics["pixel_AUROC"], 4) if "pixel_AUROC" in metrics else None,
-            "aupro": None}
+    return {
+        "tool": "anomalib 2.7",
+        "how": "Engine.fit, Engine.test",
+        "seconds": round(seconds, 1),
+        "peak_gb": round(peak, 2),
+        "image_auroc": round(metrics["image_AUROC"], 4),
+        "pixel_auroc": round(metrics["pixel_AUROC"], 4) if "pixel_AUROC" in metrics else None,
+        "aupro": None,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| category | job | tool | how | wall s | ratio to anomalib | peak GB | image AUROC | pixel AUROC | AUPRO |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| category | job | tool | how | wall s | ratio to anomalib | peak GB | image AUROC | pixel AUROC | AUPRO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = "" if r.get("ratio") is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['category']} | {r['job']} | {r['tool']} | {r['how']} | {r['seconds']} | {ratio} | {r['peak_gb']} | "
-                     f"{r['image_auroc']} | {r['pixel_auroc']} | {'–' if r['aupro'] is None else r['aupro']} |")
+        lines.append(
+            f"| {r['category']} | {r['job']} | {r['tool']} | {r['how']} | {r['seconds']} | {ratio} | {r['peak_gb']} | "
+            f"{r['image_auroc']} | {r['pixel_auroc']} | {'–' if r['aupro'] is None else r['aupro']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -142,11 +179,21 @@ def main() -> None:
                     run |= {"category": name, "job": job, "ratio": run["seconds"] / reference["seconds"] if reference else None}
                     rows.append(run)
                     print(table([run]).splitlines()[-1], flush=True)
-    setup = {"threads": args.threads, "cpus": os.cpu_count(), "input": SQUARE, "coreset_ratio": CORESET, "layers": LAYERS,
-             "date": time.strftime("%Y-%m-%d")}
-    write_results(args.name, {"setup": setup, "rows": rows},
-                  f"# {args.name}\n\nWhole-process wall time, sequential, {args.threads} threads on {os.cpu_count()} cores, {SQUARE} "
-                  f"input, `python benchmarks/vs_anomalib.py {' '.join(sys.argv[1:])}`.\n\n" + table(rows))
+    setup = {
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "input": SQUARE,
+        "coreset_ratio": CORESET,
+        "layers": LAYERS,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    write_results(
+        args.name,
+        {"setup": setup, "rows": rows},
+        f"# {args.name}\n\nWhole-process wall time, sequential, {args.threads} threads on {os.cpu_count()} cores, {SQUARE} "
+        f"input, `python benchmarks/vs_anomalib.py {' '.join(sys.argv[1:])}`.\n\n" + table(rows),
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -4,17 +4,28 @@ from dataclasses import fields
 
 import pytest
 
-from anomatune.apps.settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
+from anomatune.apps.settings import ColorTransferSettings, DemoSettings
 from anomatune.data.settings import DataSettings
 from anomatune.errors import SettingsError
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune.settings import FinetuneSettings
+from anomatune.inference.settings import ExportSettings, PredictSettings
 from anomatune.models.settings import DetectorSettings, GLADSettings, detector_settings
 from anomatune.pipeline.settings import PipelineSettings, RuntimeSettings, ThresholdSettings
-from anomatune.schema import Interval, leaves
+from anomatune.schema import Interval, flat_settings
 
-ALL = [DataSettings, FeatureSettings, PipelineSettings, RuntimeSettings, FinetuneSettings, PredictSettings, ExportSettings,
-       ColorTransferSettings, DemoSettings, *DetectorSettings.registry.values()]
+ALL = [
+    DataSettings,
+    FeatureSettings,
+    PipelineSettings,
+    RuntimeSettings,
+    FinetuneSettings,
+    PredictSettings,
+    ExportSettings,
+    ColorTransferSettings,
+    DemoSettings,
+    *DetectorSettings.registry.values(),
+]
 
 
 def test_strings_from_the_command_line_are_coerced():
@@ -24,14 +35,17 @@ def test_strings_from_the_command_line_are_coerced():
     assert GLADSettings(normalize="false").normalize is False and GLADSettings(n_components=8.0).n_components == 8
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"pool": "three"}, "features.pool: expected a whole number, got 'three'"),
-    ({"pool": 4}, "pool must be odd"),
-    ({"pool": 0}, r"features.pool: must be in \[1, 31\], not 0"),
-    ({"image_size": 0}, "features.image_size: each side must be 16 to 8192 px"),
-    ({"image_size": "big"}, "expected a short side like 256 or a size WxH"),
-    ({"proj": "svd"}, "features.proj: must be one of auto, random, pca, not 'svd'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pool": "three"}, "features.pool: expected a whole number, got 'three'"),
+        ({"pool": 4}, "pool must be odd"),
+        ({"pool": 0}, r"features.pool: must be in \[1, 31\], not 0"),
+        ({"image_size": 0}, "features.image_size: each side must be 16 to 8192 px"),
+        ({"image_size": "big"}, "expected a short side like 256 or a size WxH"),
+        ({"proj": "svd"}, "features.proj: must be one of auto, random, pca, not 'svd'"),
+    ],
+)
 def test_bad_values_are_one_line_naming_the_setting(kwargs, message):
     with pytest.raises(SettingsError, match=message) as error:
         FeatureSettings(**kwargs)
@@ -79,12 +93,14 @@ def test_detectors_are_chosen_by_name_and_refuse_other_settings():
 
 
 def test_flat_names_are_unique_and_reach_nested_groups():
-    keys = [leaf.key for leaf in leaves(PipelineSettings)]
+    keys = [flat.key for flat in flat_settings(PipelineSettings)]
     assert len(keys) == len(set(keys)) and {"image_size", "detector", "sigma", "threshold_holdout", "seed"} <= set(keys)
     assert PipelineSettings().updated(sigma=2).postprocess.sigma == 2.0
     finetune = FinetuneSettings()
     assert finetune.features.proj_dim == 32 and finetune.guide.name == "gmm" and finetune.guide.n_components == 16
-    assert {leaf.key: leaf.default for leaf in leaves(FinetuneSettings)}["proj_dim"] == 32  # the defaults shown are the group's own
+    assert {flat.key: flat.default for flat in flat_settings(FinetuneSettings)}[
+        "proj_dim"
+    ] == 32  # the defaults shown are the group's own
     with pytest.raises(SettingsError, match="unknown setting 'imagesize'"):
         PipelineSettings().updated(imagesize=3)
 
@@ -102,4 +118,6 @@ def test_every_setting_has_help_and_its_default_is_valid():
 
 
 def test_intervals():
-    assert 0 in Interval("[0, 1)") and 1 not in Interval("[0, 1)") and 0 not in Interval("(0, inf)") and 1e9 in Interval("(0, inf)")
+    assert (
+        0 in Interval("[0, 1)") and 1 not in Interval("[0, 1)") and 0 not in Interval("(0, inf)") and 1e9 in Interval("(0, inf)")
+    )

@@ -13,7 +13,6 @@ first; library users call it themselves (it changes the whole process).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -33,7 +32,7 @@ def tune_allocator() -> bool:
         log.debug("%s=system: allocator left as it is", OPT_OUT)
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name: no search (find_library runs ldconfig, tens of ms per command)
         applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
         applied = False

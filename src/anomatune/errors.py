@@ -27,3 +27,14 @@ class NotFittedError(AnomatuneError, AttributeError):
 
 class RunFolderError(AnomatuneError):
     """A run folder is missing, of another kind or version, incomplete, or in use."""
+
+
+def is_fitted(estimator: object) -> bool:
+    """Whether ``estimator`` has its ``fitted_attribute``, the one its fit sets last (scikit-learn's convention)."""
+    return hasattr(estimator, estimator.fitted_attribute)
+
+
+def check_is_fitted(estimator: object, advice: str) -> None:
+    """:class:`NotFittedError`, saying to ``advice``, unless ``estimator`` is fitted: the detectors' and the pipeline's one check."""
+    if not is_fitted(estimator):
+        raise NotFittedError(f"this {getattr(estimator, 'name', type(estimator).__name__)} is not fitted: {advice}")

@@ -4,7 +4,7 @@ A group of settings is a frozen dataclass deriving from :class:`Settings`, its f
 made with :func:`setting`. Building one, from Python, from YAML (:meth:`Settings.from_dict`)
 or from command-line strings, coerces every value to the field's type and validates it,
 so a bad value is refused before any work starts, in one line naming the setting and
-what it accepts. :meth:`Settings.to_dict` is the YAML form; :func:`leaves` lists the
+what it accepts. :meth:`Settings.to_dict` is the YAML form; :func:`flat_settings` lists the
 fields as flat options, which ``anomatune.apps.options`` turns into command-line options
 and :meth:`Settings.updated` accepts as keyword arguments. Torch-free, so that
 ``anomatune --help`` stays fast.
@@ -16,9 +16,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 from .errors import SettingsError
 
@@ -49,9 +50,18 @@ class Interval:
         return self.text
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, choices=None,
-            interval: str | None = None, flag: str | None = None, aliases: tuple[str, ...] = (),
-            parse: Callable[[Any], Any] | None = None, metavar: str | None = None):
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    choices=None,
+    interval: str | None = None,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    parse: Callable[[Any], Any] | None = None,
+    metavar: str | None = None,
+):
     """A settings field: its default, its help, and what it accepts.
 
     ``choices``: the allowed values; ``interval``: the range of a number, e.g. ``"[0, 1)"``;
@@ -60,8 +70,15 @@ def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any
     into the field's value (raising ``ValueError`` with what it expected); ``metavar``:
     the value's name in ``--help`` (e.g. ``DIR``).
     """
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "interval": Interval(interval) if interval else None,
-                "flag": flag, "aliases": tuple(aliases), "parse": parse, "metavar": metavar}
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "interval": Interval(interval) if interval else None,
+        "flag": flag,
+        "aliases": tuple(aliases),
+        "parse": parse,
+        "metavar": metavar,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -158,7 +175,11 @@ class Settings:
             where = self.where(f.name)
             try:
                 raw = getattr(self, f.name)
-                value = f.metadata["parse"](raw) if f.metadata.get("parse") and raw is not None else coerce(raw, _hints(type(self))[f.name])
+                value = (
+                    f.metadata["parse"](raw)
+                    if f.metadata.get("parse") and raw is not None
+                    else coerce(raw, _hints(type(self))[f.name])
+                )
             except SettingsError as exc:  # a nested group names its own settings
                 problems.append(str(exc))
                 continue
@@ -241,10 +262,10 @@ class Settings:
     # -- flat options ----------------------------------------------------------------------
 
     def updated(self, **changes: Any):
-        """A copy with settings changed by their flat names (those of :func:`leaves`); itself without changes."""
+        """A copy with settings changed by their flat names (those of :func:`flat_settings`); itself without changes."""
         if not changes:
             return self
-        paths = {leaf.key: leaf.path for leaf in leaves(type(self), self)}
+        paths = {flat.key: flat.path for flat in flat_settings(type(self), self)}
         data = self.to_dict()
         for key, value in changes.items():
             if key not in paths:
@@ -266,7 +287,7 @@ def _plain(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Leaf:
+class FlatSetting:
     """One setting as a flat option: its keyword (``image_size``), flag (``image-size``) and path."""
 
     key: str
@@ -281,10 +302,10 @@ class Leaf:
     metavar: str | None
 
 
-def leaves(cls: type[Settings], defaults: Settings | None = None, path: tuple[str, ...] = ()) -> Iterator[Leaf]:
+def flat_settings(cls: type[Settings], defaults: Settings | None = None, path: tuple[str, ...] = ()) -> Iterator[FlatSetting]:
     """Every setting of ``cls`` and its nested groups, with the defaults of ``defaults`` (or ``cls()``).
 
-    A polymorphic group (the detector) is one leaf: it is chosen by name. Flat names
+    A polymorphic group (the detector) is one setting: it is chosen by name. Flat names
     must be unique across groups; a clash is a bug in the settings classes.
     """
     defaults = cls() if defaults is None else defaults
@@ -294,13 +315,24 @@ def leaves(cls: type[Settings], defaults: Settings | None = None, path: tuple[st
         value = getattr(defaults, f.name)
         inner = _without_none(kind)
         if isinstance(inner, type) and issubclass(inner, Settings) and not inner.polymorphic:
-            children = list(leaves(inner, value, path + (f.name,)))
+            children = list(flat_settings(inner, value, path + (f.name,)))
         else:
             flag = f.metadata.get("flag") or cls.flag_prefix + f.name.replace("_", "-")
-            children = [Leaf(flag.replace("-", "_"), flag, f.metadata.get("aliases", ()), path + (f.name,), kind, value,
-                             f.metadata.get("help", ""), f.metadata.get("choices"), f.metadata.get("interval"),
-                             f.metadata.get("metavar"))]
-        for leaf in children:
-            assert leaf.key not in seen, f"two settings are both called {leaf.key!r}"
-            seen.add(leaf.key)
-            yield leaf
+            children = [
+                FlatSetting(
+                    flag.replace("-", "_"),
+                    flag,
+                    f.metadata.get("aliases", ()),
+                    path + (f.name,),
+                    kind,
+                    value,
+                    f.metadata.get("help", ""),
+                    f.metadata.get("choices"),
+                    f.metadata.get("interval"),
+                    f.metadata.get("metavar"),
+                )
+            ]
+        for flat in children:
+            assert flat.key not in seen, f"two settings are both called {flat.key!r}"
+            seen.add(flat.key)
+            yield flat

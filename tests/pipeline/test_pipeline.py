@@ -7,9 +7,9 @@ import yaml
 from PIL import Image
 
 from anomatune import Pipeline, open_dataset
-from anomatune.models import GLADSettings
 from anomatune.errors import AnomatuneError, DataError, NotFittedError, RunFolderError, SettingsError
-from anomatune.pipeline.folders import RunFolder
+from anomatune.folders.kinds import RunFolder
+from anomatune.models import GLADSettings
 
 from ..conftest import FAST, save_image
 from ..data.test_images import phone_jpeg
@@ -96,14 +96,23 @@ def _edit(run, change):
     path.write_text(yaml.safe_dump(config))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 2: refit"),
-    (lambda c: c["settings"]["features"].update(pool="three"), r"config.yaml: features.pool: expected a whole number, got 'three'"),
-    (lambda c: c["settings"]["features"].pop("pool"), r"config.yaml: missing features.pool: the file is incomplete"),
-    (lambda c: c["fitted"].update(threshold="high"), r"config.yaml: fitted.threshold: expected a number, got 'high'"),
-    (lambda c: c["settings"].update(colour="red"), r"config.yaml: unknown setting colour: choose from"),
-    (lambda c: c["fitted"].update(weights_id="sha256:0000"), r"fitted with backbone weights sha256:0000, but test_efficientnet now has random:0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 2: refit"),
+        (
+            lambda c: c["settings"]["features"].update(pool="three"),
+            r"config.yaml: features.pool: expected a whole number, got 'three'",
+        ),
+        (lambda c: c["settings"]["features"].pop("pool"), r"config.yaml: missing features.pool: the file is incomplete"),
+        (lambda c: c["fitted"].update(threshold="high"), r"config.yaml: fitted.threshold: expected a number, got 'high'"),
+        (lambda c: c["settings"].update(colour="red"), r"config.yaml: unknown setting colour: choose from"),
+        (
+            lambda c: c["fitted"].update(weights_id="sha256:0000"),
+            r"fitted with backbone weights sha256:0000, but test_efficientnet now has random:0",
+        ),
+    ],
+)
 def test_a_damaged_config_is_one_line(run_copy, change, message):
     _edit(run_copy, change)
     with pytest.raises(AnomatuneError, match=message) as error:

@@ -69,4 +69,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def images(brick):
     test = brick / "brick" / "test"
-    return {"good": sorted((test / "good").glob("*.png"))[0], "defective": sorted(p for p in test.rglob("*.png") if p.parent.name != "good")[0]}
+    return {
+        "good": sorted((test / "good").glob("*.png"))[0],
+        "defective": sorted(p for p in test.rglob("*.png") if p.parent.name != "good")[0],
+    }

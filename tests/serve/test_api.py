@@ -78,7 +78,9 @@ def test_bad_input_is_a_one_line_4xx_and_the_server_goes_on(client, images):
         one_line_error(client.post("/predict", files=files), status, text)
         assert client.post("/predict", files=[upload(images["good"])]).status_code == 200  # still answering
     one_line_error(client.post("/predict"), 400, "send it as the multipart form field 'file'")
-    one_line_error(client.post("/predict", content=b"raw bytes", headers={"content-type": "application/octet-stream"}), 400, "'file'")
+    one_line_error(
+        client.post("/predict", content=b"raw bytes", headers={"content-type": "application/octet-stream"}), 400, "'file'"
+    )
     one_line_error(client.post("/predict", files=[upload(images["good"])], data={"model": "nope"}), 404, "no model 'nope'")
     one_line_error(client.post("/predict?images=gif", files=[upload(images["good"])]), 422, "images:")
     one_line_error(client.get("/images/gone.png"), 404, "not (or no longer) kept")
@@ -136,8 +138,9 @@ def test_the_serve_command_reads_the_key_from_the_environment(fast_run, images, 
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     port = free_port()
     command = [str(Path(sys.executable).parent / "anomatune"), "serve", str(fast_run), "--port", str(port), "--device", "cpu"]
-    server = subprocess.Popen(command, env=os.environ | {"ANOMATUNE_API_KEY": "from-env"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        command, env=os.environ | {"ANOMATUNE_API_KEY": "from-env"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:
@@ -145,7 +148,9 @@ def test_the_serve_command_reads_the_key_from_the_environment(fast_run, images, 
                 if httpx.get(url + "/health").status_code == 200:
                     break
             except httpx.TransportError:
-                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read() if server.poll() is not None else ""
+                assert time.monotonic() < deadline and server.poll() is None, (
+                    server.stderr.read() if server.poll() is not None else ""
+                )
                 time.sleep(0.2)
         assert httpx.post(url + "/predict", files=[upload(images["good"])]).status_code == 401
         assert httpx.post(url + "/predict", files=[upload(images["good"])], headers={"X-API-Key": "from-env"}).status_code == 200

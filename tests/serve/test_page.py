@@ -29,10 +29,14 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             assert page.evaluate("document.activeElement.id") == "file"
             page.set_input_files("#file", [str(p) for p in images.values()])
             page.wait_for_function("document.querySelectorAll('#results li[data-decision]').length === 2", timeout=60000)
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
-                                   timeout=30000)
-            decisions = page.eval_on_selector_all("#results li", "items => items.map(i => [i.querySelector('.name').textContent, "
-                                                                  "i.dataset.decision, i.querySelector('img').naturalWidth])")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)", timeout=30000
+            )
+            decisions = page.eval_on_selector_all(
+                "#results li",
+                "items => items.map(i => [i.querySelector('.name').textContent, "
+                "i.dataset.decision, i.querySelector('img').naturalWidth])",
+            )
         finally:
             browser.close()
     shown = {name: (decision, width) for name, decision, width in decisions}

@@ -22,17 +22,22 @@ from ..distributed.settings import RAY, EngineSettings
 from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
 from ..finetune.settings import FinetuneSettings
+from ..inference.settings import ExportSettings, PredictSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..serve.settings import API_KEY_ENV, ServeSettings
 from . import options
-from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, fit, finetune, run_categories
-from .settings import ColorTransferSettings, DemoSettings, ExportSettings, PredictSettings
+from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, finetune, fit, run_categories
+from .settings import ColorTransferSettings, DemoSettings
 
 log = logging.getLogger("anomatune")
 
-CONFIG_OPTION = click.option("--config", type=click.Path(dir_okay=False), default=None,
-                             help="YAML file of settings (the groups features, detector, postprocess, threshold, ...; "
-                                  "a run's config.yaml works too); options given here override it.")
+CONFIG_OPTION = click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file of settings (the groups features, detector, postprocess, threshold, ...; "
+    "a run's config.yaml works too); options given here override it.",
+)
 DEVICE_ONLY = ("device",)
 NO_FIGURES_OPTION = click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
 
@@ -63,19 +68,21 @@ def backbones_cmd() -> None:
         except AnomatuneError as exc:
             click.echo(f"{name:20s} unavailable: {exc}")
             continue
-        click.echo(f"{name:20s} layers {list(extractor.layers)}  channels {list(extractor.stage_channels)}  weights {extractor.weights_id}")
+        click.echo(
+            f"{name:20s} layers {list(extractor.layers)}  channels {list(extractor.stage_channels)}  weights {extractor.weights_id}"
+        )
 
 
 @app.command("detectors")
 def detectors_cmd() -> None:
     """List the detectors and their settings (set them with --set KEY=VALUE), with defaults."""
     from ..models.settings import DetectorSettings
-    from ..schema import leaves
+    from ..schema import flat_settings
 
     for name, cls in DetectorSettings.registry.items():
         click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for leaf in leaves(cls):
-            click.echo(f"  {leaf.key} = {leaf.default!r}: {leaf.help}" + (f" Range: {leaf.interval}." if leaf.interval else ""))
+        for flat in flat_settings(cls):
+            click.echo(f"  {flat.key} = {flat.default!r}: {flat.help}" + (f" Range: {flat.interval}." if flat.interval else ""))
 
 
 @app.command("fit")
@@ -84,10 +91,19 @@ def detectors_cmd() -> None:
 @options.options(RuntimeSettings)
 @options.options(EngineSettings)
 @CONFIG_OPTION
-@click.option("--out", required=True, type=click.Path(), help="Run folder to write (config.yaml + safetensors), replaced as one set "
-              "(with --category all: a run folder per category inside it).")
-@click.option("--evaluate", "then_evaluate", is_flag=True,
-              help="Then evaluate on the data's test split in the same process, as 'anomatune evaluate OUT' would (start-up paid once).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Run folder to write (config.yaml + safetensors), replaced as one set "
+    "(with --category all: a run folder per category inside it).",
+)
+@click.option(
+    "--evaluate",
+    "then_evaluate",
+    is_flag=True,
+    help="Then evaluate on the data's test split in the same process, as 'anomatune evaluate OUT' would (start-up paid once).",
+)
 @NO_FIGURES_OPTION
 def fit_cmd(out, config, then_evaluate, no_figures, **values):
     """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images).
@@ -96,8 +112,13 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
     """
     data = options.build(DataSettings, values)
     settings = options.build(PipelineSettings, values, config=config)
-    job = Job("fit", out, data, options.build(RuntimeSettings, values),
-              {"settings": settings, "evaluate": then_evaluate, "figures": not no_figures})
+    job = Job(
+        "fit",
+        out,
+        data,
+        options.build(RuntimeSettings, values),
+        {"settings": settings, "evaluate": then_evaluate, "figures": not no_figures},
+    )
     if run_all(job, options.build(EngineSettings, values), data.category):
         return
     result = fit(data, Path(out), runtime=job.runtime, **job.options)
@@ -133,8 +154,11 @@ def run_all(job: Job, engine: EngineSettings, category: str | None) -> bool:
     rows = run_categories(job, engine)
     click.echo(Path(job.root, SUMMARY_MD).read_text(), nl=False)
     failed = [r["category"] for r in rows if r["status"] != "ok"]
-    click.echo(f"{len(rows) - len(failed)} of {len(rows)} categories done" + (f"; failed: {', '.join(failed)}" if failed else "")
-               + f" ({Path(job.root, SUMMARY_MD)}, {SUMMARY_CSV})")
+    click.echo(
+        f"{len(rows) - len(failed)} of {len(rows)} categories done"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+        + f" ({Path(job.root, SUMMARY_MD)}, {SUMMARY_CSV})"
+    )
     if failed:
         sys.exit(1)
     return True
@@ -147,12 +171,23 @@ def echo_metrics(run: str, result: dict) -> None:
 
 @app.command("finetune")
 @options.options(DataSettings)
-@click.option("--negatives", type=click.Path(), help="Folder of natural photos (searched recursively), e.g. ImageNet samples; "
-              "needed by the photos and pasted negatives.")
-@click.option("--validation-negatives", type=click.Path(), help="A second folder of photos, not the --negatives, for the "
-              "validation's synthetic defects (default: noise defects only).")
-@click.option("--out", required=True, type=click.Path(), help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics "
-              "(with --category all: a folder per category inside it).")
+@click.option(
+    "--negatives",
+    type=click.Path(),
+    help="Folder of natural photos (searched recursively), e.g. ImageNet samples; needed by the photos and pasted negatives.",
+)
+@click.option(
+    "--validation-negatives",
+    type=click.Path(),
+    help="A second folder of photos, not the --negatives, for the validation's synthetic defects (default: noise defects only).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Fine-tuning folder: checkpoint, backbone.safetensors, diagnostics "
+    "(with --category all: a folder per category inside it).",
+)
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (same settings; --steps may grow).")
 @click.option("--dry-run", is_flag=True, help="Only diagnose the frozen features: gradient-weight distributions, no training.")
 @options.options(FinetuneSettings)
@@ -172,17 +207,25 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
     settings = options.build(FinetuneSettings, values, config=config)
     runtime = options.build(RuntimeSettings, values)
     engine = options.build(EngineSettings, values)
-    job = Job("finetune", out, data, runtime, {"settings": settings, "negatives": negatives,
-                                              "validation_negatives": validation_negatives, "resume": resume})
+    job = Job(
+        "finetune",
+        out,
+        data,
+        runtime,
+        {"settings": settings, "negatives": negatives, "validation_negatives": validation_negatives, "resume": resume},
+    )
     if dry_run:
         if data.category == ALL_CATEGORIES or engine.engine == RAY:
             raise click.UsageError("--dry-run diagnoses one category in this process: drop --category all and --engine ray")
         from ..data.layouts import open_dataset
         from ..finetune import diagnostics
-        from ..finetune.loop import Finetuner
+        from ..finetune.loop import dry_run as diagnose_frozen
 
-        click.echo(diagnostics.describe(Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives,
-                                                  **runtime.to_dict()).dry_run()))
+        click.echo(
+            diagnostics.summary_text(
+                diagnose_frozen(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
+            )
+        )
         click.echo(f"histograms: {out}/dry_run_weights.png")
         return
     if run_all(job, engine, data.category):
@@ -192,19 +235,25 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
     report = finetune(data, Path(out), runtime=runtime, **job.options)
     if report.get("rank"):  # under torchrun, rank 0 speaks for every process
         return
-    click.echo(diagnostics.describe(report["end"]))
+    click.echo(diagnostics.summary_text(report["end"]))
     if report["fallback"]:
         click.echo(f"no checkpoint beat the frozen backbone on validation: {out} holds the frozen backbone (fallback)")
-    click.echo(f"fine-tuned backbone in {out} (step {report['kept_step']}); refit with: "
-               f"anomatune fit --backbone-weights {out} --backbone {settings.features.backbone} ...")
+    click.echo(
+        f"fine-tuned backbone in {out} (step {report['kept_step']}); refit with: "
+        f"anomatune fit --backbone-weights {out} --backbone {settings.features.backbone} ..."
+    )
 
 
 @app.command("predict")
 @click.argument("run", type=click.Path())
 @click.argument("inputs", nargs=-1, type=click.Path(), metavar="[IMAGES]...")
 @options.options(DataSettings)
-@click.option("--out", required=True, type=click.Path(), help="Folder for results.csv (results.parquet/ with --engine ray), "
-              "overlays/ and masks/, replaced as one set.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Folder for results.csv (results.parquet/ with --engine ray), overlays/ and masks/, replaced as one set.",
+)
 @options.options(PredictSettings)
 @options.options(RuntimeSettings)
 @options.options(EngineSettings)
@@ -222,20 +271,22 @@ def predict_cmd(run, inputs, out, **values):
     if not inputs and not data.given:
         raise click.UsageError("give IMAGES (files, folders, patterns or manifests) or a dataset (--data/--category or --good)")
     from ..data.layouts import open_dataset
-    from ..pipeline.folders import RunFolder
+    from ..folders.kinds import PredictionsFolder
 
     sources = list(inputs) + ([str(r.path) for r in open_dataset(data, "test").records] if data.given else [])
     if engine.engine == RAY:
         from ..distributed.batch import predict_on_ray
 
-        tally = predict_on_ray(run, sources, out, predict_settings.threshold, predict_settings.images, engine, **runtime.to_dict())
-        scored, defective, failed, results = tally.scored, tally.defective, tally.failed, RunFolder.RESULTS_PARQUET
+        tally = predict_on_ray(
+            run, sources, out, predict_settings.threshold, predict_settings.images, engine, **runtime.to_dict()
+        )
+        scored, defective, failed, results = tally.scored, tally.defective, tally.failed, PredictionsFolder.RESULTS_PARQUET
     else:
-        from ..apps.predict import predict
+        from ..inference.predict import predict
 
         rows = predict(run, sources, out, predict_settings.threshold, predict_settings.images, **runtime.to_dict())
         failed = sum(bool(r.error) for r in rows)
-        scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), RunFolder.RESULTS
+        scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), PredictionsFolder.RESULTS
     click.echo(f"{scored} images scored, {defective} defective, {failed} failed; {out}/{results}")
     if failed:
         sys.exit(1)
@@ -246,7 +297,7 @@ def predict_cmd(run, inputs, out, **values):
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html].")
 def report_cmd(run, out):
     """One self-contained HTML page for an evaluated RUN: metrics, curves, fine-tuning diagnostics, heatmaps."""
-    from .report import build_report
+    from ..inference.report import build_report
 
     click.echo(f"report written to {build_report(run, out)}")
 
@@ -254,12 +305,16 @@ def report_cmd(run, out):
 @app.command("export")
 @click.argument("run", type=click.Path())
 @options.options(ExportSettings)
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Model file [default: RUN/model.onnx or RUN/model.pt]; a .json with the preprocessing and threshold goes beside it.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Model file [default: RUN/model.onnx or RUN/model.pt]; a .json with the preprocessing and threshold goes beside it.",
+)
 def export_cmd(run, out, **values):
     """Export RUN as one model (backbone + detector + upsampling + smoothing): normalised images in, maps and scores out."""
     settings = options.build(ExportSettings, values)
-    from .export import export
+    from ..inference.export import export
 
     path = export(run, out, settings)
     click.echo(f"model written to {path}; preprocessing and threshold in {path.with_suffix('.json')}")
@@ -286,7 +341,7 @@ def serve_cmd(runs, **values):
         raise AnomatuneError(f"anomatune serve needs {exc.name}: pip install 'anomatune[serve]'") from None
     from ..serve.models import ServedModel
 
-    models = [ServedModel.load(run, settings.runtime, runtime.device) for run in runs]
+    models = [ServedModel.load(run, settings.runtime, runtime.device, settings.max_batch) for run in runs]
     ids = [m.id for m in models]
     if len(set(ids)) != len(ids):
         raise AnomatuneError(f"a run is given twice ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}): serve each once")
@@ -321,7 +376,9 @@ DEMO_PIPELINE = ("backbone", "image_size", "detector")
 @app.command("demo")
 @options.options(PipelineSettings, only=DEMO_PIPELINE)
 @options.options(DemoSettings)
-@click.option("--out", default="runs/demo", type=click.Path(file_okay=False), help="Folder for the demo's data, runs and reports.")
+@click.option(
+    "--out", default="runs/demo", type=click.Path(file_okay=False), help="Folder for the demo's data, runs and reports."
+)
 @options.options(RuntimeSettings, only=DEVICE_ONLY)
 def demo_cmd(out, **values):
     """Fine-tune → fit → evaluate → report on a dataset built from scikit-image's images (no data, no network needed)."""

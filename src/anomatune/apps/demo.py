@@ -18,7 +18,16 @@ from ..pipeline.settings import PipelineSettings
 from .settings import DemoSettings
 
 DEFECTS = ("scratch", "spot", "stain")
-NEGATIVE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
+NEGATIVE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+)
 
 
 def _texture() -> np.ndarray:
@@ -56,7 +65,9 @@ def _add_defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
     return img, mask
 
 
-def build_dataset(root: str | Path, n_train: int = 60, n_good_test: int = 20, n_defect: int = 8, crop: int = 128, seed: int = 0) -> Path:
+def build_dataset(
+    root: str | Path, n_train: int = 60, n_good_test: int = 20, n_defect: int = 8, crop: int = 128, seed: int = 0
+) -> Path:
     """Write the demo category ``root/brick`` in the MVTec AD layout and return ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -73,7 +84,10 @@ def build_dataset(root: str | Path, n_train: int = 60, n_good_test: int = 20, n_
     for kind in DEFECTS:
         for i in range(n_defect):
             img, mask = _add_defect(_crop(texture, rng, crop), kind, rng)
-            for folder, picture, name in ((category / "test" / kind, img, f"{i:03d}.png"), (category / "ground_truth" / kind, mask, f"{i:03d}_mask.png")):
+            for folder, picture, name in (
+                (category / "test" / kind, img, f"{i:03d}.png"),
+                (category / "ground_truth" / kind, mask, f"{i:03d}_mask.png"),
+            ):
                 folder.mkdir(parents=True, exist_ok=True)
                 picture.save(folder / name)
     return root
@@ -90,7 +104,9 @@ def write_negatives(folder: str | Path) -> Path:
     return folder
 
 
-def run_demo(out: str | Path = "runs/demo", pipeline: PipelineSettings | None = None, steps: int | None = None, **runtime) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo", pipeline: PipelineSettings | None = None, steps: int | None = None, **runtime
+) -> dict:
     """Build the demo data, then fine-tune → fit frozen and fine-tuned → evaluate → report; print both side by side.
 
     ``pipeline``: the detector and features (default: the package defaults); ``steps``:
@@ -100,23 +116,27 @@ def run_demo(out: str | Path = "runs/demo", pipeline: PipelineSettings | None = 
     from ..data.layouts import open_dataset
     from ..evaluation.evaluate import evaluate
     from ..finetune.loop import finetune
-    from ..pipeline.folders import RunFolder
+    from ..folders.kinds import FinetuneFolder
+    from ..inference.report import build_report
     from ..pipeline.pipeline import Pipeline
-    from .report import build_report
 
     out = Path(out)
     pipeline = pipeline or PipelineSettings()
     steps = steps or DemoSettings().steps
     root = build_dataset(out / "data")
     negatives = write_negatives(out / "negatives")
-    print(f"demo data: {root / 'brick'} (60 good training images; 20 good and 24 defective test images); "
-          f"negatives: {len(NEGATIVE_PHOTOS)} scikit-image photos")
+    print(
+        f"demo data: {root / 'brick'} (60 good training images; 20 good and 24 defective test images); "
+        f"negatives: {len(NEGATIVE_PHOTOS)} scikit-image photos"
+    )
     train = open_dataset(data=root, category="brick")
-    tuned = RunFolder(out / "finetune")
-    if tuned.kind == "finetune":  # the demo's own earlier fine-tuning
+    tuned = FinetuneFolder(out / "finetune")
+    if tuned.kind == FinetuneFolder.KIND:  # the demo's own earlier fine-tuning
         shutil.rmtree(tuned.path)
     features = pipeline.features
-    settings = FinetuneSettings().updated(backbone=features.backbone, image_size=features.image_size, steps=steps, checkpoint_every=steps)
+    settings = FinetuneSettings().updated(
+        backbone=features.backbone, image_size=features.image_size, steps=steps, checkpoint_every=steps
+    )
     report = finetune(train, negatives, tuned.path, settings, **runtime)
     if report["fallback"]:
         print("the fine-tuning did not beat the frozen backbone on validation: the fine-tuned run uses the frozen backbone")
@@ -128,6 +148,8 @@ def run_demo(out: str | Path = "runs/demo", pipeline: PipelineSettings | None = 
         results[name]["report"] = str(build_report(run_dir))
     print(f"\n{'':12s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'AUPRO':>8s}{'F1 learnt thr.':>16s}")
     for name, r in results.items():
-        print(f"{name:12s}{r['image_auroc']:13.3f}{r['pixel_auroc']:13.3f}{r['aupro']:8.3f}{r.get('f1_at_learnt_threshold', float('nan')):16.3f}")
+        print(
+            f"{name:12s}{r['image_auroc']:13.3f}{r['pixel_auroc']:13.3f}{r['aupro']:8.3f}{r.get('f1_at_learnt_threshold', float('nan')):16.3f}"
+        )
     print(f"\nreport: {results['fine-tuned']['report']}")
     return results

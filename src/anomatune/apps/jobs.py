@@ -15,9 +15,10 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..allocator import tune_allocator
 from ..data.settings import DataSettings
@@ -25,7 +26,6 @@ from ..distributed.settings import RAY, EngineSettings
 from ..errors import AnomatuneError
 from ..features.settings import RANDOM
 from ..finetune.settings import FinetuneSettings
-from ..pipeline.folders import RunFolder
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,20 @@ SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "kept_step", "fallback")  # what the table shows
 
 
-def fit(data: DataSettings, out: Path, settings: PipelineSettings, runtime: RuntimeSettings, evaluate: bool = False,
-        figures: bool = True) -> dict:
+def fit(
+    data: DataSettings,
+    out: Path,
+    settings: PipelineSettings,
+    runtime: RuntimeSettings,
+    evaluate: bool = False,
+    figures: bool = True,
+) -> dict:
     """Fit and save a run in ``out`` (and evaluate it in the same process with ``evaluate``)."""
     from ..data.layouts import open_dataset
+    from ..folders.kinds import RunFolder
     from ..pipeline.pipeline import Pipeline
 
-    with RunFolder(out).claim("run"):  # a second command on --out stops now, not after the fit
+    with RunFolder(out).claim():  # a second command on --out stops now, not after the fit
         pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
         pipeline.save(out)
     result = {"run": str(out), "fit_seconds": pipeline.fit_record_.fit_seconds}
@@ -51,8 +58,15 @@ def fit(data: DataSettings, out: Path, settings: PipelineSettings, runtime: Runt
     return result
 
 
-def finetune(data: DataSettings, out: Path, settings: FinetuneSettings, runtime: RuntimeSettings, negatives: str | None = None,
-             validation_negatives: str | None = None, resume: bool = False) -> dict:
+def finetune(
+    data: DataSettings,
+    out: Path,
+    settings: FinetuneSettings,
+    runtime: RuntimeSettings,
+    negatives: str | None = None,
+    validation_negatives: str | None = None,
+    resume: bool = False,
+) -> dict:
     """Fine-tune a backbone into ``out``; the report of :meth:`Finetuner.run`."""
     from ..data.layouts import open_dataset
     from ..finetune.loop import Finetuner
@@ -85,7 +99,7 @@ class Job:
     runtime: RuntimeSettings
     options: dict[str, Any] = field(default_factory=dict)
 
-    def absolute(self) -> "Job":
+    def absolute(self) -> Job:
         """The same job with absolute paths: a Ray worker may run in another folder, or on another machine."""
         from ..data.layouts import absolute
 
@@ -101,10 +115,15 @@ class Job:
     def categories(self) -> list[str]:
         """The data root's categories (fit, finetune), or the runs under the root (evaluate without --data)."""
         from ..data.layouts import list_categories
+        from ..folders.kinds import RunFolder
 
         if self.data is not None:
             return list_categories(self.data)
-        runs = sorted(p.name for p in Path(self.root).iterdir() if RunFolder(p).kind == "run") if Path(self.root).is_dir() else []
+        runs = (
+            sorted(p.name for p in Path(self.root).iterdir() if RunFolder(p).kind == RunFolder.KIND)
+            if Path(self.root).is_dir()
+            else []
+        )
         if not runs:
             raise AnomatuneError(f"{self.root} holds no run folders: pass the --out of 'anomatune fit --category all'")
         return runs
@@ -122,11 +141,13 @@ class Job:
 
 def with_category_weights(settings: PipelineSettings, category: str) -> PipelineSettings:
     """``--backbone-weights ROOT``, the ``--out`` of a ``finetune --category all``, means ``ROOT/<category>``."""
+    from ..folders.kinds import FinetuneFolder
+
     weights = settings.features.backbone_weights
-    if not weights or RunFolder(weights).kind == "finetune" or not Path(weights).is_dir():
+    if not weights or FinetuneFolder(weights).kind == FinetuneFolder.KIND or not Path(weights).is_dir():
         return settings
     folder = Path(weights) / category
-    return settings.updated(backbone_weights=str(folder)) if RunFolder(folder).kind == "finetune" else settings
+    return settings.updated(backbone_weights=str(folder)) if FinetuneFolder(folder).kind == FinetuneFolder.KIND else settings
 
 
 def failed_row(category: str, message: str) -> dict:
@@ -167,8 +188,13 @@ def _on_ray(job: Job, categories: list[str], engine: EngineSettings) -> list[dic
     ray = connect(engine.address)
     plan = plan_workers(ray, engine.workers, job.runtime.device, cpus_per_worker=2)
     task = ray.remote(attempt).options(max_retries=1, **plan.ray_args)
-    log.info("%d categories on Ray: %d at once, %g CPU%s each", len(categories), plan.workers, plan.cpus,
-             ", 1 GPU" if plan.device == "cuda" else "")
+    log.info(
+        "%d categories on Ray: %d at once, %g CPU%s each",
+        len(categories),
+        plan.workers,
+        plan.cpus,
+        ", 1 GPU" if plan.device == "cuda" else "",
+    )
     pending = {task.remote(job, c, plan.device): c for c in categories}
     rows = {}
     with tqdm(total=len(categories), desc=job.command) as bar:
@@ -212,7 +238,9 @@ def write_summary(root: Path, rows: Sequence[dict]) -> None:
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in table]
-    folder = RunFolder(root)
+    from ..folders.base import Folder
+
+    folder = Folder(root)
     folder.write_text(SUMMARY_CSV, text.getvalue())
     folder.write_text(SUMMARY_MD, "\n".join(lines) + "\n")
     log.info("summary of %d categories in %s and %s", len(rows), root / SUMMARY_MD, SUMMARY_CSV)

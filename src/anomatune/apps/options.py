@@ -1,6 +1,6 @@
 """Command-line options generated from the settings dataclasses, and settings built back from them.
 
-Every leaf of a settings group becomes one option named after it (``image_size`` →
+Every setting of a settings group becomes one option named after it (``image_size`` →
 ``--image-size``), with its help, its default (shown, never passed: an option that is
 not given leaves the setting to ``--config`` or to the default) and its choices or range.
 Values arrive as text and are coerced and validated by the settings classes, so the
@@ -10,15 +10,15 @@ detector (a polymorphic group) is ``--detector NAME`` plus ``--set KEY=VALUE``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import click
-import yaml
 
 from ..errors import SettingsError
 from ..models.settings import DetectorSettings
-from ..schema import Leaf, Settings, leaves
+from ..schema import FlatSetting, Settings, flat_settings
 
 
 def _show(value: Any) -> str:
@@ -33,43 +33,49 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _metavar(leaf: Leaf) -> str:
-    choices = DetectorSettings.names() if isinstance(leaf.default, DetectorSettings) else leaf.choices
+def _metavar(flat: FlatSetting) -> str:
+    choices = DetectorSettings.names() if isinstance(flat.default, DetectorSettings) else flat.choices
     if choices:
         return "[" + "|".join(map(str, choices)) + "]"
-    if leaf.metavar:
-        return leaf.metavar
-    text = str(leaf.kind)
+    if flat.metavar:
+        return flat.metavar
+    text = str(flat.kind)
     for word, metavar in (("tuple[int", "N,N"), ("tuple[float", "X,X"), ("int", "INTEGER"), ("float", "NUMBER")):
         if word in text:
             return metavar
     return "TEXT"
 
 
-def _option(leaf: Leaf):
+def _option(flat: FlatSetting):
     """The option of one setting; its default is shown, not passed (an unset option leaves the setting alone)."""
-    names = [f"--{leaf.flag}", *(f"--{a}" for a in leaf.aliases)]
-    help_text = leaf.help + (f" Range: {leaf.interval}." if leaf.interval else "") + f"  [default: {_show(leaf.default)}]"
-    if leaf.kind is bool:
-        return click.option(f"{names[0]}/--no-{leaf.flag}", leaf.key, default=None, help=help_text, show_default=False)
-    multiple = "tuple[str" in str(leaf.kind)
-    return click.option(*names, leaf.key, default=None, multiple=multiple, metavar=_metavar(leaf), help=help_text, show_default=False)
+    names = [f"--{flat.flag}", *(f"--{a}" for a in flat.aliases)]
+    help_text = flat.help + (f" Range: {flat.interval}." if flat.interval else "") + f"  [default: {_show(flat.default)}]"
+    if flat.kind is bool:
+        return click.option(f"{names[0]}/--no-{flat.flag}", flat.key, default=None, help=help_text, show_default=False)
+    multiple = "tuple[str" in str(flat.kind)
+    return click.option(
+        *names, flat.key, default=None, multiple=multiple, metavar=_metavar(flat), help=help_text, show_default=False
+    )
 
 
-SET_OPTION = click.option("--set", "detector_changes", multiple=True, metavar="KEY=VALUE",
-                          help="A setting of the detector (or guide), e.g. --set n_components=8 (repeatable; "
-                               "see 'anomatune detectors').")
+SET_OPTION = click.option(
+    "--set",
+    "detector_changes",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A setting of the detector (or guide), e.g. --set n_components=8 (repeatable; see 'anomatune detectors').",
+)
 
 
 def options(cls: type[Settings], only: Iterable[str] | None = None):
     """A decorator adding one option per setting of ``cls`` (those named in ``only``, when given)."""
-    chosen = [leaf for leaf in leaves(cls) if only is None or leaf.key in set(only)]
+    chosen = [flat for flat in flat_settings(cls) if only is None or flat.key in set(only)]
 
     def decorate(command):
-        for leaf in reversed(chosen):  # the last decorator applied is listed first
-            if isinstance(leaf.default, DetectorSettings):
+        for flat in reversed(chosen):  # the last decorator applied is listed first
+            if isinstance(flat.default, DetectorSettings):
                 command = SET_OPTION(command)
-            command = _option(leaf)(command)
+            command = _option(flat)(command)
         return command
 
     return decorate
@@ -77,6 +83,8 @@ def options(cls: type[Settings], only: Iterable[str] | None = None):
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     """``KEY=VALUE`` texts as a dict; each value read as YAML (numbers, true/false, lists)."""
+    import yaml  # only when settings are built: --help stays fast
+
     changes = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -89,10 +97,12 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     return changes
 
 
-def read_config(path: str | None) -> dict:
+def read_settings_file(path: str | None) -> dict:
     """A YAML settings file: the groups of ``cls`` directly, or a run's config.yaml (its ``settings``)."""
     if path is None:
         return {}
+    import yaml  # only with --config
+
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -112,23 +122,23 @@ def build(cls: type[Settings], values: dict[str, Any], config: str | None = None
     Settings whose option the command does not have (or that were not given) keep the default or the file's value.
     """
     base = cls()
-    file = read_config(config)
+    file = read_settings_file(config)
     if file:
         merged = base.to_dict()
         _merge(merged, file)
         base = cls.from_dict(merged, source=config)
     changes = {}
-    for leaf in leaves(cls, base):
-        value = values.get(leaf.key)
-        if isinstance(leaf.default, DetectorSettings):
+    for flat in flat_settings(cls, base):
+        value = values.get(flat.key)
+        if isinstance(flat.default, DetectorSettings):
             sets = parse_pairs(values.get("detector_changes") or ())
             if value is None and not sets:
                 continue
-            current = leaf.default.to_dict() if value in (None, leaf.default.name) else {"name": value}
+            current = flat.default.to_dict() if value in (None, flat.default.name) else {"name": value}
             value = current | sets
         elif value is None or value == ():
             continue
-        changes[leaf.key] = value
+        changes[flat.key] = value
     return base.updated(**changes)
 
 

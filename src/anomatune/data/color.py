@@ -43,8 +43,9 @@ def mk_matrix(source_cov: torch.Tensor, target_cov: torch.Tensor, eps: float = 1
     return inv_root @ _sym_power(root @ target_cov @ root, 0.5, 0.0) @ inv_root
 
 
-def transfer(source: torch.Tensor, target: torch.Tensor, rho: float | torch.Tensor = 1.0, method: str = "mk",
-             eps: float = 1e-8) -> torch.Tensor:
+def transfer(
+    source: torch.Tensor, target: torch.Tensor, rho: float | torch.Tensor = 1.0, method: str = "mk", eps: float = 1e-8
+) -> torch.Tensor:
     """Map the colours of ``source`` ``(B, 3, H, W)`` onto those of ``target`` ``(B, 3, H', W')``.
 
     ``rho`` (a number or one per image) interpolates from the source (0) to the full
@@ -53,7 +54,9 @@ def transfer(source: torch.Tensor, target: torch.Tensor, rho: float | torch.Tens
     if method not in METHODS:
         raise AnomatuneError(f"colour transfer method must be one of {', '.join(METHODS)}, not {method!r}")
     if source.dim() != 4 or target.dim() != 4 or source.shape[1] != 3 or target.shape[1] != 3:
-        raise AnomatuneError(f"colour transfer takes RGB batches (B, 3, H, W), got {tuple(source.shape)} and {tuple(target.shape)}")
+        raise AnomatuneError(
+            f"colour transfer takes RGB batches (B, 3, H, W), got {tuple(source.shape)} and {tuple(target.shape)}"
+        )
     if len(target) not in (1, len(source)):
         raise AnomatuneError(f"{len(source)} source images but {len(target)} targets: pass one target or one per source")
     mu_s, cov_s = color_moments(source)

@@ -13,18 +13,29 @@ from __future__ import annotations
 
 import copy
 import csv
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import (DEFAULT_IMAGE_SIZE, IMAGE_EXTENSIONS, check_mask_shape, image_to_tensor, input_size, list_images,
-                     log_once, mask_to_tensor, median_aspect, read_image, read_mask)
+from .images import (
+    IMAGE_EXTENSIONS,
+    check_mask_shape,
+    image_to_tensor,
+    input_size,
+    list_images,
+    log_once,
+    mask_to_tensor,
+    median_aspect,
+    read_image,
+    read_mask,
+)
+from .settings import DEFAULT_IMAGE_SIZE
 
 GOOD = "good"
 SPLITS = ("train", "test")
@@ -82,14 +93,14 @@ class AnomalyDataset(Dataset):
         """``(height, width)`` every image is resized to."""
         return self.size_for(self.image_size)
 
-    def at_size(self, size_hw: tuple[int, int]) -> "AnomalyDataset":
+    def at_size(self, size_hw: tuple[int, int]) -> AnomalyDataset:
         """The same images resized to ``(height, width)`` (a model's input size)."""
         view = copy.copy(self)
         view.__dict__.pop("size_hw", None)
         view.image_size = tuple(size_hw)
         return view
 
-    def subset(self, indices: Sequence[int]) -> "AnomalyDataset":
+    def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """The records at ``indices``, same settings."""
         view = copy.copy(self)
         view.records = [self.records[i] for i in indices]
@@ -115,13 +126,18 @@ class AnomalyDataset(Dataset):
                 raw = read_mask(record.mask_path)
                 check_mask_shape(raw.shape[::-1], img.size, record.mask_path, record.path)
                 mask = mask_to_tensor(raw, self.size_hw)
-        return {"image": image_to_tensor(img, self.size_hw), "label": record.label, "defect_type": record.defect_type,
-                "path": str(record.path), "mask": mask}
+        return {
+            "image": image_to_tensor(img, self.size_hw),
+            "label": record.label,
+            "defect_type": record.defect_type,
+            "path": str(record.path),
+            "mask": mask,
+        }
 
 
 def seeded_split(n: int, n_held: int, seed: int) -> tuple[list[int], list[int]]:
     """Indices ``0..n-1`` split (seeded) into the kept ones and ``n_held`` held out, each in order: the one hold-out
-    draw of the pipeline's threshold images and of the fine-tuning's validation images."""
+    draw of a folder's good test images, the pipeline's threshold images and the fine-tuning's validation images."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_held:]), sorted(order[:n_held])
 
@@ -133,7 +149,9 @@ class RowSample:
 
     def __init__(self, total: int, cap: int | None, seed: int):
         keep_all = cap is None or total <= cap
-        self.chosen = None if keep_all else torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+        self.chosen = (
+            None if keep_all else torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+        )
         self.start = 0
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
@@ -182,11 +200,17 @@ class MVTecAD(AnomalyDataset):
             available = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise DataError(f"category {category!r} not found in {root}: available are {', '.join(available) or 'none'}")
         _check_split(split)
-        split_dir = require_dir(category_dir / split, f"{split} split", f"expected the MVTec AD layout {category}/{split}/good/...")
+        split_dir = require_dir(
+            category_dir / split, f"{split} split", f"expected the MVTec AD layout {category}/{split}/good/..."
+        )
         gt_dir = category_dir / "ground_truth"
         has_masks = gt_dir.is_dir()
         if not has_masks and split == "test":
-            log_once(f"nogt:{category_dir}", "%s has no ground_truth folder: masks are None, pixel metrics will be skipped", category_dir)
+            log_once(
+                f"nogt:{category_dir}",
+                "%s has no ground_truth folder: masks are None, pixel metrics will be skipped",
+                category_dir,
+            )
         records = []
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
@@ -214,7 +238,9 @@ class MVTecAD(AnomalyDataset):
             for mask in list_images(mask_dir):
                 stem = mask.stem.removesuffix("_mask")
                 if stem not in stems:
-                    raise DataError(f"{mask}: mask without an image (expected {stem}.* in test/{mask_dir.name}); add the image or remove the mask")
+                    raise DataError(
+                        f"{mask}: mask without an image (expected {stem}.* in test/{mask_dir.name}); add the image or remove the mask"
+                    )
         return masks
 
 
@@ -266,20 +292,32 @@ class Folder(AnomalyDataset):
     ``mask_dir/<defect folder name>/`` then ``mask_dir/`` as ``<stem>_mask.*`` or ``<stem>.*``.
     """
 
-    def __init__(self, good_dir: str | Path, defect_dirs: Sequence[str | Path] = (), mask_dir: str | Path | None = None,
-                 good_test_dir: str | Path | None = None, *, test_split: float, split_seed: int, split: str = "train",
-                 image_size=DEFAULT_IMAGE_SIZE):
+    def __init__(
+        self,
+        good_dir: str | Path,
+        defect_dirs: Sequence[str | Path] = (),
+        mask_dir: str | Path | None = None,
+        good_test_dir: str | Path | None = None,
+        *,
+        test_split: float,
+        split_seed: int,
+        split: str = "train",
+        image_size=DEFAULT_IMAGE_SIZE,
+    ):
         _check_split(split)
         if not 0.0 <= test_split < 1.0:
             raise DataError(f"test_split must be in [0, 1), not {test_split}")
         good = list_images(require_dir(Path(good_dir), "good image folder", "pass the folder of good images"))
         if good_test_dir is not None:
-            train, held_out = good, list_images(require_dir(Path(good_test_dir), "good test folder", "pass a folder of good test images or leave it out"))
+            train, held_out = (
+                good,
+                list_images(
+                    require_dir(Path(good_test_dir), "good test folder", "pass a folder of good test images or leave it out")
+                ),
+            )
         else:
-            order = np.random.default_rng(split_seed).permutation(len(good))
-            n_test = int(round(test_split * len(good)))
-            held_out = [good[i] for i in sorted(order[:n_test])]
-            train = [good[i] for i in sorted(order[n_test:])]
+            kept, held = seeded_split(len(good), int(round(test_split * len(good))), split_seed)
+            train, held_out = [good[i] for i in kept], [good[i] for i in held]
         has_masks = mask_dir is not None
         if split == "train":
             records = [Record(p, 0, GOOD) for p in train]
@@ -297,7 +335,9 @@ class Folder(AnomalyDataset):
             mask = find_mask(candidate_dir, img.stem)
             if mask is not None and mask != img:
                 return mask
-        raise DataError(f"{img}: no mask {img.stem}_mask.png in {mask_dir / folder.name} or {mask_dir}; add the mask or remove the image")
+        raise DataError(
+            f"{img}: no mask {img.stem}_mask.png in {mask_dir / folder.name} or {mask_dir}; add the mask or remove the image"
+        )
 
 
 class NaturalImages(Dataset):

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
+from .settings import parse_image_size
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-DEFAULT_IMAGE_SIZE = 256
-INPUT_SIDES = (16, 8192)  # the smallest and largest input side in pixels
 MIN_SOURCE_SIDE = 8  # smaller images are broken files or placeholders, not inspection images
 EXIF_ORIENTATION = 0x0112
 
@@ -40,20 +40,6 @@ def log_once(key: str, message: str, *args) -> None:
     if key not in _logged:
         _logged.add(key)
         log.warning(message, *args)
-
-
-def parse_image_size(value) -> str:
-    """``256`` (short side) or ``"320x256"`` (width x height) in canonical text form; ``ValueError`` otherwise."""
-    text = str(value).strip().lower().replace(" ", "")
-    parts = text.split("x")
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        parts = [str(v) for v in value]
-    if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
-        raise ValueError(f"expected a short side like 256 or a size WxH like 320x256, got {value!r}")
-    low, high = INPUT_SIDES
-    if any(not low <= int(p) <= high for p in parts):
-        raise ValueError(f"each side must be {low} to {high} px, got {value!r}")
-    return "x".join(str(int(p)) for p in parts)
 
 
 def input_size(image_size: int | str | tuple[int, int], aspect: float = 1.0) -> tuple[int, int]:
@@ -106,8 +92,10 @@ def read_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Im
     label = source if isinstance(source, Path) else name or "upload"
     img = _to_8bit(_open(source, label), label)
     if min(img.size) < MIN_SOURCE_SIDE:
-        raise DataError(f"{label}: the image is {img.width}x{img.height} px, too small to inspect "
-                        f"(at least {MIN_SOURCE_SIDE} px a side); replace or remove the file")
+        raise DataError(
+            f"{label}: the image is {img.width}x{img.height} px, too small to inspect "
+            f"(at least {MIN_SOURCE_SIDE} px a side); replace or remove the file"
+        )
     if img.mode != "RGB":
         log_once(f"mode:{img.mode}", "%s images (e.g. %s) are converted to RGB", img.mode, label)
         img = img.convert("RGB")
@@ -188,6 +176,8 @@ def check_mask_shape(mask_wh: Sequence[int], image_wh: Sequence[int], mask_path:
     if (mw, mh) == (iw, ih):
         return
     if abs(mw / mh - iw / ih) > 0.02 * (iw / ih):
-        raise DataError(f"{mask_path}: mask is {mw}x{mh} but its image {image_path.name} is {iw}x{ih}; "
-                        "a mask must cover the image it belongs to")
+        raise DataError(
+            f"{mask_path}: mask is {mw}x{mh} but its image {image_path.name} is {iw}x{ih}; "
+            "a mask must cover the image it belongs to"
+        )
     log_once("maskscale", "masks of another scale than their image (e.g. %s) are resized", mask_path)

@@ -13,16 +13,17 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError
-from .datasets import VisA, AnomalyDataset, Folder, MVTecAD
-from .images import DEFAULT_IMAGE_SIZE
-from .settings import DataSettings
+from .datasets import AnomalyDataset, Folder, MVTecAD, VisA
+from .settings import DEFAULT_IMAGE_SIZE, DataSettings
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("folder", "mvtec", "visa")
-LAYOUT_HELP = ("the layouts are: --good DIR (a folder of good images; --defect DIR, --masks DIR for evaluation), "
-               "--data ROOT --category C in the MVTec AD layout (C/train/good, C/test/<type>, C/ground_truth/<type>), "
-               "or --data ROOT --category C in the VisA layout (ROOT/split_csv/1cls.csv)")
+LAYOUT_HELP = (
+    "the layouts are: --good DIR (a folder of good images; --defect DIR, --masks DIR for evaluation), "
+    "--data ROOT --category C in the MVTec AD layout (C/train/good, C/test/<type>, C/ground_truth/<type>), "
+    "or --data ROOT --category C in the VisA layout (ROOT/split_csv/1cls.csv)"
+)
 
 
 def detect_layout(settings: DataSettings) -> tuple[str, DataSettings]:
@@ -69,7 +70,9 @@ def list_categories(settings: DataSettings) -> list[str]:
     return found
 
 
-def open_dataset(settings: DataSettings | None = None, split: str = "train", image_size=DEFAULT_IMAGE_SIZE, **changes) -> AnomalyDataset:
+def open_dataset(
+    settings: DataSettings | None = None, split: str = "train", image_size=DEFAULT_IMAGE_SIZE, **changes
+) -> AnomalyDataset:
     """The ``split`` of the data that ``settings`` (or the keyword arguments of ``DataSettings``) describe.
 
     ``image_size``: a short side, ``"WxH"`` or an exact ``(height, width)``.
@@ -77,8 +80,16 @@ def open_dataset(settings: DataSettings | None = None, split: str = "train", ima
     settings = (settings or DataSettings()).updated(**changes)
     layout, settings = detect_layout(absolute(settings))
     if layout == "folder":
-        dataset = Folder(settings.good, settings.defect, settings.masks, settings.good_test, test_split=settings.test_split,
-                         split_seed=settings.split_seed, split=split, image_size=image_size)
+        dataset = Folder(
+            settings.good,
+            settings.defect,
+            settings.masks,
+            settings.good_test,
+            test_split=settings.test_split,
+            split_seed=settings.split_seed,
+            split=split,
+            image_size=image_size,
+        )
     elif layout == "mvtec":
         dataset = MVTecAD(settings.data, settings.category, split, image_size)
     else:
@@ -90,13 +101,19 @@ def open_dataset(settings: DataSettings | None = None, split: str = "train", ima
 
 def absolute(settings: DataSettings) -> DataSettings:
     """The same settings with absolute paths: a run remembers its data wherever it is evaluated from."""
+
     def full(path):
         return str(Path(path).expanduser().resolve()) if path else path
 
-    return settings.updated(data=full(settings.data), good=full(settings.good), good_test=full(settings.good_test),
-                            defect=tuple(full(d) for d in settings.defect), masks=full(settings.masks))
+    return settings.updated(
+        data=full(settings.data),
+        good=full(settings.good),
+        good_test=full(settings.good_test),
+        defect=tuple(full(d) for d in settings.defect),
+        masks=full(settings.masks),
+    )
 
 
-def describe(settings: DataSettings) -> str:
+def data_name(settings: DataSettings) -> str:
     """A short name of the data, for tables and titles."""
     return settings.category or Path(settings.good or settings.data or "?").name

@@ -7,6 +7,22 @@ from dataclasses import dataclass
 from ..schema import Settings, setting
 
 ALL_CATEGORIES = "all"  # --category all: every category of the root
+DEFAULT_IMAGE_SIZE = 256
+INPUT_SIDES = (16, 8192)  # the smallest and largest input side in pixels
+
+
+def parse_image_size(value) -> str:
+    """``256`` (short side) or ``"320x256"`` (width x height) in canonical text form; ``ValueError`` otherwise."""
+    text = str(value).strip().lower().replace(" ", "")
+    parts = text.split("x")
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = [str(v) for v in value]
+    if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
+        raise ValueError(f"expected a short side like 256 or a size WxH like 320x256, got {value!r}")
+    low, high = INPUT_SIDES
+    if any(not low <= int(p) <= high for p in parts):
+        raise ValueError(f"each side must be {low} to {high} px, got {value!r}")
+    return "x".join(str(int(p)) for p in parts)
 
 
 @dataclass(frozen=True)
@@ -17,17 +33,33 @@ class DataSettings(Settings):
     """
 
     section = "data"
-    data: str | None = setting(None, "Dataset root: an MVTec AD root (with --category), one MVTec AD category folder, "
-                                     "or a VisA root holding split_csv/1cls.csv (with --category).", metavar="DIR")
-    category: str | None = setting(None, "Category under --data, e.g. transistor; 'all': every category, each in its own "
-                                         "folder under --out, then a summary table (fit, finetune, evaluate).")
+    data: str | None = setting(
+        None,
+        "Dataset root: an MVTec AD root (with --category), one MVTec AD category folder, "
+        "or a VisA root holding split_csv/1cls.csv (with --category).",
+        metavar="DIR",
+    )
+    category: str | None = setting(
+        None,
+        "Category under --data, e.g. transistor; 'all': every category, each in its own "
+        "folder under --out, then a summary table (fit, finetune, evaluate).",
+    )
     good: str | None = setting(None, "Your own folder of good images (instead of --data).", metavar="DIR")
-    good_test: str | None = setting(None, "Folder of good test images for --good; default: a --test-split share of --good.", metavar="DIR")
-    defect: tuple[str, ...] = setting((), "Folder of defective test images for --good (repeat for several; the folder name is the defect type).", metavar="DIR")
-    masks: str | None = setting(None, "Folder of defect masks for the --defect images: <stem>_mask.png or <stem>.png, "
-                                      "directly or in a subfolder named like the defect folder.", metavar="DIR")
-    test_split: float = setting(0.2, "Share of --good held out (seeded) as good test images when --good-test is not given.",
-                                interval="[0, 1)")
+    good_test: str | None = setting(
+        None, "Folder of good test images for --good; default: a --test-split share of --good.", metavar="DIR"
+    )
+    defect: tuple[str, ...] = setting(
+        (), "Folder of defective test images for --good (repeat for several; the folder name is the defect type).", metavar="DIR"
+    )
+    masks: str | None = setting(
+        None,
+        "Folder of defect masks for the --defect images: <stem>_mask.png or <stem>.png, "
+        "directly or in a subfolder named like the defect folder.",
+        metavar="DIR",
+    )
+    test_split: float = setting(
+        0.2, "Share of --good held out (seeded) as good test images when --good-test is not given.", interval="[0, 1)"
+    )
     split_seed: int = setting(0, "Seed of the --test-split draw; keep it between fit, finetune and evaluate.")
 
     def check(self) -> list[str]:
@@ -35,7 +67,9 @@ class DataSettings(Settings):
             return ["pass either --good (your own folders) or --data (a dataset root), not both"]
         if not self.good and (self.good_test or self.defect or self.masks):
             return ["--good-test, --defect and --masks go with --good"]
-        if self.category and not self.data and self.category != ALL_CATEGORIES:  # evaluate RUNS --category all: each run's own data
+        if (
+            self.category and not self.data and self.category != ALL_CATEGORIES
+        ):  # evaluate RUNS --category all: each run's own data
             return ["--category goes with --data"]
         return []
 

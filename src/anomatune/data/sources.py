@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import glob
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, list_images

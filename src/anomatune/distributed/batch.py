@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..allocator import tune_allocator
-from ..apps.predict import COLUMNS, load_for_predict, score_paths, unique_names
 from ..data.sources import expand_sources
-from ..pipeline.folders import RunFolder
+from ..folders.kinds import PredictionsFolder
+from ..inference.predict import COLUMNS, load_for_predict, score_paths, unique_names
+from ..pipeline.settings import RuntimeSettings
 from .cluster import connect, plan_workers
 from .settings import EngineSettings
 
@@ -45,7 +46,7 @@ class BatchScorer:
     def __init__(self, run_dir: str, threshold: float, images_dir: str | None, device: str, batch_size: int):
         tune_allocator()
         self.pipeline, self.threshold = load_for_predict(run_dir, threshold, device=device, batch_size=batch_size)
-        self.images = RunFolder(images_dir) if images_dir else None
+        self.images = PredictionsFolder(images_dir) if images_dir else None
         self.schema = results_schema()
 
     def __call__(self, batch):
@@ -57,8 +58,16 @@ class BatchScorer:
         return pa.Table.from_pylist(records, schema=self.schema)
 
 
-def scored_dataset(run_dir: str | Path, paths: Sequence[Path], threshold: float, images_dir: str | Path | None = None,
-                   workers: int | None = None, device: str = "auto", batch_size: int = 8, scorer: type = BatchScorer):
+def scored_dataset(
+    run_dir: str | Path,
+    paths: Sequence[Path],
+    threshold: float,
+    images_dir: str | Path | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    scorer: type = BatchScorer,
+):
     """The lazy Ray Dataset of result rows (``index`` = position in ``paths``); nothing runs until it is consumed."""
     import pyarrow as pa
     import ray.data
@@ -67,13 +76,21 @@ def scored_dataset(run_dir: str | Path, paths: Sequence[Path], threshold: float,
     table = pa.table({"index": list(range(len(paths))), "path": [str(p) for p in paths], "name": unique_names(paths)})
     block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / plan.workers)))  # work for every worker
     blocks = [table.slice(start, block) for start in range(0, len(table), block)]
-    log.info("scoring %d images with %d Ray workers (%g CPU%s each)", len(paths), plan.workers, plan.cpus,
-             ", 1 GPU" if plan.device == "cuda" else "")
+    log.info(
+        "scoring %d images with %d Ray workers (%g CPU%s each)",
+        len(paths),
+        plan.workers,
+        plan.cpus,
+        ", 1 GPU" if plan.device == "cuda" else "",
+    )
     return ray.data.from_arrow(blocks).map_batches(
-        scorer, fn_constructor_args=(str(run_dir), threshold, None if images_dir is None else str(images_dir), plan.device,
-                                     batch_size),
-        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.workers),
-        **plan.ray_args)
+        scorer,
+        fn_constructor_args=(str(run_dir), threshold, None if images_dir is None else str(images_dir), plan.device, batch_size),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
+        **plan.ray_args,
+    )
 
 
 @dataclass(frozen=True)
@@ -85,20 +102,36 @@ class Tally:
     failed: int
 
 
-def predict_on_ray(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
-                   images: bool = True, engine: EngineSettings | None = None, device: str = "auto", batch_size: int = 8) -> Tally:
+def predict_on_ray(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    threshold: float | None = None,
+    images: bool = True,
+    engine: EngineSettings | None = None,
+    **runtime,
+) -> Tally:
     """Score every image of ``inputs`` on Ray: ``out/results.parquet/`` (and ``overlays/``, ``masks/``), written as one set.
+    ``runtime``: ``device``, ``batch_size`` (as :func:`~anomatune.inference.predict.predict`), for every worker.
 
     Paths are made absolute (the ``path`` column holds them so) for workers that run elsewhere."""
     import pyarrow.parquet as pq
 
     engine = engine or EngineSettings(engine="ray")
+    runtime = RuntimeSettings().updated(**runtime)
     _, threshold = load_for_predict(run_dir, threshold, device="cpu")  # a bad run or threshold stops here, before any worker
     paths = [path.resolve() for path in expand_sources(inputs)]  # absolute: a worker may run elsewhere
     connect(engine.address)
-    with RunFolder(out).staged("predictions") as stage:
-        results = stage.path.resolve() / RunFolder.RESULTS_PARQUET
-        scored_dataset(Path(run_dir).resolve(), paths, threshold, stage.path.resolve() if images else None, engine.workers, device,
-                       batch_size).write_parquet(str(results), ray_remote_args={"num_cpus": 0})  # the actors hold the CPUs
+    with PredictionsFolder(out).staged() as stage:
+        results = stage.path.resolve() / PredictionsFolder.RESULTS_PARQUET
+        scored_dataset(
+            Path(run_dir).resolve(),
+            paths,
+            threshold,
+            stage.path.resolve() if images else None,
+            engine.workers,
+            runtime.device,
+            runtime.batch_size,
+        ).write_parquet(str(results), ray_remote_args={"num_cpus": 0})  # the actors hold the CPUs
         decisions = Counter(pq.read_table(results, columns=["decision"]).column("decision").to_pylist())
     return Tally(decisions["good"] + decisions["defective"], decisions["defective"], decisions["error"])

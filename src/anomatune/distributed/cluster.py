@@ -24,8 +24,9 @@ def connect(address: str | None = None):
             ray.init(logging_level=logging.WARNING, **options)
         except ConnectionError as exc:
             raise AnomatuneError(f"cannot join the Ray cluster at {address}: {exc}") from None
-        log.info("Ray cluster: %s", ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
-                                              if k in ("CPU", "GPU")))
+        log.info(
+            "Ray cluster: %s", ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items()) if k in ("CPU", "GPU"))
+        )
     return ray
 
 

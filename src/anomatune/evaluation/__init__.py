@@ -1,7 +1,12 @@
-"""Evaluation: the MVTec metrics (``metrics``), scoring a test split (``evaluate``), figures (``plots``)."""
+"""Evaluating a run on a labelled test split: metrics and figures written to ``evaluation/`` (``evaluate``, ``plots``)."""
+
+from typing import TYPE_CHECKING
 
 from ..lazy import lazy_exports
 
-_EXPORTS = {"evaluate": "evaluate", "score_dataset": "evaluate", "Evaluation": "evaluate", "evaluate_scores": "metrics"}
+if TYPE_CHECKING:
+    from .evaluate import evaluate
+
+_EXPORTS = {"evaluate": "evaluate"}
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)

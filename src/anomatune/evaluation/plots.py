@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from .metrics import PixelCurves, image_roc
+from ..metrics import PixelCurves, image_roc
 
 
 def roc_figure(labels: np.ndarray, scores: np.ndarray) -> Figure | None:
@@ -91,8 +91,14 @@ def gallery(evaluation, threshold: float, per_kind: int = 6) -> list[tuple[Image
     """
     labels, scores, maps, masks = evaluation.labels, evaluation.scores, evaluation.maps, evaluation.masks
     good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    picks = [(i, "false positive" if scores[i] > threshold else "good, highest score") for i in good[np.argsort(-scores[good])][:per_kind]]
-    picks += [(i, "false negative" if scores[i] <= threshold else "defective, lowest score") for i in bad[np.argsort(scores[bad])][:per_kind]]
+    picks = [
+        (i, "false positive" if scores[i] > threshold else "good, highest score")
+        for i in good[np.argsort(-scores[good])][:per_kind]
+    ]
+    picks += [
+        (i, "false negative" if scores[i] <= threshold else "defective, lowest score")
+        for i in bad[np.argsort(scores[bad])][:per_kind]
+    ]
     shown = {i for i, _ in picks}
     picks += [(i, "defective, highest score") for i in bad[np.argsort(-scores[bad])] if i not in shown][:per_kind]
     low = float(np.median(maps[good])) if len(good) else float(maps.min())

@@ -41,7 +41,7 @@ class Adaptor(nn.Module):
         return u + torch.einsum("dr,brhw->bdhw", self.up.to(u.dtype), hidden)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], origin: str) -> "Adaptor":
+    def from_state(cls, state: dict[str, torch.Tensor], origin: str) -> Adaptor:
         """The adaptor saved in a weights file (its tensors without the prefix)."""
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         width, dim = shapes.get("down", (0, 0))
@@ -54,5 +54,5 @@ class Adaptor(nn.Module):
 
 def split_adaptor(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """A weights file's backbone tensors, and its adaptor's (None when it has none)."""
-    adaptor = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    adaptor = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     return {k: v for k, v in state.items() if not k.startswith(PREFIX)}, adaptor or None

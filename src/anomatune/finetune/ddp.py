@@ -9,7 +9,7 @@ process's gradient of the same global batch. The guide follows the good features
 process (gathered in rank order: the same update as one process), and the outlier filter
 takes its fraction of every process's negatives. Files are written by rank 0 only.
 
-Without torchrun (``WORLD_SIZE`` unset or 1) :class:`Ranks` is one process and every
+Without torchrun (``WORLD_SIZE`` unset or 1) :class:`ProcessGroup` is one process and every
 operation is the identity: the single-process fine-tuning runs the same code.
 """
 
@@ -26,27 +26,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Ranks:
-    """This process's place among the fine-tuning's processes."""
+class ProcessGroup:
+    """The fine-tuning's processes, and this one's ``rank`` among their ``size``."""
 
     rank: int = 0
-    world: int = 1
+    size: int = 1
 
     @classmethod
-    def from_env(cls, device: torch.device) -> "Ranks":
+    def from_env(cls, device: torch.device) -> ProcessGroup:
         """One process, or torchrun's ``RANK`` of ``WORLD_SIZE`` (process group: NCCL on CUDA, gloo on the CPU)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
             return cls()
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        ranks = cls(dist.get_rank(), dist.get_world_size())
-        if not ranks.main:  # one voice: the other ranks only warn
+        group = cls(dist.get_rank(), dist.get_world_size())
+        if not group.is_main:  # one voice: the other ranks only warn
             logging.getLogger("anomatune").setLevel(logging.WARNING)
-        log.info("fine-tuning on %d processes (%s)", ranks.world, dist.get_backend())
-        return ranks
+        log.info("fine-tuning on %d processes (%s)", group.size, dist.get_backend())
+        return group
 
     @staticmethod
     def local_device(device: torch.device) -> torch.device:
@@ -57,19 +57,19 @@ class Ranks:
         return device
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
     def share(self, n: int) -> slice:
-        """This process's contiguous share of ``n`` items (the first ``n % world`` processes take one more)."""
-        base, extra = divmod(n, self.world)
+        """This process's contiguous share of ``n`` items (the first ``n % size`` processes take one more)."""
+        base, extra = divmod(n, self.size)
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over processes (a detached copy)."""
         tensor = tensor.detach().clone()
-        if self.world > 1:
+        if self.size > 1:
             import torch.distributed as dist
 
             device = tensor.device
@@ -81,17 +81,17 @@ class Ranks:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows, in rank order (detached; the shares may differ in length)."""
-        if self.world == 1:
+        if self.size == 1:
             return tensor.detach()
         import torch.distributed as dist
 
-        parts: list = [None] * self.world
+        parts: list = [None] * self.size
         dist.all_gather_object(parts, tensor.detach().cpu())
         return torch.cat(parts).to(tensor.device)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` under DistributedDataParallel (its gradients averaged at backward), or as it is."""
-        if self.world == 1:
+        if self.size == 1:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
@@ -99,7 +99,7 @@ class Ranks:
         return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.size > 1:
             import torch.distributed as dist
 
             dist.barrier()

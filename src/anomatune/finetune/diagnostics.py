@@ -39,8 +39,17 @@ def log_densities(guide, u: torch.Tensor, grid) -> torch.Tensor:
         return in_chunks(lambda x, where: guide.log_density(x.to(device), where.to(device)).cpu(), u, positions).double()
 
 
-def weight_summary(guide, loss: MixtureLoss, extractor, good: torch.Tensor, negatives: torch.Tensor, negative_masks: torch.Tensor,
-                   filter_mode: str, filter_fraction: float, batch_neg: int) -> dict:
+def weight_summary(
+    guide,
+    loss: MixtureLoss,
+    extractor,
+    good: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_masks: torch.Tensor,
+    filter_mode: str,
+    filter_fraction: float,
+    batch_neg: int,
+) -> dict:
     """Gradient-weight distributions and feature statistics on fixed good and negative images.
 
     Only the negative patches of ``negative_masks`` count; the filter sees them in groups of
@@ -54,8 +63,15 @@ def weight_summary(guide, loss: MixtureLoss, extractor, good: torch.Tensor, nega
     ld_good, ld_neg = log_densities(guide, good_u, grid), log_densities(guide, neg_u, grid)[inside]
     w_pos = 1 - loss.p_inside(ld_good)  # P(z=−|u+)
     w_neg = loss.p_inside(ld_neg)  # P(z=+|u−)
-    kept = torch.cat([torch.nonzero(step_of_patch == k).flatten()[keep_negatives(ld_neg[step_of_patch == k], loss, filter_mode, filter_fraction)]
-                      for k in step_of_patch.unique()] + [torch.zeros(0, dtype=torch.long)])
+    kept = torch.cat(
+        [
+            torch.nonzero(step_of_patch == k).flatten()[
+                keep_negatives(ld_neg[step_of_patch == k], loss, filter_mode, filter_fraction)
+            ]
+            for k in step_of_patch.unique()
+        ]
+        + [torch.zeros(0, dtype=torch.long)]
+    )
     return {
         "median_log_density_good": ld_good.median().item(),
         "median_log_density_negative": ld_neg.median().item(),
@@ -76,7 +92,7 @@ def weight_summary(guide, loss: MixtureLoss, extractor, good: torch.Tensor, nega
     }
 
 
-def describe(summary: dict) -> str:
+def summary_text(summary: dict) -> str:
     """A few lines for the terminal."""
     return (
         f"log-density medians: good {summary['median_log_density_good']:.1f}, negatives {summary['median_log_density_negative']:.1f}, "
@@ -94,7 +110,9 @@ def weight_figure(start: dict, end: dict | None, title: str = "") -> Figure:
     fig = Figure(figsize=(9, 3.4))
     axes = fig.subplots(1, 2)
     centres = 0.5 * (BINS[1:] + BINS[:-1])
-    for ax, key, label in zip(axes, ("positive_histogram", "negative_histogram"), ("P(z=−|u+), good patches", "P(z=+|u−), negative patches")):
+    for ax, key, label in zip(
+        axes, ("positive_histogram", "negative_histogram"), ("P(z=−|u+), good patches", "P(z=+|u−), negative patches")
+    ):
         for summary, name, colour in ((start, "start", "tab:red"), (end, "end", "tab:blue")):
             if summary is not None:
                 counts = np.asarray(summary[key], float)

@@ -43,21 +43,22 @@ class MixtureLoss:
         """P(z=+ | u): a negative's gradient weight; 1 − it is a positive's."""
         return torch.sigmoid(self.logit(log_density))
 
-    def calibrate(self, boundary: float) -> "MixtureLoss":
+    def calibrate(self, boundary: float) -> MixtureLoss:
         """Set log L so that P(z=+|u) = 1/2 where log GMM(u) = ``boundary``."""
         self.log_volume = float(boundary) + self.temperature * math.log((1 - self.alpha) / self.alpha)
         return self
 
 
-def boundary_log_density(good: torch.Tensor, negative: torch.Tensor | None, calibration: str = "quantile",
-                         quantile: float = 0.01) -> float:
+def boundary_log_density(
+    good: torch.Tensor, negative: torch.Tensor | None, calibration: str = "quantile", quantile: float = 0.01
+) -> float:
     """The log-density where P(z=+|u) = 1/2.
 
     ``quantile``: that quantile of the good patches' log-densities (the paper's choice).
     ``midpoint`` (ours): halfway between the medians of the good and the negative patches.
     """
     if calibration == "quantile":
-        return torch.quantile(good.double().flatten()[:2**24], quantile).item()
+        return torch.quantile(good.double().flatten()[: 2**24], quantile).item()
     if calibration == "midpoint":
         if negative is None:
             raise AnomatuneError("calibration='midpoint' needs the negatives' log-densities")
@@ -73,8 +74,13 @@ def auto_temperature(good: torch.Tensor, negative: torch.Tensor) -> float:
     return max((good.double().median() - negative.double().median()).item() / AUTO_TEMPERATURE_DIVISOR, 1e-3)
 
 
-def keep_negatives(log_density: torch.Tensor, loss: MixtureLoss, mode: str = "fraction", fraction: float = 0.1,
-                   population: torch.Tensor | None = None) -> torch.Tensor:
+def keep_negatives(
+    log_density: torch.Tensor,
+    loss: MixtureLoss,
+    mode: str = "fraction",
+    fraction: float = 0.1,
+    population: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Indices of the negative patches whose gradient is kept (the outlier filter).
 
     ``fraction``: the ``fraction`` of the batch with the lowest log-density (most outside);

@@ -39,14 +39,20 @@ def paste_box(size: tuple[int, int], side_min: float, side_max: float, generator
     h, w = size
     side = side_min + (side_max - side_min) * torch.rand(2, generator=generator)
     ph, pw = max(1, round(side[0].item() * h)), max(1, round(side[1].item() * w))
-    return int(torch.randint(h - ph + 1, (), generator=generator)), int(torch.randint(w - pw + 1, (), generator=generator)), ph, pw
+    return (
+        int(torch.randint(h - ph + 1, (), generator=generator)),
+        int(torch.randint(w - pw + 1, (), generator=generator)),
+        ph,
+        pw,
+    )
 
 
 def paste(image: torch.Tensor, mask: torch.Tensor, content: torch.Tensor, box: tuple[int, int, int, int]) -> None:
     """Resize ``content`` into ``box`` of ``image`` and mark the box in ``mask`` (both in place)."""
     top, left, ph, pw = box
-    image[:, top : top + ph, left : left + pw] = F.interpolate(content[None], size=(ph, pw), mode="bilinear", align_corners=False,
-                                                               antialias=True)[0]
+    image[:, top : top + ph, left : left + pw] = F.interpolate(
+        content[None], size=(ph, pw), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     mask[:, top : top + ph, left : left + pw] = 1.0
 
 
@@ -69,7 +75,9 @@ class NegativeSampler:
         self.size = tuple(good_images.shape[-2:])
         self.kinds = [kind for kind in settings.negative_kinds if kind in IMAGE_NEGATIVES]
 
-    def sample(self, n: int, generator: torch.Generator, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` negatives ``(n, 3, H, W)`` in [0, 1] and their negative-pixel masks ``(n, 1, H, W)``.
 
         ``targets``: the good images to put them in (default: drawn from the good images).

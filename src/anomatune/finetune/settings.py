@@ -22,66 +22,114 @@ NEGATIVES = IMAGE_NEGATIVES + ("noise",)
 @dataclass(frozen=True)
 class FinetuneSettings(Settings):
     section = "finetune"
-    mode: str = setting("adaptor", "What trains: backbone (the paper: the backbone's weights) or adaptor (ours: a small "
-                                    "residual MLP on the frozen patch features, trained on features computed once).",
-                        choices=MODES)
+    mode: str = setting(
+        "adaptor",
+        "What trains: backbone (the paper: the backbone's weights) or adaptor (ours: a small "
+        "residual MLP on the frozen patch features, trained on features computed once).",
+        choices=MODES,
+    )
     adaptor_width: int = setting(64, "Hidden units of the adaptor's residual MLP (mode=adaptor).", interval="[1, 100000]")
     # the backbone, and the space and model of the guide
-    features: FeatureSettings = setting(factory=lambda: FeatureSettings(proj_dim=32, proj="pca"),
-                                        help="The backbone to fine-tune and the fixed projection the guide lives in (measured).")
-    guide: DetectorSettings = setting(factory=lambda: GMMSettings(n_components=16, normalize=False),
-                                      help="Guiding density model: gmm, glad or padim (a detector with log_density and "
-                                           "online_update); its settings with --set KEY=VALUE. It takes --seed as its seed.",
-                                      flag="guide", aliases=("model",))
+    features: FeatureSettings = setting(
+        factory=lambda: FeatureSettings(proj_dim=32, proj="pca"),
+        help="The backbone to fine-tune and the fixed projection the guide lives in (measured).",
+    )
+    guide: DetectorSettings = setting(
+        factory=lambda: GMMSettings(n_components=16, normalize=False),
+        help="Guiding density model: gmm, glad or padim (a detector with log_density and "
+        "online_update); its settings with --set KEY=VALUE. It takes --seed as its seed.",
+        flag="guide",
+        aliases=("model",),
+    )
     # the mixture loss (supplementary §2)
     alpha: float = setting(0.5, "Prior α of the negative (uniform) class.", interval="(0, 1)")
-    calibration: str = setting("midpoint", "Where P(z=+|u) = 1/2: 'quantile' of the good log-densities (the paper) or 'midpoint' "
-                                           "of the good and negative medians (ours; measured).", choices=("quantile", "midpoint"))
-    boundary_quantile: float = setting(0.01, "Quantile of the good patches' log-density that sets log L (calibration=quantile).",
-                                       interval="(0, 1)")
-    temperature: float = setting(0.0, "Divides the log-density ratio in the posterior (ours; 1 = the paper) so negatives get "
-                                      "gradient; 0 = auto: the gap between the good and negative median log-densities / 8 (measured).",
-                                 interval="[0, inf)")
+    calibration: str = setting(
+        "midpoint",
+        "Where P(z=+|u) = 1/2: 'quantile' of the good log-densities (the paper) or 'midpoint' "
+        "of the good and negative medians (ours; measured).",
+        choices=("quantile", "midpoint"),
+    )
+    boundary_quantile: float = setting(
+        0.01, "Quantile of the good patches' log-density that sets log L (calibration=quantile).", interval="(0, 1)"
+    )
+    temperature: float = setting(
+        0.0,
+        "Divides the log-density ratio in the posterior (ours; 1 = the paper) so negatives get "
+        "gradient; 0 = auto: the gap between the good and negative median log-densities / 8 (measured).",
+        interval="[0, inf)",
+    )
     decay: float = setting(0.99, "Online-model decay β of the sufficient statistics, per step.", interval="[0, 1)")
-    filter: str = setting("threshold", "Outlier filter on negatives: fraction (the paper's: the lowest log-density share), "
-                                       "threshold (P(z=+|u)<1/2; measured) or none.", choices=("fraction", "threshold", "none"))
+    filter: str = setting(
+        "threshold",
+        "Outlier filter on negatives: fraction (the paper's: the lowest log-density share), "
+        "threshold (P(z=+|u)<1/2; measured) or none.",
+        choices=("fraction", "threshold", "none"),
+    )
     filter_fraction: float = setting(0.1, "Share of each batch's negative patches kept by filter=fraction.", interval="(0, 1]")
     # negatives
-    negative_mode: str = setting("pasted", "Negatives, one kind or several joined by '+': photos (whole colour-mapped natural "
-                                           "images, the paper), pasted (ours: pasted into good images), cutpaste (ours: boxes of "
-                                           "the product's own images) or noise (ours: good features moved along the guide space's "
-                                           "low-variance directions).", metavar="KINDS")
-    noise_scale: float = setting(1.0, "Size of the noise negatives, in standard deviations of the guide space's features.",
-                                 interval="(0, inf)")
+    negative_mode: str = setting(
+        "pasted",
+        "Negatives, one kind or several joined by '+': photos (whole colour-mapped natural "
+        "images, the paper), pasted (ours: pasted into good images), cutpaste (ours: boxes of "
+        "the product's own images) or noise (ours: good features moved along the guide space's "
+        "low-variance directions).",
+        metavar="KINDS",
+    )
+    noise_scale: float = setting(
+        1.0, "Size of the noise negatives, in standard deviations of the guide space's features.", interval="(0, inf)"
+    )
     paste_min: float = setting(0.1, "Smallest side of a pasted negative, as a share of the image side.", interval="(0, 1]")
     paste_max: float = setting(0.35, "Largest side of a pasted negative, as a share of the image side.", interval="(0, 1]")
     rho_min: float = setting(0.5, "Colour-transfer strength ρ ~ U[rho_min, 1] of the negatives.", interval="[0, 1]")
     crop_min: float = setting(0.25, "Smallest area share of a negative's random-resized crop.", interval="(0, 1]")
-    color_method: str = setting("mk", "Colour transfer of the negatives: mk (Monge–Kantorovich) or diagonal.", choices=("mk", "diagonal"))
+    color_method: str = setting(
+        "mk", "Colour transfer of the negatives: mk (Monge–Kantorovich) or diagonal.", choices=("mk", "diagonal")
+    )
     # optimisation
     steps: int = setting(200, "Optimisation steps.", interval="[1, 10000000]")
-    lr: float | None = setting(None, "Adam learning rate; default: 1e-3 for the adaptor, 3e-5 for the backbone.", interval="(0, 1]")
+    lr: float | None = setting(
+        None, "Adam learning rate; default: 1e-3 for the adaptor, 3e-5 for the backbone.", interval="(0, 1]"
+    )
     batch_pos: int = setting(4, "Good images per step.", interval="[1, 4096]")
     batch_neg: int = setting(4, "Negative images per step.", interval="[1, 4096]")
-    trust: float = setting(0.0, "Trust region (ours): weight of the mean squared distance of the good features to the frozen "
-                                "ones, over their variance (0: none).", interval="[0, inf)")
-    frozen_blocks: int = setting(0, "Leading backbone blocks (and the stem) kept frozen; 0 trains every block the features use.",
-                                 interval="[0, 1000]")
-    flip: str = setting("none", "Flips of the good images: none, h, v or hv (only where the product allows them).",
-                        choices=("none", "h", "v", "hv"))
+    trust: float = setting(
+        0.0,
+        "Trust region (ours): weight of the mean squared distance of the good features to the frozen "
+        "ones, over their variance (0: none).",
+        interval="[0, inf)",
+    )
+    frozen_blocks: int = setting(
+        0, "Leading backbone blocks (and the stem) kept frozen; 0 trains every block the features use.", interval="[0, 1000]"
+    )
+    flip: str = setting(
+        "none",
+        "Flips of the good images: none, h, v or hv (only where the product allows them).",
+        choices=("none", "h", "v", "hv"),
+    )
     clip_grad: float | None = setting(None, "Clip the gradient norm to this value (default: no clipping).", interval="(0, inf)")
     amp: bool = setting(True, "bfloat16 mixed precision for the backbone on CUDA (ignored on the CPU).")
-    checkpoint_every: int = setting(50, "Validate and write a checkpoint every this many steps (atomically).",
-                                    interval="[1, 10000000]")
+    checkpoint_every: int = setting(
+        50, "Validate and write a checkpoint every this many steps (atomically).", interval="[1, 10000000]"
+    )
     # validation without test labels (ours)
-    validation_share: float = setting(0.2, "Share of the good training images held out (seeded) to validate each checkpoint; "
-                                           "0: no validation, the last step is kept.", interval="[0, 0.9]")
-    validator: str = setting("padim", "Detector refit on the current features to score the validation set (with its defaults).",
-                             choices=("gmm", "glad", "padim", "patchcore"))
+    validation_share: float = setting(
+        0.2,
+        "Share of the good training images held out (seeded) to validate each checkpoint; "
+        "0: no validation, the last step is kept.",
+        interval="[0, 0.9]",
+    )
+    validator: str = setting(
+        "padim",
+        "Detector refit on the current features to score the validation set (with its defaults).",
+        choices=("gmm", "glad", "padim", "patchcore"),
+    )
     validation_fit_images: int = setting(64, "Training images the validator is fitted on.", interval="[2, 100000]")
-    min_gain: float = setting(0.001, "A checkpoint must beat the frozen features' validation score by more than this to be "
-                                     "kept (a guard against noise, set a priori, not tuned).",
-                              interval="[0, 1]")
+    min_gain: float = setting(
+        0.001,
+        "A checkpoint must beat the frozen features' validation score by more than this to be "
+        "kept (a guard against noise, set a priori, not tuned).",
+        interval="[0, 1]",
+    )
     diag_images: int = setting(16, "Good and negative images in the start/end diagnostics.", interval="[1, 10000]")
     seed: int = setting(0, "Seed of every random draw, the guide's included (a resumed run reproduces the same one).")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import NaturalImages, seeded_split
-from ..evaluation.metrics import image_auroc, pixel_auroc
+from ..metrics import image_auroc, pixel_auroc
 from ..models.registry import create_detector
 from ..models.settings import detector_settings
 from ..pipeline.postprocess import PostProcessor
@@ -80,12 +80,14 @@ class ValidationSet:
     kinds: list[str]
 
     @classmethod
-    def build(cls, held: torch.Tensor, natural: NaturalImages | None, settings: FinetuneSettings, seed: int) -> "ValidationSet":
+    def build(cls, held: torch.Tensor, natural: NaturalImages | None, settings: FinetuneSettings, seed: int) -> ValidationSet:
         """The held-out good images, then each with a natural-photo defect (when ``natural`` is given), then with a noise defect."""
         generator = torch.Generator().manual_seed(seed)
         images, masks, kinds = [held], [torch.zeros(len(held), 1, *held.shape[-2:])], ["good"] * len(held)
         if natural is not None:
-            sampler = NegativeSampler(natural, held, settings.updated(negative_mode="pasted", paste_min=PASTE_SIDE[0], paste_max=PASTE_SIDE[1]))
+            sampler = NegativeSampler(
+                natural, held, settings.updated(negative_mode="pasted", paste_min=PASTE_SIDE[0], paste_max=PASTE_SIDE[1])
+            )
             pasted, pasted_masks = sampler.sample(len(held), generator, targets=held)
             images.append(pasted), masks.append(pasted_masks)
             kinds += ["natural"] * len(held)
@@ -96,7 +98,9 @@ class ValidationSet:
         return cls(torch.cat(images), labels, torch.cat(masks), kinds)
 
 
-def validation_score(validator: str, fit_features: torch.Tensor, features: torch.Tensor, valset: ValidationSet, seed: int) -> dict:
+def validation_score(
+    validator: str, fit_features: torch.Tensor, features: torch.Tensor, valset: ValidationSet, seed: int
+) -> dict:
     """Refit ``validator`` on ``fit_features`` and score ``features`` of ``valset`` (both on the device to compute on):
     image and pixel AUROC, and their mean."""
     settings = detector_settings(validator)
@@ -107,7 +111,11 @@ def validation_score(validator: str, fit_features: torch.Tensor, features: torch
     factor = PIXEL_POOL if min(maps.shape[-2:]) >= 32 * PIXEL_POOL else 1
     small = F.avg_pool2d(maps[:, None], factor).squeeze(1)
     truth = F.avg_pool2d(valset.masks, factor).squeeze(1) > 0.5
-    result = {"image_auroc": image_auroc(valset.labels.numpy(), scores.numpy()),
-              "pixel_auroc": pixel_auroc(truth.numpy(), small.numpy())}
-    result["score"] = float(np.nanmean([result["image_auroc"], result["pixel_auroc"]]))  # image AUROC alone if no pixel is defective
+    result = {
+        "image_auroc": image_auroc(valset.labels.numpy(), scores.numpy()),
+        "pixel_auroc": pixel_auroc(truth.numpy(), small.numpy()),
+    }
+    result["score"] = float(
+        np.nanmean([result["image_auroc"], result["pixel_auroc"]])
+    )  # image AUROC alone if no pixel is defective
     return result

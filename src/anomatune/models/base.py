@@ -14,11 +14,12 @@ fine-tuning needs of its guide.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterable, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import AnomatuneError, NotFittedError
+from ..errors import AnomatuneError, check_is_fitted
 from .settings import DetectorSettings
 
 CHUNK = 8192  # patches per step of the per-patch computations: bounds their memory
@@ -62,6 +63,7 @@ class Detector:
     Settings: ClassVar[type[DetectorSettings]]
     state: ClassVar[tuple[str, ...]] = ()  # names of the fitted tensors besides grid and n_features
     online_state: ClassVar[tuple[str, ...]] = ()  # statistics of online_update, saved when present
+    fitted_attribute: ClassVar[str] = "grid_"  # set once a fit succeeded (see errors.check_is_fitted)
 
     def __init__(self, settings: DetectorSettings | None = None, **changes):
         settings = self.Settings() if settings is None else settings
@@ -87,13 +89,8 @@ class Detector:
         """The fitted tensors every fitted detector of these settings has."""
         return ("grid", "n_features") + self.state + (("score_mean", "score_std") if self.normalized else ())
 
-    @property
-    def fitted(self) -> bool:
-        return hasattr(self, "grid_")
-
     def check_is_fitted(self) -> None:
-        if not self.fitted:
-            raise NotFittedError(f"this {self.name} detector is not fitted: call fit(train_features) first")
+        check_is_fitted(self, "call fit(train_features) first")
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and isinstance(v, torch.Tensor)}
@@ -107,20 +104,26 @@ class Detector:
         self.check_is_fitted()
         return {k[:-1]: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the detector state") -> "Detector":
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the detector state") -> Detector:
         """Set the fitted tensors, refusing a state written for another detector or other settings."""
         required, allowed = set(self.state_names()), set(self.state_names()) | set(self.online_state)
         missing, unknown = sorted(required - set(state)), sorted(set(state) - allowed)
         if missing or unknown:
-            what = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
-                                         f"unexpected {', '.join(unknown)}" if unknown else "") if p)
+            what = "; ".join(
+                p
+                for p in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unexpected {', '.join(unknown)}" if unknown else "",
+                )
+                if p
+            )
             raise AnomatuneError(f"{source} does not fit a {self.name} detector with these settings ({what}): refit the run")
         self._reset()
         for key, value in state.items():
             setattr(self, key + "_", value)
         return self
 
-    def to(self, device: torch.device | str) -> "Detector":
+    def to(self, device: torch.device | str) -> Detector:
         for key, value in self._fitted_tensors().items():
             setattr(self, key, value.to(device))
         return self
@@ -139,8 +142,10 @@ class Detector:
         self.check_is_fitted()
         self._check_features(features)
         if features.shape[1] != int(self.n_features_):
-            raise AnomatuneError(f"{self.name} was fitted on {int(self.n_features_)}-d patch features, got {features.shape[1]}-d: "
-                                 "the feature layers or projection differ from the fit's")
+            raise AnomatuneError(
+                f"{self.name} was fitted on {int(self.n_features_)}-d patch features, got {features.shape[1]}-d: "
+                "the feature layers or projection differ from the fit's"
+            )
 
     def _check_grid(self, features: torch.Tensor) -> None:
         """Per-position models only score the grid they were fitted on."""
@@ -158,7 +163,7 @@ class Detector:
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, features: torch.Tensor) -> "Detector":
+    def fit(self, features: torch.Tensor) -> Detector:
         """Fit on good patch features ``(N, D, h, w)``."""
         self._check_features(features)
         self._reset()
@@ -176,7 +181,7 @@ class Detector:
         self.grid_ = torch.tensor(features.shape[-2:])
         self.n_features_ = torch.tensor(features.shape[1])
 
-    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "Detector":
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> Detector:
         """Fit on features that arrive batch by batch, ``n_images`` in all. This default gathers
         them, so memory grows with the training set; PaDiM keeps running sums and PatchCore a
         bounded sample instead."""

@@ -97,7 +97,9 @@ class GMM(Detector):
             except torch.linalg.LinAlgError:
                 continue
         else:
-            raise AnomatuneError("GMM covariances are not positive definite even with 1e5x the ridge: check the features for constant channels")
+            raise AnomatuneError(
+                "GMM covariances are not positive definite even with 1e5x the ridge: check the features for constant channels"
+            )
         self.weights_, self.means_, self.covariances_, self.prec_chol_ = weights, means, cov, prec
 
     def _m_step(self, x: torch.Tensor, resp: torch.Tensor, generator: torch.Generator) -> None:
@@ -120,11 +122,13 @@ class GMM(Detector):
             nk = resp.sum(0)
         means = (resp.T @ x.double()) / nk[:, None]
         weights32 = resp.float()
-        cov = torch.stack([
-            ((weights32[:, k : k + 1] * centred).T @ centred).double() / nk[k]
-            for k in range(len(nk))
-            for centred in [x - means[k].float()]
-        ])
+        cov = torch.stack(
+            [
+                ((weights32[:, k : k + 1] * centred).T @ centred).double() / nk[k]
+                for k in range(len(nk))
+                for centred in [x - means[k].float()]
+            ]
+        )
         self._set_parameters(nk / n, means, cov + self.reg_ * eye)
 
     def _subsample(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,8 +142,10 @@ class GMM(Detector):
         generator = torch.Generator().manual_seed(s.seed)
         x = self._subsample(features, generator)
         if len(x) < s.n_components * 2:
-            raise AnomatuneError(f"{len(x)} training patches are too few for {s.n_components} components: "
-                                 "add training images or lower n_components")
+            raise AnomatuneError(
+                f"{len(x)} training patches are too few for {s.n_components} components: "
+                "add training images or lower n_components"
+            )
         self.reg_ = torch.tensor(s.ridge * x.double().var(0).mean().item(), dtype=torch.float64)
         centres = kmeans_plus_plus(x, s.n_components, generator)
         resp = torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(1), s.n_components)
@@ -149,7 +155,7 @@ class GMM(Detector):
         self._m_step(x, resp, generator)
         previous = -math.inf
         progress = tqdm(range(s.max_iter), desc=f"EM ({self.name}, K={s.n_components})", leave=False, mininterval=1.0)
-        for iteration in progress:
+        for iteration in progress:  # noqa: B007 (read after the loop: the iterations run)
             log_prob = self.component_log_prob(x)
             log_norm = torch.logsumexp(log_prob, 1)
             mean_ll = log_norm.mean().item()

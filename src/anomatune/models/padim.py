@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ class PaDiM(Detector):
         self._fit_sums(torch.split(features, 16))
 
     @torch.no_grad()
-    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "PaDiM":
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> PaDiM:
         """Fit while the features stream in: each position's running sums, never every feature
         (memory: h*w x D x D float64, whatever the number of images)."""
         if self.normalized:  # the normalisation scores every training image: that needs them all
@@ -79,7 +79,9 @@ class PaDiM(Detector):
         counts = torch.bincount(positions, minlength=n_pos).double()
         seen = counts > 0
         first = torch.zeros(n_pos, d, dtype=torch.float64, device=x.device).index_add_(0, positions, x)
-        second = torch.zeros(n_pos, d, d, dtype=torch.float64, device=x.device).index_add_(0, positions, x[:, :, None] * x[:, None, :])
+        second = torch.zeros(n_pos, d, d, dtype=torch.float64, device=x.device).index_add_(
+            0, positions, x[:, :, None] * x[:, None, :]
+        )
         rate = torch.where(seen, 1 - decay, 0.0)
         self.s1_ = self.s1_ + rate[:, None] * (first / counts.clamp_min(1)[:, None] - self.s1_)
         self.s2_ = self.s2_ + rate[:, None, None] * (second / counts.clamp_min(1)[:, None, None] - self.s2_)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -81,7 +81,7 @@ class PatchCore(Detector):
         self._select(self._sample(len(patches)).take(patches))
 
     @torch.no_grad()
-    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> "PatchCore":
+    def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> PatchCore:
         """Fit while the features stream in, keeping only the ``max_patches`` sample: memory is
         bounded whatever the number of images (``benchmarks/scaling.py`` measures it)."""
         kept, sample, features = [], None, None

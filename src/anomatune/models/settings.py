@@ -13,8 +13,9 @@ deciding the image score. Measured in ``benchmarks/results/settings.md``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ..errors import SettingsError
 from ..schema import Settings, setting
@@ -31,7 +32,7 @@ class DetectorSettings(Settings):
     polymorphic = True
     name: ClassVar[str] = ""
     auto_proj_dim: ClassVar[int | None] = None  # feature dimension under --proj auto (None: keep them all)
-    registry: ClassVar[dict[str, type["DetectorSettings"]]] = {}
+    registry: ClassVar[dict[str, type[DetectorSettings]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -43,7 +44,7 @@ class DetectorSettings(Settings):
         return list(DetectorSettings.registry)
 
     @classmethod
-    def resolve(cls, value: Any) -> type["DetectorSettings"]:
+    def resolve(cls, value: Any) -> type[DetectorSettings]:
         """The settings class of a detector name, a ``{name: ..., ...}`` mapping or an instance."""
         if isinstance(value, DetectorSettings):
             return type(value)
@@ -53,7 +54,7 @@ class DetectorSettings(Settings):
         return DetectorSettings.registry[name]
 
     @classmethod
-    def coerce(cls, value: Any) -> "DetectorSettings":
+    def coerce(cls, value: Any) -> DetectorSettings:
         kind = cls.resolve(value)
         if isinstance(value, DetectorSettings):
             return value
@@ -83,10 +84,14 @@ class GMMSettings(DetectorSettings):
     # (benchmarks/results/settings_glad.md)
     auto_proj_dim: ClassVar[int | None] = 64
     n_components: int = setting(32, "Mixture components K.", interval="[1, 100000]")
-    ridge: float = setting(0.1, "Added to every covariance's diagonal, relative to the mean feature variance.", interval="(0, inf)")
+    ridge: float = setting(
+        0.1, "Added to every covariance's diagonal, relative to the mean feature variance.", interval="(0, inf)"
+    )
     max_iter: int = setting(30, "EM iterations at most.", interval="[1, 100000]")
     tol: float = setting(1e-2, "EM stops when the mean log-likelihood gains less than this.", interval="[0, inf)")
-    max_patches: int = setting(50_000, "Random subsample of training patches that EM sees (bounds time and memory).", interval="[2, inf)")
+    max_patches: int = setting(
+        50_000, "Random subsample of training patches that EM sees (bounds time and memory).", interval="[2, inf)"
+    )
     seed: int = setting(0, "Seed of the subsample and the k-means++ start.")
     normalize: bool = setting(True, NORMALIZE_HELP)
 
@@ -118,10 +123,14 @@ class PatchCoreSettings(DetectorSettings):
     coreset_ratio: float = setting(0.1, "Share of training patches kept in the memory bank.", interval="(0, 1]")
     num_neighbors: int = setting(9, "Neighbourhood of the image score's reweighting (the paper's b).", interval="[1, 10000]")
     proj_dim: int = setting(128, "Random-projection dimension of the coreset selection distances.", interval="[1, 100000]")
-    max_patches: int | None = setting(500_000, "Training patches the coreset is chosen from, at most: beyond it a seeded random "
-                                               "sample, drawn while the features stream in (memory: max_patches x feature dim x 4 "
-                                               "bytes; none = all). 500,000 keeps every patch of an MVTec AD category (at most "
-                                               "~400 images x 1,024 patches at 256 px).", interval="[1, inf)")
+    max_patches: int | None = setting(
+        500_000,
+        "Training patches the coreset is chosen from, at most: beyond it a seeded random "
+        "sample, drawn while the features stream in (memory: max_patches x feature dim x 4 "
+        "bytes; none = all). 500,000 keeps every patch of an MVTec AD category (at most "
+        "~400 images x 1,024 patches at 256 px).",
+        interval="[1, inf)",
+    )
     seed: int = setting(0, "Seed of the projection, of the patch sample and of the first coreset patch.")
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +27,15 @@ from .. import __version__
 from ..data.datasets import AnomalyDataset, collate, seeded_split
 from ..data.images import image_to_tensor, read_image
 from ..device import resolve_device
-from ..errors import AnomatuneError, NotFittedError, RunFolderError
+from ..errors import AnomatuneError, RunFolderError, check_is_fitted, is_fitted
 from ..features.backbones import create_backbone
-from ..features.settings import AUTO, RANDOM
 from ..features.extractor import FeatureExtractor
+from ..features.settings import AUTO, RANDOM
+from ..folders.kinds import RunFolder
 from ..models.registry import create_detector
-from ..schema import leaves
-from .folders import RunFolder, resolve_weights
+from ..schema import flat_settings
 from .postprocess import PostProcessor, defect_mask, resize_map
+from .scoring import score_dataset
 from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,10 @@ class Pipeline:
     once saved or loaded, ``model_id_`` (the run folder's name and files' hash).
     """
 
+    fitted_attribute = "fit_record_"  # set once a fit or a load succeeded (see errors.check_is_fitted)
+
     def __init__(self, settings: PipelineSettings | None = None, **changes: Any):
-        runtime_keys = {leaf.key for leaf in leaves(RuntimeSettings)}
+        runtime_keys = {flat.key for flat in flat_settings(RuntimeSettings)}
         self.runtime = RuntimeSettings().updated(**{k: v for k, v in changes.items() if k in runtime_keys})
         self.settings = (settings or PipelineSettings()).updated(**{k: v for k, v in changes.items() if k not in runtime_keys})
         features, detector = self.settings.features, self.settings.detector
@@ -109,19 +113,14 @@ class Pipeline:
 
     def __repr__(self) -> str:
         f = self.settings.features
-        return f"Pipeline({self.settings.detector.name} on {f.backbone}, image_size={f.image_size}{', fitted' if self.fitted else ''})"
+        return f"Pipeline({self.settings.detector.name} on {f.backbone}, image_size={f.image_size}{', fitted' if is_fitted(self) else ''})"
 
     @property
     def device(self) -> torch.device:
         return resolve_device(self.runtime.device)
 
-    @property
-    def fitted(self) -> bool:
-        return hasattr(self, "fit_record_")
-
     def check_is_fitted(self) -> None:
-        if not self.fitted:
-            raise NotFittedError("this pipeline is not fitted: call fit(dataset) or Pipeline.load(run folder) first")
+        check_is_fitted(self, "call fit(dataset) or Pipeline.load(run folder) first")
 
     @property
     def threshold(self) -> float | None:
@@ -139,7 +138,7 @@ class Pipeline:
         features = self.settings.features
         if layers is not None:
             features = features.updated(layers=tuple(layers))
-        backbone = create_backbone(features.backbone, weights=resolve_weights(features.backbone_weights))
+        backbone = create_backbone(features.backbone, weights=features.backbone_weights)
         return FeatureExtractor(features, backbone=backbone, seed=self.settings.seed).to(self.device).eval()
 
     def _loader(self, dataset) -> DataLoader:
@@ -147,7 +146,7 @@ class Pipeline:
 
     # -- fitting ----------------------------------------------------------------------------
 
-    def fit(self, dataset: AnomalyDataset) -> "Pipeline":
+    def fit(self, dataset: AnomalyDataset) -> Pipeline:
         """Fit on the good images of ``dataset`` (a training split).
 
         The input size follows the images' median aspect ratio (or ``WxH``); a
@@ -157,7 +156,14 @@ class Pipeline:
         s = self.settings
         device = self.device
         start = time.perf_counter()
-        for name in ("fit_record_", "extractor_", "detector_", "postprocessor_", "data_", "model_id_"):  # a failed fit leaves it unfitted
+        for name in (
+            "fit_record_",
+            "extractor_",
+            "detector_",
+            "postprocessor_",
+            "data_",
+            "model_id_",
+        ):  # a failed fit leaves it unfitted
             self.__dict__.pop(name, None)
         weights = s.features.backbone_weights
         if weights not in (None, RANDOM):  # a run finds its weights wherever it is loaded from
@@ -183,11 +189,25 @@ class Pipeline:
             maps, scores = torch.cat(maps), torch.cat(scores)
             threshold = float(torch.quantile(scores.double(), s.threshold.quantile))
             good_median = float(maps.flatten()[::97].double().median())
-        self.fit_record_ = FitRecord(input_size=size, weights_id=extractor.weights_id, layers=extractor.layers, threshold=threshold,
-                                     good_map_median=good_median, holdout_images=0 if held_out is None else len(held_out),
-                                     n_train=len(train), fit_seconds=round(time.perf_counter() - start, 2))
+        self.fit_record_ = FitRecord(
+            input_size=size,
+            weights_id=extractor.weights_id,
+            layers=extractor.layers,
+            threshold=threshold,
+            good_map_median=good_median,
+            holdout_images=0 if held_out is None else len(held_out),
+            n_train=len(train),
+            fit_seconds=round(time.perf_counter() - start, 2),
+        )
         self.data_ = getattr(dataset, "source", None)
-        log.info("fitted %s on %d images (%dx%d px) in %.1f s", s.detector.name, len(train), size[1], size[0], self.fit_record_.fit_seconds)
+        log.info(
+            "fitted %s on %d images (%dx%d px) in %.1f s",
+            s.detector.name,
+            len(train),
+            size[1],
+            size[0],
+            self.fit_record_.fit_seconds,
+        )
         return self
 
     # -- predicting ----------------------------------------------------------------------------
@@ -207,7 +227,7 @@ class Pipeline:
         maps, scores = self.postprocessor_(*self.detector_.detect(features))
         return maps.cpu(), scores.cpu()
 
-    def as_batch(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _as_batch(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Images of any kind → a batch at the input size, and each image's own (height, width)."""
         size = self.input_size
         if isinstance(images, torch.Tensor):
@@ -220,16 +240,27 @@ class Pipeline:
         pictures = [read_image(i) if isinstance(i, (str, Path)) else _as_pil(i) for i in images]
         return torch.stack([image_to_tensor(p, size) for p in pictures]), [(p.height, p.width) for p in pictures]
 
-    def predict(self, images: Sequence | torch.Tensor, threshold: float | None = None) -> Predictions:
+    def predict(
+        self,
+        images: Sequence | torch.Tensor,
+        threshold: float | None = None,
+        forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> Predictions:
         """Scores, labels, maps and masks of ``images``: paths, PIL images, ``HxWx3`` uint8 arrays
-        or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one."""
-        self.check_is_fitted()
-        batch, sizes = self.as_batch(images)
-        maps, scores = zip(*(self.forward(chunk) for chunk in torch.split(batch, self.runtime.batch_size)))
-        return self.predictions_from(torch.cat(maps), torch.cat(scores), sizes, threshold)
+        or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one.
 
-    def predictions_from(self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]],
-                     threshold: float | None = None) -> Predictions:
+        ``forward``: another engine computing :meth:`forward` (the run exported to ONNX Runtime or
+        OpenVINO); decisions and masks stay the pipeline's whatever the engine.
+        """
+        self.check_is_fitted()
+        forward = forward or self.forward
+        batch, sizes = self._as_batch(images)
+        maps, scores = zip(*(forward(chunk) for chunk in torch.split(batch, self.runtime.batch_size)))
+        return self._predictions_from(torch.cat(maps), torch.cat(scores), sizes, threshold)
+
+    def _predictions_from(
+        self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]], threshold: float | None = None
+    ) -> Predictions:
         """Predictions from the output of :meth:`forward`: maps resized to ``sizes``, decisions and masks."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         full = [resize_map(m, hw) for m, hw in zip(maps, sizes)]
@@ -241,40 +272,47 @@ class Pipeline:
 
     def score(self, dataset: AnomalyDataset) -> dict[str, float]:
         """Image AUROC, pixel AUROC and AUPRO on a labelled test split (scikit-learn's ``score``)."""
-        from ..evaluation.evaluate import score_dataset
-
         return score_dataset(self, dataset).metrics
 
     # -- saving ------------------------------------------------------------------------------
 
     def config(self) -> RunConfig:
         self.check_is_fitted()
-        return RunConfig(anomatune_version=__version__, run_format=RUN_FORMAT, settings=self.settings,
-                         data=getattr(self, "data_", None), fitted=self.fit_record_)
+        return RunConfig(
+            anomatune_version=__version__,
+            run_format=RUN_FORMAT,
+            settings=self.settings,
+            data=getattr(self, "data_", None),
+            fitted=self.fit_record_,
+        )
 
     def save(self, folder: str | Path) -> RunFolder:
         """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there."""
         self.check_is_fitted()
         run = RunFolder(folder)
-        with run.staged("run") as stage:
+        with run.staged() as stage:
             stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
             if self.extractor_.proj_dim is not None:
-                stage.write_tensors(RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")})
+                stage.write_tensors(
+                    RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
+                )
             stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
         self.model_id_ = run.fingerprint()
         return run
 
     @classmethod
-    def load(cls, folder: str | Path, **runtime: Any) -> "Pipeline":
+    def load(cls, folder: str | Path, **runtime: Any) -> Pipeline:
         """Rebuild a saved run, refusing one of another format, incomplete, or with other backbone weights."""
-        run = RunFolder(folder).require("run")
-        config = read_config(run)
+        run = RunFolder(folder).require()
+        config = read_run_config(run)
         pipeline = cls(config.settings, **runtime)
         fitted = config.fitted
         extractor = pipeline._extractor(layers=fitted.layers)
         if extractor.weights_id != fitted.weights_id:
-            raise RunFolderError(f"{run.path}: fitted with backbone weights {fitted.weights_id}, but "
-                                 f"{config.settings.features.backbone} now has {extractor.weights_id}: install the same weights or refit")
+            raise RunFolderError(
+                f"{run.path}: fitted with backbone weights {fitted.weights_id}, but "
+                f"{config.settings.features.backbone} now has {extractor.weights_id}: install the same weights or refit"
+            )
         if extractor.proj_dim is not None:
             extractor.load_state_dict(run.read_tensors(RunFolder.PROJECTION), strict=False)
         detector = create_detector(config.settings.detector)
@@ -286,15 +324,17 @@ class Pipeline:
         return pipeline
 
 
-def read_config(run: RunFolder) -> RunConfig:
+def read_run_config(run: RunFolder) -> RunConfig:
     """The run's config.yaml, checked: format first (an older run says so), then every key and value."""
     raw = run.read_yaml(RunFolder.CONFIG)
     path = run / RunFolder.CONFIG
     if not isinstance(raw, dict) or raw.get("run_format") != RUN_FORMAT:
         version = raw.get("anomatune_version", "?") if isinstance(raw, dict) else "?"
         found = raw.get("run_format") if isinstance(raw, dict) else None
-        raise RunFolderError(f"{path}: run format {found!r} (anomatune {version}); this anomatune {__version__} reads format "
-                             f"{RUN_FORMAT}: refit the run with this version")
+        raise RunFolderError(
+            f"{path}: run format {found!r} (anomatune {version}); this anomatune {__version__} reads format "
+            f"{RUN_FORMAT}: refit the run with this version"
+        )
     return RunConfig.from_dict(raw, source=str(path), complete=True)
 
 
@@ -303,6 +343,8 @@ def _as_pil(image) -> Image.Image:
         return image.convert("RGB") if image.mode != "RGB" else image
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise AnomatuneError(f"expected an image path, a PIL image or an HxW(x3) uint8 array, got {type(image).__name__} "
-                             f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
+        raise AnomatuneError(
+            f"expected an image path, a PIL image or an HxW(x3) uint8 array, got {type(image).__name__} "
+            f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}"
+        )
     return Image.fromarray(array).convert("RGB")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.images import INPUT_SIDES
-from ..data.settings import DataSettings
+from ..data.settings import INPUT_SIDES, DataSettings
 from ..device import parse_device
 from ..features.settings import FeatureSettings
 from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, detector_settings
@@ -18,8 +17,11 @@ class PostprocessSettings(Settings):
     """How patch maps become pixel maps: upsampled (bilinear) to the input size, then smoothed."""
 
     section = "postprocess"
-    sigma: float = setting(4.0, "Gaussian smoothing of the pixel maps, in pixels of the input size (0 = none; 4 is the MVTec protocol).",
-                           interval="[0, 100]")
+    sigma: float = setting(
+        4.0,
+        "Gaussian smoothing of the pixel maps, in pixels of the input size (0 = none; 4 is the MVTec protocol).",
+        interval="[0, 100]",
+    )
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,11 @@ class ThresholdSettings(Settings):
 
     section = "threshold"
     flag_prefix = "threshold-"
-    holdout: float = setting(0.1, "Share of the good training images held out (seeded) to learn the decision threshold; 0 learns none.",
-                             interval="[0, 1)")
+    holdout: float = setting(
+        0.1,
+        "Share of the good training images held out (seeded) to learn the decision threshold; 0 learns none.",
+        interval="[0, 1)",
+    )
     quantile: float = setting(0.99, "Quantile of the held-out good images' scores that becomes the threshold.", interval="(0, 1]")
 
 
@@ -38,12 +43,17 @@ class PipelineSettings(Settings):
     """Everything that decides what a fitted pipeline computes; saved in the run's config.yaml."""
 
     features: FeatureSettings = setting(factory=FeatureSettings, help="How images become patch features.")
-    detector: DetectorSettings = setting(factory=lambda: detector_settings(DEFAULT_DETECTOR),
-                                         help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE.",
-                                         flag="detector", aliases=("model",))
+    detector: DetectorSettings = setting(
+        factory=lambda: detector_settings(DEFAULT_DETECTOR),
+        help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE.",
+        flag="detector",
+        aliases=("model",),
+    )
     postprocess: PostprocessSettings = setting(factory=PostprocessSettings, help="How patch maps become pixel maps and scores.")
     threshold: ThresholdSettings = setting(factory=ThresholdSettings, help="How the decision threshold is learnt.")
-    seed: int = setting(0, "Seed of the random projection and of the held-out threshold images (a detector's own seed: --set seed=N).")
+    seed: int = setting(
+        0, "Seed of the random projection and of the held-out threshold images (a detector's own seed: --set seed=N)."
+    )
 
 
 @dataclass(frozen=True)

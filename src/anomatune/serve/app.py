@@ -99,8 +99,12 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         yield
         await batcher.stop()
 
-    app = FastAPI(title="anomatune", version=__version__, lifespan=lifespan,
-                  description="Industrial anomaly detection: score images with fitted runs. The page for the operator is at /.")
+    app = FastAPI(
+        title="anomatune",
+        version=__version__,
+        lifespan=lifespan,
+        description="Industrial anomaly detection: score images with fitted runs. The page for the operator is at /.",
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -141,9 +145,13 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         return found
 
     @app.post("/predict", dependencies=[Depends(authorised)])
-    async def predict(file: list[UploadFile] = File(..., description="The image(s); repeat the field for a batch."),
-                      model: str | None = Form(None, description="A model id or run name (GET /models); needed when several are served."),
-                      images: Literal["base64", "url", "none"] = Query("base64", description="Overlay and mask as base64 PNG, as URLs, or not at all.")):
+    async def predict(
+        file: list[UploadFile] = File(..., description="The image(s); repeat the field for a batch."),
+        model: str | None = Form(None, description="A model id or run name (GET /models); needed when several are served."),
+        images: Literal["base64", "url", "none"] = Query(
+            "base64", description="Overlay and mask as base64 PNG, as URLs, or not at all."
+        ),
+    ):
         """Score images: per image its score, decision (against the run's threshold), heatmap overlay and defect mask."""
         served = chosen(model)
         uploads = [(upload.filename or f"file {i + 1}", await upload.read()) for i, upload in enumerate(file)]
@@ -167,13 +175,19 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     @app.get("/health")
     async def health():
         """Liveness, and how batching went: requests, images, forward passes."""
-        return {"status": "ok", "anomatune_version": __version__, "models": len(by_id), "runtime": settings.runtime,
-                "max_batch": settings.max_batch, **batcher.counters.to_dict()}
+        return {
+            "status": "ok",
+            "anomatune_version": __version__,
+            "models": len(by_id),
+            "runtime": settings.runtime,
+            "max_batch": settings.max_batch,
+            **batcher.counters.to_dict(),
+        }
 
     @app.get("/models")
     async def list_models():
         """Each served run: id, backbone, detector, threshold, input size and its evaluation's metrics (null if not evaluated)."""
-        return [m.describe() for m in models]
+        return [m.info() for m in models]
 
     static = resources.files(__package__) / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Job:
+class PendingScore:
+    """A request's pictures waiting for their forward pass; ``done`` gets their results."""
+
     model: ServedModel
     pictures: list
     done: asyncio.Future
@@ -36,8 +38,12 @@ class Counters:
 
     def to_dict(self) -> dict:
         mean = self.images / self.forward_passes if self.forward_passes else 0.0
-        return {"requests": self.requests, "images": self.images, "forward_passes": self.forward_passes,
-                "mean_batch": round(mean, 2)}
+        return {
+            "requests": self.requests,
+            "images": self.images,
+            "forward_passes": self.forward_passes,
+            "mean_batch": round(mean, 2),
+        }
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Batcher:
 
     def __post_init__(self):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomatune-compute")
-        self.queue: asyncio.Queue[Job] | None = None
+        self.queue: asyncio.Queue[PendingScore] | None = None
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -63,7 +69,7 @@ class Batcher:
     async def score(self, model: ServedModel, pictures: list) -> list[dict]:
         """The results of ``pictures``, computed with other requests' images when batching is on."""
         self.counters.requests += 1
-        job = Job(model, pictures, asyncio.get_running_loop().create_future())
+        job = PendingScore(model, pictures, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.done
 
@@ -74,17 +80,20 @@ class Batcher:
             deadline = time.monotonic() + self.max_wait_ms / 1000
             while size < self.max_batch:
                 try:
-                    job = self.queue.get_nowait() if deadline <= time.monotonic() else \
-                        await asyncio.wait_for(self.queue.get(), deadline - time.monotonic())
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    job = (
+                        self.queue.get_nowait()
+                        if deadline <= time.monotonic()
+                        else await asyncio.wait_for(self.queue.get(), deadline - time.monotonic())
+                    )
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 jobs.append(job)
                 size += len(job.pictures)
             await self._run(jobs)
 
-    async def _run(self, jobs: list[Job]) -> None:
+    async def _run(self, jobs: list[PendingScore]) -> None:
         """Each model's images in one forward pass; its results (or its error) back to every request."""
-        by_model: dict[int, list[Job]] = defaultdict(list)
+        by_model: dict[int, list[PendingScore]] = defaultdict(list)
         for job in jobs:
             by_model[id(job.model)].append(job)
         loop = asyncio.get_running_loop()

@@ -12,17 +12,18 @@ import base64
 import io
 import logging
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import AnomatuneError
-from ..apps.predict import draw
-from ..pipeline.folders import PNG_COMPRESSION, RunFolder
+from ..folders.base import PNG_COMPRESSION
+from ..folders.kinds import EvaluationFolder, RunFolder
+from ..inference.predict import draw
 from ..pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def exported_forward(pipeline: Pipeline, run_dir: Path, runtime: str, folder: Path) -> Forward:
     """The run exported into ``folder`` and run by ONNX Runtime or OpenVINO, as a forward of [0, 1] images."""
-    from ..apps.export import export
+    from ..inference.export import export
 
     model = export(run_dir, folder / RunFolder.MODELS["onnx" if runtime == "onnx" else "openvino"], format=runtime)
     mean, std = pipeline.extractor_.mean.cpu(), pipeline.extractor_.std.cpu()
@@ -52,7 +53,9 @@ def exported_forward(pipeline: Pipeline, run_dir: Path, runtime: str, folder: Pa
     else:
         import openvino
 
-        compiled = openvino.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # not bf16: scores need f32
+        compiled = openvino.Core().compile_model(
+            str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )  # not bf16: scores need f32
 
         def run(x: np.ndarray):
             return tuple(compiled(x).values())
@@ -75,9 +78,10 @@ class ServedModel:
     _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # the exported model, removed with the object
 
     @classmethod
-    def load(cls, run_dir: str | Path, runtime: str = "torch", device: str = "auto") -> "ServedModel":
+    def load(cls, run_dir: str | Path, runtime: str = "torch", device: str = "auto", max_batch: int = 8) -> ServedModel:
+        """The run at ``run_dir`` on ``runtime``; one forward pass takes up to ``max_batch`` images."""
         run_dir = Path(run_dir)
-        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu")
+        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch)
         if pipeline.threshold is None:
             raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with threshold_holdout=0): refit it to serve decisions")
         if runtime == "torch":
@@ -87,7 +91,9 @@ class ServedModel:
             forward = exported_forward(pipeline, run_dir, runtime, Path(folder.name))
         except ImportError as exc:
             folder.cleanup()
-            raise AnomatuneError(f"--runtime {runtime} needs {exc.name}: pip install 'anomatune[{'export' if runtime == 'onnx' else 'openvino'}]'") from None
+            raise AnomatuneError(
+                f"--runtime {runtime} needs {exc.name}: pip install 'anomatune[{'export' if runtime == 'onnx' else 'openvino'}]'"
+            ) from None
         log.info("%s exported for %s", run_dir, runtime)
         return cls(run_dir, pipeline, forward, runtime, folder)
 
@@ -99,29 +105,42 @@ class ServedModel:
     def threshold(self) -> float:
         return self.pipeline.threshold
 
-    def describe(self) -> dict:
+    def info(self) -> dict:
         """What ``GET /models`` says of the run, its evaluation's metrics included when it was evaluated."""
         config = self.pipeline.config()
-        metrics_file = RunFolder(self.run_dir).evaluation / RunFolder.METRICS
+        evaluation = RunFolder(self.run_dir).evaluation
         metrics = None
-        if metrics_file.is_file():
-            found = RunFolder(self.run_dir).evaluation.read_json(RunFolder.METRICS)
+        if (evaluation / EvaluationFolder.METRICS).is_file():
+            found = evaluation.read_json(EvaluationFolder.METRICS)
             metrics = {k: found.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "category", "n_test")}
-        return {"id": self.id, "name": self.run_dir.name, "backbone": config.settings.features.backbone,
-                "detector": config.settings.detector.name, "threshold": self.threshold, "input_size": list(config.fitted.input_size),
-                "anomatune_version": config.anomatune_version, "runtime": self.runtime, "metrics": metrics}
+        return {
+            "id": self.id,
+            "name": self.run_dir.name,
+            "backbone": config.settings.features.backbone,
+            "detector": config.settings.detector.name,
+            "threshold": self.threshold,
+            "input_size": list(config.fitted.input_size),
+            "anomatune_version": config.anomatune_version,
+            "runtime": self.runtime,
+            "metrics": metrics,
+        }
 
     def score(self, pictures: Sequence[Image.Image]) -> list[dict]:
         """One forward pass over ``pictures``: per picture its score, decision and PNG overlay and mask (bytes)."""
-        batch, sizes = self.pipeline.as_batch(pictures)
-        maps, scores = self.forward(batch)
-        predictions = self.pipeline.predictions_from(maps, scores, sizes)
+        predictions = self.pipeline.predict(pictures, forward=self.forward)
         results = []
-        for picture, score, label, heat, mask in zip(pictures, predictions.scores, predictions.labels, predictions.maps,
-                                                     predictions.masks):
+        for picture, score, label, heat, mask in zip(
+            pictures, predictions.scores, predictions.labels, predictions.maps, predictions.masks
+        ):
             overlay, mask_image = draw(self.pipeline, picture, heat, mask, self.threshold)
-            results.append({"score": float(score), "decision": "defective" if label else "good", "overlay": png_bytes(overlay),
-                            "mask": png_bytes(mask_image)})
+            results.append(
+                {
+                    "score": float(score),
+                    "decision": "defective" if label else "good",
+                    "overlay": png_bytes(overlay),
+                    "mask": png_bytes(mask_image),
+                }
+            )
         return results
 
 

@@ -13,16 +13,28 @@ API_KEY_ENV = "ANOMATUNE_API_KEY"
 @dataclass(frozen=True)
 class ServeSettings(Settings):
     section = "serve"
-    host: str = setting("127.0.0.1", "Address to listen on: this machine only by default; 0.0.0.0 opens the server to the "
-                                     "network (then set --api-key).")
+    host: str = setting(
+        "127.0.0.1",
+        "Address to listen on: this machine only by default; 0.0.0.0 opens the server to the network (then set --api-key).",
+    )
     port: int = setting(8000, "Port to listen on.", interval="[1, 65535]")
-    api_key: str | None = setting(None, f"Key the POST routes require (header X-API-Key); default: the {API_KEY_ENV} environment "
-                                        "variable, else none.", metavar="KEY")
-    max_batch: int = setting(8, "Images of concurrent requests run in one forward pass, at most (1: no batching).",
-                             interval="[1, 1024]")
-    max_wait_ms: float = setting(5.0, "How long the first image of a batch waits for others, in milliseconds.", interval="[0, 10000]")
-    runtime: str = setting("torch", "Engine: torch (eager), onnx (ONNX Runtime) or openvino (pip install 'anomatune[openvino]'); "
-                                    "the run is exported at start-up.", choices=RUNTIMES)
+    api_key: str | None = setting(
+        None,
+        f"Key the POST routes require (header X-API-Key); default: the {API_KEY_ENV} environment variable, else none.",
+        metavar="KEY",
+    )
+    max_batch: int = setting(
+        8, "Images of concurrent requests run in one forward pass, at most (1: no batching).", interval="[1, 1024]"
+    )
+    max_wait_ms: float = setting(
+        5.0, "How long the first image of a batch waits for others, in milliseconds.", interval="[0, 10000]"
+    )
+    runtime: str = setting(
+        "torch",
+        "Engine: torch (eager), onnx (ONNX Runtime) or openvino (pip install 'anomatune[openvino]'); "
+        "the run is exported at start-up.",
+        choices=RUNTIMES,
+    )
     max_side: int = setting(10000, "Largest image side accepted, in pixels (larger uploads get 413).", interval="[16, 100000]")
     max_upload_mb: float = setting(50.0, "Largest upload accepted, in MB (larger get 413).", interval="(0, 100000]")
     image_cache: int = setting(512, "Overlays and masks kept for ?images=url (the oldest are dropped).", interval="[1, 1000000]")

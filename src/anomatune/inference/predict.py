@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,7 +23,7 @@ from ..data.images import read_image
 from ..data.sources import expand_sources
 from ..errors import AnomatuneError, DataError
 from ..evaluation.plots import heat_overlay
-from ..pipeline.folders import RunFolder
+from ..folders.kinds import PredictionsFolder
 from ..pipeline.pipeline import Pipeline, check_threshold
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,17 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def score_paths(pipeline: Pipeline, paths: Sequence[Path], names: Sequence[str], threshold: float,
-                images: RunFolder | None) -> list[PredictionRow]:
+def score_paths(
+    pipeline: Pipeline, paths: Sequence[Path], names: Sequence[str], threshold: float, images: PredictionsFolder | None
+) -> list[PredictionRow]:
     """A row per path, in order (one forward pass); overlay and mask PNGs named ``names`` written into ``images`` when given.
 
     A file that cannot be read is a row with its error; the others are scored.
     """
     model = getattr(pipeline, "model_id_", None)
-    rows: list[PredictionRow] = [PredictionRow(str(path), threshold, model) for path in paths]  # by position: a file given twice gets two rows
+    rows: list[PredictionRow] = [
+        PredictionRow(str(path), threshold, model) for path in paths
+    ]  # by position: a file given twice gets two rows
     readable = []
     for row, path, name in zip(rows, paths, names):
         try:
@@ -79,18 +82,21 @@ def score_paths(pipeline: Pipeline, paths: Sequence[Path], names: Sequence[str],
     if not readable:
         return rows
     predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
-    for (row, name, image), score, label, heat, mask in zip(readable, predictions.scores, predictions.labels,
-                                                            predictions.maps, predictions.masks):
+    for (row, name, image), score, label, heat, mask in zip(
+        readable, predictions.scores, predictions.labels, predictions.maps, predictions.masks
+    ):
         row.score, row.decision = float(score), "defective" if label else "good"
         if images is not None:
-            row.overlay, row.mask = f"{RunFolder.OVERLAYS}/{name}.png", f"{RunFolder.MASKS}/{name}.png"
+            row.overlay, row.mask = f"{PredictionsFolder.OVERLAYS}/{name}.png", f"{PredictionsFolder.MASKS}/{name}.png"
             overlay, mask_image = draw(pipeline, image, heat, mask, threshold)
             images.write_image(row.overlay, overlay)
             images.write_image(row.mask, mask_image)
     return rows
 
 
-def draw(pipeline: Pipeline, image: Image.Image, heat: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[Image.Image, Image.Image]:
+def draw(
+    pipeline: Pipeline, image: Image.Image, heat: np.ndarray, mask: np.ndarray, threshold: float
+) -> tuple[Image.Image, Image.Image]:
     """What a person looks at: the heatmap over the image (blue at the good images' median, red
     from the threshold on) and the defect mask (white = defective), both at the image's size."""
     low = pipeline.fit_record_.good_map_median
@@ -98,7 +104,9 @@ def draw(pipeline: Pipeline, image: Image.Image, heat: np.ndarray, mask: np.ndar
     return Image.fromarray(overlay), Image.fromarray((mask * 255).astype(np.uint8), "L")
 
 
-def predict_rows(pipeline: Pipeline, paths: Sequence[Path], threshold: float, images: RunFolder | None) -> Iterator[PredictionRow]:
+def predict_rows(
+    pipeline: Pipeline, paths: Sequence[Path], threshold: float, images: PredictionsFolder | None
+) -> Iterator[PredictionRow]:
     """A row per path, in order, batch by batch (memory stays bounded on any number of paths)."""
     names, size = unique_names(paths), pipeline.runtime.batch_size
     for start in range(0, len(paths), size):
@@ -114,15 +122,21 @@ def load_for_predict(run_dir: str | Path, threshold: float | None, **runtime) ->
     return pipeline, threshold
 
 
-def predict(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, threshold: float | None = None,
-            images: bool = True, **runtime) -> list[PredictionRow]:
+def predict(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    threshold: float | None = None,
+    images: bool = True,
+    **runtime,
+) -> list[PredictionRow]:
     """Score every image of ``inputs`` (files, folders, globs, manifests) with the run in this process;
     write ``results.csv`` (and ``overlays/``, ``masks/`` when ``images``) into ``out`` as one set.
     ``runtime``: ``device``, ``batch_size``."""
     pipeline, threshold = load_for_predict(run_dir, threshold, **runtime)
     paths = expand_sources(inputs)
     results = []
-    with RunFolder(out).staged("predictions") as stage, stage.open_text(RunFolder.RESULTS) as f:
+    with PredictionsFolder(out).staged() as stage, stage.open_text(PredictionsFolder.RESULTS) as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for row in tqdm(predict_rows(pipeline, paths, threshold, stage if images else None), total=len(paths), desc="predict"):

@@ -1,27 +1,17 @@
-"""Run folders: the only code that knows their file names and writes into them.
-
-Three kinds of folder, told apart by the file that marks them:
-
-- a **run** (``anomatune fit``): ``config.yaml``, ``detector.safetensors``,
-  ``projection.safetensors``; then ``evaluation/`` (``anomatune evaluate``: metrics,
-  curves, gallery), ``report.html`` and exported models beside them;
-- a **fine-tuning** (``anomatune finetune``): ``checkpoint.pt`` while it trains, then
-  ``backbone.safetensors``, ``finetune.yaml``, ``diagnostics.json`` and figures;
-- **predictions** (``anomatune predict --out``): ``results.csv`` (``results.parquet/`` with
-  ``--engine ray``), ``overlays/``, ``masks/``.
+"""A folder anomatune writes, whatever its kind: atomic files, a whole folder written as one set, the lock.
 
 Every file is written atomically (a temporary file in the same folder, then a rename).
-A run, an evaluation and a set of predictions are each written as one set: staged in a
-hidden folder beside the target, then swapped in, so a refit never leaves the old
-metrics or exports beside the new config, a failed command leaves the folder as it was,
-and two predictions never mix. A folder of another kind, or one with files anomatune did
-not write, is refused rather than replaced. Writers hold a lock file beside the folder:
-a second command writing the same folder stops with one line instead of mixing files.
+:meth:`Folder.staged` writes a whole folder as one set: staged in a hidden folder beside
+the target, then swapped in, so a refit never leaves the old metrics or exports beside the
+new config, a failed command leaves the folder as it was, and two predictions never mix.
+A folder of another kind, or one with files anomatune did not write, is refused rather than
+replaced. Writers hold a lock file beside the folder: a second command writing the same
+folder stops with one line instead of mixing files. The kinds (``kinds``) subclass
+:class:`Folder` with their file names and the ``MARKERS`` that tell them apart.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,15 +19,15 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, ClassVar
 
 import yaml
 
 from ..errors import RunFolderError
-from ..features.settings import RANDOM
 
 try:
     import fcntl
@@ -96,76 +86,55 @@ def _ours(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".lock") or ".staging-" in name or ".old-" in name)
 
 
-class RunFolder:
-    """A run, fine-tuning or predictions folder: its file names, atomic writes, staging and lock."""
+class Folder:
+    """A folder of one kind (``KIND``, marked by any of ``MARKERS``): atomic writes, staging, lock, reads.
 
-    # a fitted pipeline
-    CONFIG = "config.yaml"
-    DETECTOR = "detector.safetensors"
-    PROJECTION = "projection.safetensors"
-    EVALUATION = "evaluation"
-    REPORT = "report.html"
-    MODELS = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}  # OpenVINO's weights: model.bin beside
-    # an evaluation (the run's evaluation/ folder)
-    METRICS = "metrics.json"
-    METRICS_TABLE = "metrics.md"
-    ROC = "roc.png"
-    PRO = "pro.png"
-    HEATMAPS = "heatmaps.png"
-    GALLERY = "gallery"
-    GALLERY_INDEX = "gallery.json"
-    # a fine-tuning
-    FINETUNE = "finetune.yaml"
-    CHECKPOINT = "checkpoint.pt"
-    BACKBONE = "backbone.safetensors"  # the best checkpoint on validation (the frozen backbone after a fallback)
-    LAST_BACKBONE = "backbone_last.safetensors"  # the last step's, whatever the validation said
-    DIAGNOSTICS = "diagnostics.json"
-    WEIGHTS_FIGURE = "finetune_weights.png"
-    LOSS_FIGURE = "finetune_loss.png"
-    DRY_RUN = "dry_run.json"
-    DRY_RUN_FIGURE = "dry_run_weights.png"
-    # predictions
-    RESULTS = "results.csv"
-    RESULTS_PARQUET = "results.parquet"  # a folder of Parquet files (predict --engine ray)
-    OVERLAYS = "overlays"
-    MASKS = "masks"
+    A subclass per kind sets ``KIND``, ``MARKERS`` and ``COMMAND`` (what writes it) and
+    registers itself, so any folder can say which kind it holds.
+    """
 
-    KINDS = {"run": (CONFIG,), "finetune": (FINETUNE, CHECKPOINT, DRY_RUN), "evaluation": (METRICS,), "predictions": (RESULTS, RESULTS_PARQUET)}
-    COMMANDS = {"run": "anomatune fit", "finetune": "anomatune finetune", "evaluation": "anomatune evaluate",
-                "predictions": "anomatune predict"}
+    KIND: ClassVar[str] = ""
+    MARKERS: ClassVar[tuple[str, ...]] = ()
+    COMMAND: ClassVar[str] = ""
+    kinds: ClassVar[dict[str, type[Folder]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            Folder.kinds[cls.KIND] = cls
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        return f"RunFolder({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     @property
-    def evaluation(self) -> "RunFolder":
-        return RunFolder(self.path / self.EVALUATION)
-
-    @property
     def kind(self) -> str | None:
-        """``run``, ``finetune``, ``evaluation``, ``predictions``; ``None`` when absent or empty; ``foreign`` otherwise."""
+        """The kind of folder this path holds (``run``, ``finetune``, ...); ``None`` when absent or empty;
+        ``foreign`` otherwise."""
         if not self.path.is_dir():
             if self.path.exists():
                 return "foreign"
             return None
-        for kind, markers in self.KINDS.items():
-            if any((self.path / m).exists() for m in markers):
+        for kind, folder in Folder.kinds.items():
+            if any((self.path / m).exists() for m in folder.MARKERS):
                 return kind
         return "foreign" if any(not _ours(p.name) for p in self.path.iterdir()) else None
 
-    def require(self, kind: str) -> "RunFolder":
-        """This folder, if it is of ``kind``; otherwise one line saying what it is and what to pass."""
+    def require(self) -> Folder:
+        """This folder, if it is of its class's kind; otherwise one line saying what it is and what to pass."""
         found = self.kind
-        if found != kind:
-            what = "does not exist" if found is None and not self.path.exists() else (
-                "is empty" if found is None else "is not an anomatune folder" if found == "foreign" else f"holds a {found}")
-            raise RunFolderError(f"{self.path} {what}: pass a folder written by '{self.COMMANDS[kind]}'")
+        if found != self.KIND:
+            what = (
+                "does not exist"
+                if found is None and not self.path.exists()
+                else ("is empty" if found is None else "is not an anomatune folder" if found == "foreign" else f"holds a {found}")
+            )
+            raise RunFolderError(f"{self.path} {what}: pass a folder written by '{self.COMMAND}'")
         return self
 
     # -- writing ---------------------------------------------------------------------------
@@ -189,8 +158,10 @@ class RunFolder:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunFolderError(f"{self.path} is being written by another anomatune command (lock {lock_path}): "
-                                     "wait for it to finish or choose another folder") from None
+                raise RunFolderError(
+                    f"{self.path} is being written by another anomatune command (lock {lock_path}): "
+                    "wait for it to finish or choose another folder"
+                ) from None
             _HELD[key] = 1
             try:
                 yield
@@ -199,35 +170,35 @@ class RunFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
-    def claim(self, kind: str, lock: bool = True) -> Iterator["RunFolder"]:
-        """Hold the lock of a folder that is (or will be) of ``kind``: refuse one of another kind,
+    def claim(self, *, lock: bool = True) -> Iterator[Folder]:
+        """Hold the lock of a folder that is (or will be) of this kind: refuse one of another kind,
         or with files anomatune did not write, before any work starts."""
         with self.lock() if lock else nullcontext():
             found = self.kind
-            if found not in (None, kind):
+            if found not in (None, self.KIND):
                 what = "files anomatune did not write" if found == "foreign" else f"a {found}"
                 raise RunFolderError(f"{self.path} holds {what}: choose another folder (nothing was changed)")
             yield self
 
     @contextmanager
-    def staged(self, kind: str, lock: bool = True) -> Iterator["RunFolder"]:
-        """Write a whole new folder of ``kind``: yield a staging folder, swap it in on success.
+    def staged(self, *, lock: bool = True) -> Iterator[Folder]:
+        """Write a whole new folder of this kind: yield a staging folder, swap it in on success.
 
         On an exception the staging folder is removed and this folder is left as it was.
         A folder of another kind, or with files anomatune did not write, is refused.
         """
-        with self.claim(kind, lock):
+        with self.claim(lock=lock):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for stale in self.path.parent.glob(f".{self.path.name}.staging-*"):  # left by a killed command
                 shutil.rmtree(stale, ignore_errors=True)
             stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.staging-", dir=self.path.parent))
             _usual_mode(str(stage), directory=True)
             try:
-                yield RunFolder(stage)
+                yield type(self)(stage)
                 old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
                 if self.path.exists():
                     os.replace(self.path, old)
-                    log.info("replaced the previous %s in %s", kind, self.path)
+                    log.info("replaced the previous %s in %s", self.KIND, self.path)
                 os.replace(stage, self.path)
                 shutil.rmtree(old, ignore_errors=True)
             except BaseException:
@@ -251,11 +222,12 @@ class RunFolder:
     def write_yaml(self, name: str, data: Any) -> Path:
         return self.write_text(name, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
-    def write_tensors(self, name: str, tensors: dict) -> Path:
+    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
         from safetensors.torch import save_file
 
         path = self._target(name)
-        atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
     def write_torch(self, name: str, obj: Any) -> Path:
@@ -299,15 +271,6 @@ class RunFolder:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def fingerprint(self) -> str:
-        """``<folder name>@<12 hex digits>``: the SHA-256 of a run's files, the model id in predictions and logs."""
-        digest = hashlib.sha256()
-        for name in (self.CONFIG, self.DETECTOR, self.PROJECTION):
-            path = self.path / name
-            if path.is_file():
-                digest.update(name.encode() + b"\0" + path.read_bytes())
-        return f"{self.path.resolve().name}@{digest.hexdigest()[:12]}"
-
     def _read(self, name: str, parse: Callable[[Path], Any], errors: tuple, what: str, advice: str = "") -> Any:
         """``parse(path)``; a missing file, or one ``parse`` fails on, is one line saying what to do."""
         path = self.path / name
@@ -319,8 +282,9 @@ class RunFolder:
             raise RunFolderError(f"{path}: {what} ({' '.join(str(exc).split())[:300]}){advice}") from exc
 
     def read_yaml(self, name: str) -> Any:
-        return self._read(name, lambda p: yaml.safe_load(p.read_text(encoding="utf-8")), (yaml.YAMLError, UnicodeDecodeError),
-                          "not valid YAML")
+        return self._read(
+            name, lambda p: yaml.safe_load(p.read_text(encoding="utf-8")), (yaml.YAMLError, UnicodeDecodeError), "not valid YAML"
+        )
 
     def read_json(self, name: str) -> Any:
         return self._read(name, lambda p: json.loads(p.read_text(encoding="utf-8")), (ValueError,), "not valid JSON")
@@ -329,35 +293,22 @@ class RunFolder:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return self._read(name, lambda p: load_file(str(p)), (SafetensorError, OSError, ValueError),
-                          "cannot read the tensors", "; the file is truncated or damaged: refit the run")
+        return self._read(
+            name,
+            lambda p: load_file(str(p)),
+            (SafetensorError, OSError, ValueError),
+            "cannot read the tensors",
+            "; the file is truncated or damaged: refit the run",
+        )
 
     def read_torch(self, name: str) -> Any:
         """A torch file of plain tensors and containers (``weights_only``: no code is unpickled)."""
         import torch
 
-        return self._read(name, lambda p: torch.load(p, map_location="cpu", weights_only=True), (Exception,),
-                          "unreadable", "; delete it to start over")
-
-    @staticmethod
-    def openvino_weights(xml: Path) -> Path:
-        """The weights file beside an OpenVINO graph (OpenVINO finds it by this name)."""
-        return xml.with_suffix(".bin")
-
-    def weights_file(self) -> Path:
-        """The fine-tuned backbone of a finished fine-tuning."""
-        self.require("finetune")
-        if not (self.path / self.BACKBONE).is_file():
-            raise RunFolderError(f"{self.path} holds no {self.BACKBONE}: the fine-tuning did not finish; resume it with --resume")
-        if (self.read_yaml(self.FINETUNE) or {}).get("fallback"):
-            log.warning("%s: the fine-tuning did not beat the frozen backbone on validation, so its %s is the frozen backbone "
-                        "(for the last step's weights pass %s)", self.path, self.BACKBONE, self.path / self.LAST_BACKBONE)
-        return self.path / self.BACKBONE
-
-
-def resolve_weights(path: str | Path | None) -> Path | None:
-    """A backbone weights file from a file or a fine-tuning folder."""
-    if path is None or path == RANDOM:
-        return path
-    path = Path(path)
-    return RunFolder(path).weights_file() if path.is_dir() else path
+        return self._read(
+            name,
+            lambda p: torch.load(p, map_location="cpu", weights_only=True),
+            (Exception,),
+            "unreadable",
+            "; delete it to start over",
+        )

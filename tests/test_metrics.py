@@ -5,8 +5,23 @@ import logging
 import numpy as np
 import pytest
 
-from anomatune.evaluation.metrics import (aupro, evaluate_scores, f1_at, f1_optimal_threshold, image_auroc, image_roc, pixel_auroc,
-                                         pro_curve)
+from anomatune.metrics import (
+    PixelCurves,
+    f1_at,
+    f1_optimal_threshold,
+    image_auroc,
+    image_roc,
+    pixel_auroc,
+    pixel_curves,
+    pixel_metrics,
+    split_metrics,
+)
+
+
+def evaluate_scores(labels, scores, masks, maps) -> dict:
+    """The three MVTec metrics of a split."""
+    metrics = split_metrics(labels, scores, pixel_curves(masks, maps))
+    return {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
 
 
 def _case():
@@ -44,14 +59,15 @@ def test_pro_by_hand_two_regions():
     maps[0, 0, 0:2] = 0.9
     maps[0, 3, 0:2] = 0.8
     maps[0, 2, 3] = 0.85
-    fpr, pro = pro_curve(masks, maps)
+    curves = PixelCurves.of(masks, maps)
+    fpr, pro = curves.fpr, curves.pro
     # thresholds 0.9, 0.85, 0.8, 0: FPR 0, 0.1, 0.1, 1; PRO (0.5+0)/2, same, (0.5+1)/2, 1
     np.testing.assert_allclose(fpr, [0, 0, 0.1, 0.1, 1.0])
     np.testing.assert_allclose(pro, [0, 0.25, 0.25, 0.75, 1.0])
     # area to FPR 0.3: 0.1*0.25 (0..0.1) + 0.2 * mean(0.75, PRO(0.3)), PRO(0.3) = 0.75 + 0.25*(0.2/0.9)
     pro_03 = 0.75 + 0.25 * (0.2 / 0.9)
     expected = (0.1 * 0.25 + 0.2 * (0.75 + pro_03) / 2) / 0.3
-    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert pixel_metrics(curves)["aupro"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_eight_connectivity_makes_one_region():
@@ -59,8 +75,7 @@ def test_eight_connectivity_makes_one_region():
     masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region
     maps = np.zeros((1, 4, 4))
     maps[0, 0, 0] = 1.0
-    _, pro = pro_curve(masks, maps)
-    assert pro[1] == pytest.approx(0.5)  # half of one region, not (1 + 0) / 2 of two
+    assert PixelCurves.of(masks, maps).pro[1] == pytest.approx(0.5)  # half of one region, not (1 + 0) / 2 of two
 
 
 def test_strictly_increasing_transform_changes_nothing():

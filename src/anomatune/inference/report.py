@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..errors import RunFolderError
 from ..finetune.settings import FinetuneSettings
-from ..pipeline.folders import RunFolder, atomic_write
-from ..pipeline.pipeline import read_config
+from ..folders.base import atomic_write
+from ..folders.kinds import EvaluationFolder, FinetuneFolder, RunFolder
+from ..pipeline.pipeline import read_run_config
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -59,59 +60,91 @@ def _validation_note(record: dict) -> str:
     if not validation:
         return "<p class='note'>No validation: the last step's weights are used.</p>"
     frozen, kept = validation["frozen"], validation["kept"]
-    scores = (f"validation image AUROC / pixel AUROC: frozen {frozen['image_auroc']:.4f} / {frozen['pixel_auroc']:.4f}, "
-              f"kept {kept['image_auroc']:.4f} / {kept['pixel_auroc']:.4f}")
+    scores = (
+        f"validation image AUROC / pixel AUROC: frozen {frozen['image_auroc']:.4f} / {frozen['pixel_auroc']:.4f}, "
+        f"kept {kept['image_auroc']:.4f} / {kept['pixel_auroc']:.4f}"
+    )
     if record.get("fallback"):
-        return (f"<p><b>Fallback: no checkpoint beat the frozen backbone on validation, so this run uses the frozen backbone.</b> "
-                f"({scores})</p>")
+        return (
+            f"<p><b>Fallback: no checkpoint beat the frozen backbone on validation, so this run uses the frozen backbone.</b> "
+            f"({scores})</p>"
+        )
     return f"<p>Kept step {kept['step']}, the best on validation ({scores}).</p>"
 
 
 def _finetune_section(weights: str | None) -> str:
     if not weights:
         return "<h2>Fine-tuning</h2><p class='note'>This run uses the frozen pretrained backbone.</p>"
-    folder = RunFolder(weights)
-    if folder.kind != "finetune" or not (folder / RunFolder.DIAGNOSTICS).is_file():
+    folder = FinetuneFolder(weights)
+    if folder.kind != FinetuneFolder.KIND or not (folder / FinetuneFolder.DIAGNOSTICS).is_file():
         return f"<h2>Fine-tuning</h2><p class='note'>Backbone weights from <code>{html.escape(weights)}</code> (no fine-tuning diagnostics).</p>"
-    diagnostics = folder.read_json(RunFolder.DIAGNOSTICS)
-    record = folder.read_yaml(RunFolder.FINETUNE)
-    keys = ["negative_visible_share", "kept_visible_share", "positive_weight_mean", "negative_weight_mean",
-            "good_feature_norm", "good_feature_variance", "good_negative_distance"]
+    diagnostics = folder.read_json(FinetuneFolder.DIAGNOSTICS)
+    record = folder.read_yaml(FinetuneFolder.RECORD)
+    keys = [
+        "negative_visible_share",
+        "kept_visible_share",
+        "positive_weight_mean",
+        "negative_weight_mean",
+        "good_feature_norm",
+        "good_feature_variance",
+        "good_negative_distance",
+    ]
     rows = [(k.replace("_", " "), diagnostics["start"][k], diagnostics["end"][k]) for k in keys]
-    collapsed = "<p><b>Warning: the good features collapsed during this fine-tuning.</b></p>" if diagnostics.get("collapsed") else ""
-    settings = FinetuneSettings.from_dict(record["settings"], source=str(folder / RunFolder.FINETUNE))
-    return (f"<h2>Fine-tuning</h2><p>{'Backbone' if settings.mode == 'backbone' else 'Feature adaptor'} fine-tuned in "
-            f"<code>{html.escape(str(folder.path))}</code>: {record['steps_done']} steps guided by {html.escape(settings.guide.name)}.</p>"
-            f"{collapsed}{_validation_note(record)}"
-            + _table(rows, ("", "start", "end"))
-            + _figure(folder / RunFolder.WEIGHTS_FIGURE, "Gradient weights P(z=−|u+) and P(z=+|u−) at the start and end (the supplementary's Figure 2)")
-            + _figure(folder / RunFolder.LOSS_FIGURE, "Loss terms and mean gradient weights per step"))
+    collapsed = (
+        "<p><b>Warning: the good features collapsed during this fine-tuning.</b></p>" if diagnostics.get("collapsed") else ""
+    )
+    settings = FinetuneSettings.from_dict(record["settings"], source=str(folder / FinetuneFolder.RECORD))
+    return (
+        f"<h2>Fine-tuning</h2><p>{'Backbone' if settings.mode == 'backbone' else 'Feature adaptor'} fine-tuned in "
+        f"<code>{html.escape(str(folder.path))}</code>: {record['steps_done']} steps guided by {html.escape(settings.guide.name)}.</p>"
+        f"{collapsed}{_validation_note(record)}"
+        + _table(rows, ("", "start", "end"))
+        + _figure(
+            folder / FinetuneFolder.WEIGHTS_FIGURE,
+            "Gradient weights P(z=−|u+) and P(z=+|u−) at the start and end (the supplementary's Figure 2)",
+        )
+        + _figure(folder / FinetuneFolder.LOSS_FIGURE, "Loss terms and mean gradient weights per step")
+    )
 
 
 def build_report(run_dir, out=None) -> Path:
     """Write ``report.html`` (or ``out``) for an evaluated run and return its path."""
-    run = RunFolder(run_dir).require("run")
+    run = RunFolder(run_dir).require()
     evaluation = run.evaluation
     if evaluation.kind != "evaluation":
         raise RunFolderError(f"{run.path} is not evaluated: run 'anomatune evaluate {run.path}' first")
-    metrics = evaluation.read_json(RunFolder.METRICS)
-    config = read_config(run)
+    metrics = evaluation.read_json(EvaluationFolder.METRICS)
+    config = read_run_config(run)
     title = f"anomatune: {metrics['category']}, {metrics['detector']} on {metrics['backbone']}"
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>Run folder <code>{html.escape(str(run.path.resolve()))}</code></p>",
-             "<h2>Metrics</h2>", _table([(k.replace("_", " "), v) for k, v in metrics.items() if k != "run"], ("metric", "value")),
-             "<p class='note'>The F1-optimal threshold is tuned on the test labels (optimistic); the learnt threshold comes from held-out good training images only.</p>",
-             "<h2>Curves</h2>", _figure(evaluation / RunFolder.ROC, "Image-level ROC"),
-             _figure(evaluation / RunFolder.PRO, "Per-region overlap (PRO) curve"),
-             _finetune_section(config.settings.features.backbone_weights)]
-    if (evaluation / RunFolder.GALLERY_INDEX).is_file():
-        gallery = evaluation.read_json(RunFolder.GALLERY_INDEX)
-        parts.append(f"<h2>Heatmaps</h2><p class='note'>Threshold {gallery['threshold']:.4g}. Left: the image (ground truth outlined in green); "
-                     "right: the anomaly map, red at and above the threshold. Worst false positives first, then worst false negatives.</p><div class='gallery'>")
-        parts += [_figure(evaluation / e["image"], f"{e['kind']}: {Path(e['path']).parent.name}/{Path(e['path']).name}, score {e['score']:.4g}")
-                  for e in gallery["entries"]]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>Run folder <code>{html.escape(str(run.path.resolve()))}</code></p>",
+        "<h2>Metrics</h2>",
+        _table([(k.replace("_", " "), v) for k, v in metrics.items() if k != "run"], ("metric", "value")),
+        "<p class='note'>The F1-optimal threshold is tuned on the test labels (optimistic); the learnt threshold comes from held-out good training images only.</p>",
+        "<h2>Curves</h2>",
+        _figure(evaluation / EvaluationFolder.ROC, "Image-level ROC"),
+        _figure(evaluation / EvaluationFolder.PRO, "Per-region overlap (PRO) curve"),
+        _finetune_section(config.settings.features.backbone_weights),
+    ]
+    if (evaluation / EvaluationFolder.GALLERY_INDEX).is_file():
+        gallery = evaluation.read_json(EvaluationFolder.GALLERY_INDEX)
+        parts.append(
+            f"<h2>Heatmaps</h2><p class='note'>Threshold {gallery['threshold']:.4g}. Left: the image (ground truth outlined in green); "
+            "right: the anomaly map, red at and above the threshold. Worst false positives first, then worst false negatives.</p><div class='gallery'>"
+        )
+        parts += [
+            _figure(
+                evaluation / e["image"],
+                f"{e['kind']}: {Path(e['path']).parent.name}/{Path(e['path']).name}, score {e['score']:.4g}",
+            )
+            for e in gallery["entries"]
+        ]
         parts.append("</div>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>{CHECK}</head>"
-            f"<body>{''.join(parts)}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>{CHECK}</head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
     if out is None:
         with run.lock():
             return run.write_text(RunFolder.REPORT, page)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import AnomatuneError, RunFolderError
-from ..pipeline.folders import RunFolder, atomic_write, json_text
+from ..folders.base import atomic_write, json_text
+from ..folders.kinds import RunFolder
 from ..pipeline.pipeline import Pipeline
 from .settings import ExportSettings
 
@@ -40,8 +41,15 @@ class ScoringModel(nn.Module):
 
 def preprocessing(pipeline: Pipeline) -> dict:
     extractor = pipeline.extractor_
-    return {"batch": "any", "size_hw": list(pipeline.input_size), "color": "RGB", "layout": "NCHW float32",
-            "scale": "pixel / 255", "mean": extractor.mean.flatten().tolist(), "std": extractor.std.flatten().tolist()}
+    return {
+        "batch": "any",
+        "size_hw": list(pipeline.input_size),
+        "color": "RGB",
+        "layout": "NCHW float32",
+        "scale": "pixel / 255",
+        "mean": extractor.mean.flatten().tolist(),
+        "std": extractor.std.flatten().tolist(),
+    }
 
 
 def export(run_dir, out=None, settings: ExportSettings | None = None, **changes) -> Path:
@@ -52,7 +60,7 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
     ``out`` the model goes into the run folder.
     """
     settings = (settings or ExportSettings()).updated(**changes)
-    run = RunFolder(run_dir).require("run")
+    run = RunFolder(run_dir).require()
     if out is not None and not Path(out).parent.is_dir():
         raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")
     pipeline = Pipeline.load(run.path, device="cpu")
@@ -60,8 +68,16 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
     example = torch.zeros(settings.batch_size, 3, *pipeline.input_size)
 
     def write_onnx(tmp: str) -> None:
-        torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=18, input_names=["image"], output_names=["maps", "scores"],
-                          dynamic_axes={"image": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            dynamo=False,
+            opset_version=18,
+            input_names=["image"],
+            output_names=["maps", "scores"],
+            dynamic_axes={"image": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
+        )
 
     target = run / RunFolder.MODELS[settings.format] if out is None else Path(out)
 
@@ -76,10 +92,16 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
                 torch.jit.trace(model, example, check_trace=False).save(tmp)
 
     config = pipeline.config()
-    side = {"anomatune_version": config.anomatune_version, "format": settings.format, "input": preprocessing(pipeline),
-            "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
-            "threshold": pipeline.threshold, "detector": config.settings.detector.name,
-            "backbone": config.settings.features.backbone, "weights_id": config.fitted.weights_id}
+    side = {
+        "anomatune_version": config.anomatune_version,
+        "format": settings.format,
+        "input": preprocessing(pipeline),
+        "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
+        "threshold": pipeline.threshold,
+        "detector": config.settings.detector.name,
+        "backbone": config.settings.features.backbone,
+        "weights_id": config.fitted.weights_id,
+    }
     if out is None:
         with run.lock():
             path = run.write_with(RunFolder.MODELS[settings.format], write_model)
@@ -87,7 +109,9 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
         return path
     path = target
     atomic_write(path, write_model)
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8"))
+    atomic_write(
+        path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8")
+    )
     return path
 
 

@@ -26,12 +26,16 @@ def adaptor_weights(path):
     return str(path)
 
 
-@pytest.mark.parametrize("detector, adaptor", [({"name": "glad", "n_components": 2}, False), ("patchcore", False), ("padim", True)])
+@pytest.mark.parametrize(
+    "detector, adaptor", [({"name": "glad", "n_components": 2}, False), ("patchcore", False), ("padim", True)]
+)
 def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor, brick, tmp_path):
     import onnxruntime
 
     weights = {"backbone_weights": adaptor_weights(tmp_path / "adapted.safetensors")} if adaptor else {}
-    Pipeline(detector=detector, device="cpu", **(FAST | weights)).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
+    Pipeline(detector=detector, device="cpu", **(FAST | weights)).fit(open_dataset(data=brick, category="brick")).save(
+        tmp_path / "run"
+    )
     onnx_path = export(tmp_path / "run", format="onnx", batch_size=2)
     script_path = export(tmp_path / "run", tmp_path / "elsewhere.pt", format="torchscript", batch_size=2)
     side = json.loads(onnx_path.with_suffix(".json").read_text())
@@ -39,8 +43,10 @@ def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor,
     pipeline = Pipeline.load(tmp_path / "run", device="cpu")
     assert (pipeline.extractor_.adaptor is not None) == adaptor
     paths = sorted((brick / "brick" / "test").rglob("*.png"))
-    runners = {"onnx": lambda x: onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()}),
-               "torchscript": lambda x: torch.jit.load(str(script_path))(x)}
+    runners = {
+        "onnx": lambda x: onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()}),
+        "torchscript": lambda x: torch.jit.load(str(script_path))(x),
+    }
     try:
         import openvino
     except ImportError:
@@ -53,7 +59,9 @@ def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor,
     for n in (1, 3):  # traced with 2
         images = torch.stack([image_to_tensor(read_image(p), (32, 32)) for p in paths[:n]])
         maps, scores = pipeline.forward(images)
-        normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(1, 3, 1, 1)
+        normalised = (images - torch.tensor(side["input"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(side["input"]["std"]).view(
+            1, 3, 1, 1
+        )
         scale = max(1.0, maps.abs().max().item())  # relative to the scores' magnitude
         for name, run in runners.items():
             got_maps, got_scores = (torch.as_tensor(v) for v in run(normalised))

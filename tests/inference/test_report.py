@@ -19,11 +19,27 @@ def test_report_is_one_page_that_loads_every_image_in_chromium(fast_run, tmp_pat
     assert build_report(run) == run / "report.html"
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium when apt-get can): the page was not rendered")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=180).stdout
+        pytest.skip(
+            "chromium is not installed (make test installs Debian's chromium when apt-get can): the page was not rendered"
+        )
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
     body = re.search(r"<body([^>]*)>", dom)
     assert body, "chromium returned no page"
     images = int(re.search(r'data-images="(\d+)"', body.group(1)).group(1))

@@ -68,7 +68,7 @@ class PixelCurves:
     pro: np.ndarray
 
     @classmethod
-    def of(cls, masks: np.ndarray, maps: np.ndarray) -> "PixelCurves":
+    def of(cls, masks: np.ndarray, maps: np.ndarray) -> PixelCurves:
         truth = np.asarray(masks).astype(bool)
         regions = label_regions(truth)
         sizes = np.bincount(regions.ravel())
@@ -105,12 +105,6 @@ def pixel_auroc(masks: np.ndarray | None, maps: np.ndarray) -> float:
     return pixel_metrics(pixel_curves(masks, maps))["pixel_auroc"]
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False-positive rates and per-region overlaps at every distinct threshold (descending)."""
-    curves = PixelCurves.of(masks, maps)
-    return curves.fpr, curves.pro
-
-
 def area_under(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Trapezoidal area under y(x) from 0 to x_max, interpolating y at x_max."""
     keep = x <= x_max
@@ -121,21 +115,14 @@ def area_under(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def aupro(masks: np.ndarray | None, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the PRO curve up to ``fpr_limit``."""
-    return pixel_metrics(pixel_curves(masks, maps), fpr_limit)["aupro"]
-
-
 def pixel_metrics(curves: PixelCurves | None, fpr_limit: float = 0.3) -> dict[str, float]:
     """Pixel AUROC (trapezoids over the distinct thresholds, as scikit-learn) and AUPRO; NaN without curves."""
     if curves is None:
         return {"pixel_auroc": float("nan"), "aupro": float("nan")}
-    return {"pixel_auroc": float(np.trapezoid(curves.tpr, curves.fpr)), "aupro": area_under(curves.fpr, curves.pro, fpr_limit) / fpr_limit}
-
-
-def evaluate_scores(labels, image_scores, masks, maps, fpr_limit: float = 0.3) -> dict[str, float]:
-    """The three MVTec metrics in one dict (the pixel ones from one sort of the maps)."""
-    return {"image_auroc": image_auroc(labels, image_scores)} | pixel_metrics(pixel_curves(masks, maps), fpr_limit)
+    return {
+        "pixel_auroc": float(np.trapezoid(curves.tpr, curves.fpr)),
+        "aupro": area_under(curves.fpr, curves.pro, fpr_limit) / fpr_limit,
+    }
 
 
 def f1_at(labels, scores, threshold: float) -> float:
@@ -153,3 +140,16 @@ def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
     f1 = [f1_at(labels, scores, t) for t in candidates]
     best = int(np.argmax(f1))
     return float(candidates[best]), float(f1[best])
+
+
+def split_metrics(labels, scores, curves: PixelCurves | None, threshold: float | None = None) -> dict[str, float]:
+    """The metrics of a labelled test split: image AUROC, pixel AUROC, AUPRO (NaN where they do not apply); with
+    good and defective images the test-tuned F1; with a ``threshold`` the F1 at it."""
+    labels = np.asarray(labels)
+    metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(curves)
+    if labels.min() != labels.max():
+        tuned, best_f1 = f1_optimal_threshold(labels, scores)
+        metrics |= {"f1_threshold_tuned_on_test": tuned, "f1_tuned_on_test": best_f1}
+    if threshold is not None:
+        metrics |= {"learnt_threshold": threshold, "f1_at_learnt_threshold": f1_at(labels, scores, threshold)}
+    return metrics

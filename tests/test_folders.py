@@ -8,15 +8,15 @@ import sys
 import pytest
 
 from anomatune.errors import RunFolderError
-from anomatune.pipeline.folders import RunFolder
+from anomatune.folders.kinds import PredictionsFolder, RunFolder
 
 
 def test_a_set_replaces_the_old_one_whole(tmp_path):
     run = RunFolder(tmp_path / "run")
-    with run.staged("run") as stage:
+    with run.staged() as stage:
         stage.write_yaml(RunFolder.CONFIG, {"a": 1})
         stage.write_text("stale.txt", "from the first fit")
-    with run.staged("run") as stage:
+    with run.staged() as stage:
         stage.write_yaml(RunFolder.CONFIG, {"a": 2})
     assert run.read_yaml(RunFolder.CONFIG) == {"a": 2} and not (run / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if "staging" in p.name or ".old-" in p.name] == []
@@ -25,16 +25,16 @@ def test_a_set_replaces_the_old_one_whole(tmp_path):
 
 def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path):
     with pytest.raises(ZeroDivisionError):
-        with RunFolder(tmp_path / "new").staged("run") as stage:
+        with RunFolder(tmp_path / "new").staged() as stage:
             stage.write_text(RunFolder.CONFIG, "half")
-            1 / 0
+            raise ZeroDivisionError
     assert not (tmp_path / "new").exists()  # no empty --out left behind
     run = RunFolder(tmp_path / "old")
-    with run.staged("run") as stage:
+    with run.staged() as stage:
         stage.write_text(RunFolder.CONFIG, "kept")
     with pytest.raises(ZeroDivisionError):
-        with run.staged("run") as stage:
-            1 / 0
+        with run.staged() as stage:
+            raise ZeroDivisionError
     assert (run / RunFolder.CONFIG).read_text() == "kept"
 
 
@@ -42,35 +42,42 @@ def test_foreign_and_other_kinds_of_folder_are_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(RunFolderError, match="holds files anomatune did not write: choose another folder"):
-        with RunFolder(tmp_path / "mine").staged("run"):
+        with RunFolder(tmp_path / "mine").staged():
             pass
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
-    predictions = RunFolder(tmp_path / "preds")
-    with predictions.staged("predictions") as stage:
-        stage.write_text(RunFolder.RESULTS, "path\n")
+    predictions = PredictionsFolder(tmp_path / "preds")
+    with predictions.staged() as stage:
+        stage.write_text(PredictionsFolder.RESULTS, "path\n")
     with pytest.raises(RunFolderError, match="holds a predictions"):
-        with predictions.staged("run"):
+        with RunFolder(predictions.path).staged():
             pass
     with pytest.raises(RunFolderError, match="holds a predictions: pass a folder written by 'anomatune fit'"):
-        predictions.require("run")
+        RunFolder(predictions.path).require()
     with pytest.raises(RunFolderError, match="does not exist: pass a folder written by 'anomatune fit'"):
-        RunFolder(tmp_path / "nothing").require("run")
+        RunFolder(tmp_path / "nothing").require()
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     target = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom anomatune.pipeline.folders import RunFolder\n"
-                               f"with RunFolder({str(target)!r}).lock():\n    print('held', flush=True)\n    time.sleep(30)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom anomatune.folders.kinds import RunFolder\n"
+            f"with RunFolder({str(target)!r}).lock():\n    print('held', flush=True)\n    time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderError, match="is being written by another anomatune command"):
-            with RunFolder(target).staged("run"):
+            with RunFolder(target).staged():
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with RunFolder(target).staged("run") as stage:  # free again once the holder is gone
+    with RunFolder(target).staged() as stage:  # free again once the holder is gone
         stage.write_text(RunFolder.CONFIG, "ok")
 
 
@@ -78,7 +85,10 @@ def test_json_is_strict_nan_becomes_null(tmp_path):
     folder = RunFolder(tmp_path)
     folder.write_json("m.json", {"aupro": math.nan, "image_auroc": 0.9, "nested": [math.inf]})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
-        "aupro": None, "image_auroc": 0.9, "nested": [None]}
+        "aupro": None,
+        "image_auroc": 0.9,
+        "nested": [None],
+    }
 
 
 def test_damaged_files_are_one_line(tmp_path):

@@ -1,0 +1,1 @@
+"""The command line (``cli``, ``options``), the jobs runner (one command per category, ``jobs``) and the demo."""
