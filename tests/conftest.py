@@ -7,6 +7,8 @@ use timm's ``test_efficientnet`` with random weights (drawn from a fixed seed).
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,13 @@ def two_categories(mvtec_tree, brick):
         (broken / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (root / "notes").mkdir()  # no train/: not a category
     return root
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of ``width`` x ``height`` that is its header alone (no pixel data): what a decompression bomb looks
+    like before it is decoded, made in no time at any size."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")

@@ -152,4 +152,7 @@ def split_metrics(labels, scores, curves: PixelCurves | None, threshold: float |
         metrics |= {"f1_threshold_tuned_on_test": tuned, "f1_tuned_on_test": best_f1}
     if threshold is not None:
         metrics |= {"learnt_threshold": threshold, "f1_at_learnt_threshold": f1_at(labels, scores, threshold)}
+        if not labels.any():
+            log.warning("F1 needs defective test images: f1_at_learnt_threshold is not computed")
+            metrics["f1_at_learnt_threshold"] = float("nan")
     return metrics

@@ -137,21 +137,6 @@ def test_missing_data_and_runs_are_one_line(tmp_path):
     one_line_error(*cli("fit", "--out", tmp_path / "r")[::2], "no images given: the layouts are")
 
 
-@pytest.fixture
-def own_folders(tmp_path):
-    """A user's folders: good brick crops, scratched ones and their masks (names with spaces)."""
-    from anomatune.apps.demo import build_dataset
-
-    data = build_dataset(tmp_path / "demo", n_train=10, n_good_test=3, n_defect=2, crop=64)
-    root = tmp_path / "my parts"
-    shutil.copytree(data / "brick" / "train" / "good", root / "good")
-    for i, path in enumerate(sorted((data / "brick" / "test" / "good").iterdir())):
-        shutil.copy(path, root / "good" / f"extra {i}.png")
-    shutil.copytree(data / "brick" / "test" / "scratch", root / "scratched")
-    shutil.copytree(data / "brick" / "ground_truth" / "scratch", root / "masks")
-    return root
-
-
 def test_own_folders_fit_evaluate_predict_report_export(own_folders, tmp_path):
     run = tmp_path / "run"
     data = ["--good", own_folders / "good", "--defect", own_folders / "scratched", "--masks", own_folders / "masks"]
@@ -205,13 +190,13 @@ def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
     one_line_error(*cli("predict", fast_run, scratched, "--out", tmp_path / "docs")[::2], "holds files anomatune did not write")
 
 
-def test_a_failed_fit_leaves_no_folder(mvtec_tree, tmp_path):
-    bad = mvtec_tree / "widget" / "train" / "good" / "003.png"
-    bad.write_bytes(bad.read_bytes()[:100])
-    one_line_error(
-        *cli("fit", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--out", tmp_path / "r")[::2],
-        "003.png: cannot read image",
-    )
+def test_a_failed_fit_names_every_bad_file_and_leaves_no_folder(mvtec_tree, tmp_path):
+    for name in ("003.png", "005.png"):
+        bad = mvtec_tree / "widget" / "train" / "good" / name
+        bad.write_bytes(bad.read_bytes()[:100])
+    code, _, err = cli("fit", "--data", mvtec_tree, "--category", "widget", *FAST_OPTIONS, "--out", tmp_path / "r")
+    one_line_error(code, err, "2 of 6 images cannot be used")
+    assert "003.png: cannot read image" in err and "005.png: cannot read image" in err
     assert not (tmp_path / "r").exists()
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomatune.data.images import image_size_of, input_size, read_image, read_mask
+from anomatune.data.images import ImageTooLarge, image_size_of, input_size, read_image, read_mask, unreadable
 from anomatune.data.settings import parse_image_size
 from anomatune.errors import DataError
 
-from ..conftest import save_image
+from ..conftest import png_header, save_image
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK", "1"])
@@ -86,3 +86,28 @@ def test_input_size_keeps_the_aspect_ratio():
     assert parse_image_size(" 320 X 256 ") == "320x256" and parse_image_size(128) == "128"
     with pytest.raises(ValueError, match="16 to 8192"):
         parse_image_size(0)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns from 89 megapixels on
+def test_an_image_over_the_pixel_budget_is_refused_from_its_header(tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(12000, 12000))  # no pixel data: decoding it would fail, so the refusal comes first
+    with pytest.raises(ImageTooLarge, match=r"big.png: 12000x12000 px \(144.0 megapixels\) is more than the 100 megapixels"):
+        read_image(big, max_pixels=100_000_000)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))  # past Pillow's own bound: refused by Pillow before ours
+    with pytest.raises(ImageTooLarge, match=r"bomb.png: 400.0 megapixels is more than"):
+        read_image(bomb)
+    save_image(tmp_path / "ok.png", size=(40, 30))
+    assert read_image(tmp_path / "ok.png", max_pixels=1200).size == (40, 30)  # the bound itself is accepted
+    with pytest.raises(ImageTooLarge):
+        read_image(tmp_path / "ok.png", max_pixels=1199)
+
+
+def test_every_unreadable_file_is_named(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / f"{i}.png", size=(40, 30))
+    (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:60])
+    (tmp_path / "2.png").write_bytes(b"not an image")
+    problems = unreadable(sorted(tmp_path.glob("*.png")))
+    assert [p.split(":")[0] for p in problems] == [str(tmp_path / "1.png"), str(tmp_path / "2.png")]

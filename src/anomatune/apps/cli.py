@@ -8,6 +8,7 @@ are imported inside the commands, so ``--help`` and option errors stay fast.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -30,6 +31,12 @@ from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, finetune, fit, run_cat
 from .settings import ColorTransferSettings, DemoSettings
 
 log = logging.getLogger("anomatune")
+DISK_ERRORS = {  # what the disk refused, said in one line instead of a traceback
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -39,6 +46,7 @@ CONFIG_OPTION = click.option(
     "a run's config.yaml works too); options given here override it.",
 )
 DEVICE_ONLY = ("device",)
+DEVICE_AND_LIMIT = ("device", "max_pixels")  # commands that read images one by one, whatever their batch
 NO_FIGURES_OPTION = click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
 
 
@@ -165,8 +173,13 @@ def run_all(job: Job, engine: EngineSettings, category: str | None) -> bool:
 
 
 def echo_metrics(run: str, result: dict) -> None:
-    shown = "  ".join(f"{k.replace('_', ' ')} {result[k]}" for k in ("image_auroc", "pixel_auroc", "aupro"))
-    click.echo(f"{shown}  ({run}/evaluation/metrics.json)")
+    """The three metrics, ``n/a`` where the test data cannot give one (the log said why)."""
+
+    def shown(value) -> str:
+        return "n/a" if value is None or value != value else str(value)
+
+    metrics = "  ".join(f"{k.replace('_', ' ')} {shown(result[k])}" for k in ("image_auroc", "pixel_auroc", "aupro"))
+    click.echo(f"{metrics}  ({run}/evaluation/metrics.json)")
 
 
 @app.command("finetune")
@@ -191,7 +204,7 @@ def echo_metrics(run: str, result: dict) -> None:
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (same settings; --steps may grow).")
 @click.option("--dry-run", is_flag=True, help="Only diagnose the frozen features: gradient-weight distributions, no training.")
 @options.options(FinetuneSettings)
-@options.options(RuntimeSettings, only=DEVICE_ONLY)
+@options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
 @options.options(EngineSettings)
 @CONFIG_OPTION
 def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, **values):
@@ -261,30 +274,26 @@ def predict_cmd(run, inputs, out, **values):
     """Score IMAGES with RUN: score, decision, overlay and mask per image.
 
     IMAGES are files, folders (searched recursively), glob patterns ('parts/**/*.png', quoted)
-    or CSV/Parquet manifests with a 'path' column; or give the test split of --data/--good.
+    or CSV/Parquet manifests with a 'path' column, and the test split of --data/--good; with
+    neither, the test split of the data RUN was fitted on.
     Unreadable files are reported in the results and skipped; the exit code is 1 if any failed.
     """
     data = options.build(DataSettings, values)
     predict_settings = options.build(PredictSettings, values)
     runtime = options.build(RuntimeSettings, values)
     engine = options.build(EngineSettings, values)
-    if not inputs and not data.given:
-        raise click.UsageError("give IMAGES (files, folders, patterns or manifests) or a dataset (--data/--category or --good)")
-    from ..data.layouts import open_dataset
     from ..folders.kinds import PredictionsFolder
 
-    sources = list(inputs) + ([str(r.path) for r in open_dataset(data, "test").records] if data.given else [])
+    chosen = {"threshold": predict_settings.threshold, "images": predict_settings.images, "data": data, **runtime.to_dict()}
     if engine.engine == RAY:
         from ..distributed.batch import predict_on_ray
 
-        tally = predict_on_ray(
-            run, sources, out, predict_settings.threshold, predict_settings.images, engine, **runtime.to_dict()
-        )
+        tally = predict_on_ray(run, inputs, out, engine=engine, **chosen)
         scored, defective, failed, results = tally.scored, tally.defective, tally.failed, PredictionsFolder.RESULTS_PARQUET
     else:
         from ..inference.predict import predict
 
-        rows = predict(run, sources, out, predict_settings.threshold, predict_settings.images, **runtime.to_dict())
+        rows = predict(run, inputs, out, **chosen)
         failed = sum(bool(r.error) for r in rows)
         scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), PredictionsFolder.RESULTS
     click.echo(f"{scored} images scored, {defective} defective, {failed} failed; {out}/{results}")
@@ -323,7 +332,7 @@ def export_cmd(run, out, **values):
 @app.command("serve")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @options.options(ServeSettings)
-@options.options(RuntimeSettings, only=DEVICE_ONLY)
+@options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
 def serve_cmd(runs, **values):
     """Serve RUNS over HTTP: POST /predict, GET /health, /models, /docs, and a page for the operator at /.
 
@@ -341,14 +350,31 @@ def serve_cmd(runs, **values):
         raise AnomatuneError(f"anomatune serve needs {exc.name}: pip install 'anomatune[serve]'") from None
     from ..serve.models import ServedModel
 
-    models = [ServedModel.load(run, settings.runtime, runtime.device, settings.max_batch) for run in runs]
+    names = [Path(run).resolve().name for run in runs]
+    if len(set(names)) < len(names):  # before minutes of loading
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve each run once, from folders with different names")
+    check_port_free(settings.host, settings.port)
+    models = [
+        ServedModel.load(run, settings.runtime, runtime.device, settings.max_batch, max_pixels=runtime.max_pixels) for run in runs
+    ]
     ids = [m.id for m in models]
-    if len(set(ids)) != len(ids):
-        raise AnomatuneError(f"a run is given twice ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}): serve each once")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("listening on %s without --api-key: anyone who reaches this machine can use the server", settings.host)
     click.echo(f"serving {', '.join(ids)} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
     uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line now, before the runs load, when ``host:port`` is taken (uvicorn would find out only after)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise AnomatuneError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") from None
 
 
 @app.command("color-transfer")
@@ -405,4 +431,14 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except AnomatuneError as exc:
         click.echo(f"anomatune: error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(
+            f"anomatune: error: {DISK_ERRORS[exc.errno]}{where}: {exc.strerror}. Nothing already written was changed "
+            "(every file is written to a temporary name first); fix it and run the command again",
+            err=True,
+        )
         sys.exit(2)

@@ -44,9 +44,11 @@ def fit(
 ) -> dict:
     """Fit and save a run in ``out`` (and evaluate it in the same process with ``evaluate``)."""
     from ..data.layouts import open_dataset
+    from ..folders.base import refuse_inside
     from ..folders.kinds import RunFolder
     from ..pipeline.pipeline import Pipeline
 
+    refuse_inside(out, data.folders)  # before the fit, not after it
     with RunFolder(out).claim():  # a second command on --out stops now, not after the fit
         pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
         pipeline.save(out)

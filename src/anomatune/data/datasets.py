@@ -34,6 +34,7 @@ from .images import (
     median_aspect,
     read_image,
     read_mask,
+    unreadable,
 )
 from .settings import DEFAULT_IMAGE_SIZE
 
@@ -77,6 +78,7 @@ class AnomalyDataset(Dataset):
         self.image_size = image_size
         self.name = name
         self.source = None  # the DataSettings it was opened from (open_dataset sets it); saved with a run
+        self.max_pixels: int | None = None  # images over it are refused before they are decoded (see within)
 
     @cached_property
     def aspect(self) -> float:
@@ -100,6 +102,19 @@ class AnomalyDataset(Dataset):
         view.image_size = tuple(size_hw)
         return view
 
+    def check_readable(self) -> None:
+        """One error naming every image that cannot be read (headers and PNG checksums), before a long job starts."""
+        problems = unreadable((r.path for r in self.records), self.max_pixels)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise DataError(f"{len(problems)} of {len(self)} images cannot be used: {shown}. Replace or remove them")
+
+    def within(self, max_pixels: int | None) -> AnomalyDataset:
+        """The same images, each refused (:class:`~anomatune.data.images.ImageTooLarge`) when over ``max_pixels``."""
+        view = copy.copy(self)
+        view.max_pixels = max_pixels
+        return view
+
     def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """The records at ``indices``, same settings."""
         view = copy.copy(self)
@@ -117,7 +132,7 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        img = read_image(record.path)
+        img = read_image(record.path, max_pixels=self.max_pixels)
         mask = None
         if self.has_masks:
             if record.mask_path is None:

@@ -15,6 +15,7 @@ back to each image's own size for the user.
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -53,16 +54,66 @@ def input_size(image_size: int | str | tuple[int, int], aspect: float = 1.0) -> 
     return (side, max(side, round(side * aspect))) if aspect >= 1 else (max(side, round(side / aspect)), side)
 
 
-def _open(source: Path | BinaryIO, label: str | Path) -> Image.Image:
-    """Open and fully decode an image, turning PIL's many failure modes into one DataError naming ``label``."""
+class ImageTooLarge(DataError):
+    """An image over the pixel budget (``max_pixels``), refused from its header before it is decoded."""
+
+    def __init__(self, label: str | Path, pixels: int, max_pixels: int, size: tuple[int, int] | None = None):
+        shown = f"{size[0]}x{size[1]} px ({pixels / 1e6:.1f} megapixels)" if size else f"{pixels / 1e6:.1f} megapixels"
+        super().__init__(
+            f"{label}: {shown} is more than the {max_pixels / 1e6:g} megapixels accepted (--max-pixels); "
+            "downscale the image or raise --max-pixels"
+        )
+        self.pixels, self.max_pixels = pixels, max_pixels
+
+
+def check_pixels(label: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """:class:`ImageTooLarge` when an image of ``size`` (width, height) is over ``max_pixels`` (None: no bound)."""
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(label, size[0] * size[1], max_pixels, size)
+
+
+def _open(source: Path | BinaryIO, label: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image, turning PIL's many failure modes into one DataError naming ``label``.
+
+    An image over ``max_pixels`` is refused from its header, before its pixels take any memory.
+    """
     try:
         with Image.open(source) as img:
+            check_pixels(label, img.size, max_pixels)
             img.load()  # decoding happens here: truncated files fail now, not later
             return img.copy() if img.getexif().get(EXIF_ORIENTATION, 1) == 1 else _upright(img, label)
+    except ImageTooLarge:
+        raise
     except FileNotFoundError as exc:
         raise DataError(f"{label}: file not found") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _bomb(label, exc, max_pixels) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{label}: cannot read image ({exc}); replace or remove the file") from exc
+
+
+def _bomb(label: str | Path, exc: Exception, max_pixels: int | None) -> ImageTooLarge:
+    """Pillow's own bound against decompression bombs, met before ours: its message gives the pixel count."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    limit = 2 * Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+    return ImageTooLarge(label, int(found.group(1)) if found else 0, limit)
+
+
+def header_size(source: Path | BinaryIO, label: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from an image's header alone (a stream is rewound); :class:`ImageTooLarge` over
+    ``max_pixels``, :class:`DataError` when it is not an image."""
+    try:
+        with Image.open(source) as img:
+            size = img.size
+    except Image.DecompressionBombError as exc:
+        raise _bomb(label, exc, max_pixels) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{label}: not an image anomatune can read (PNG, JPEG, BMP, TIFF, WebP)") from exc
+    finally:
+        if not isinstance(source, Path):
+            source.seek(0)
+    check_pixels(label, size, max_pixels)
+    return size
 
 
 def _upright(img: Image.Image, path: str | Path) -> Image.Image:
@@ -83,14 +134,15 @@ def _to_8bit(img: Image.Image, path: str | Path) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+def read_image(path: str | Path | BinaryIO, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Read any image file as upright 8-bit RGB (grayscale is replicated, alpha dropped).
 
     ``path`` may also be an open binary stream (an upload), called ``name`` in messages.
+    An image of more than ``max_pixels`` is refused (:class:`ImageTooLarge`) before it is decoded.
     """
     source = Path(path) if isinstance(path, (str, Path)) else path
     label = source if isinstance(source, Path) else name or "upload"
-    img = _to_8bit(_open(source, label), label)
+    img = _to_8bit(_open(source, label, max_pixels), label)
     if min(img.size) < MIN_SOURCE_SIDE:
         raise DataError(
             f"{label}: the image is {img.width}x{img.height} px, too small to inspect "
@@ -119,6 +171,21 @@ def read_mask(path: str | Path) -> np.ndarray:
     if not np.isin(np.unique(arr), (0, 255)).all():
         log_once("maskgrey", "non-binary masks (e.g. %s) are thresholded at 127", path)
     return arr > 127
+
+
+def unreadable(paths: Iterable[str | Path], max_pixels: int | None = None) -> list[str]:
+    """The reason each of ``paths`` cannot be used, from its header and checksums (PNG), without decoding it."""
+    problems = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                check_pixels(path, img.size, max_pixels)
+                img.verify()
+        except ImageTooLarge as exc:
+            problems.append(str(exc))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            problems.append(f"{path}: cannot read image ({' '.join(str(exc).split())[:120]})")
+    return problems
 
 
 def image_size_of(path: str | Path) -> tuple[int, int]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..schema import Settings, setting
 
 ALL_CATEGORIES = "all"  # --category all: every category of the root
 DEFAULT_IMAGE_SIZE = 256
 INPUT_SIDES = (16, 8192)  # the smallest and largest input side in pixels
+MAX_PIXELS = 64_000_000  # an image's pixel budget (--max-pixels): its cost stays under 3 GB (benchmarks/results/limits.md)
+PILLOW_PIXELS = 178_956_970  # Pillow refuses more as a decompression bomb (2 x Image.MAX_IMAGE_PIXELS)
 
 
 def parse_image_size(value) -> str:
@@ -76,3 +79,12 @@ class DataSettings(Settings):
     @property
     def given(self) -> bool:
         return bool(self.good or self.data)
+
+    @property
+    def folders(self) -> list[str]:
+        """Every folder the data is read from (a category's folder under a root; the root for every category):
+        where no output may go."""
+        data = self.data
+        if data and self.category and self.category != ALL_CATEGORIES and (Path(data) / self.category).is_dir():
+            data = str(Path(data) / self.category)
+        return [f for f in (data, self.good, self.good_test, self.masks, *self.defect) if f]

@@ -1,6 +1,6 @@
 """``predict --engine ray``: batch scoring on Ray Data.
 
-The driver expands the inputs (the same :func:`expand_sources` as the local engine) into a
+The driver expands the inputs (the same :func:`input_paths` as the local engine) into a
 table of paths; Ray Data streams it through ``map_batches`` in an actor pool, where each
 :class:`BatchScorer` loads the run once and runs the local engine's :func:`score_paths` on
 its batches; the rows stream out to Parquet. A file that cannot be read is a row with its
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..allocator import tune_allocator
-from ..data.sources import expand_sources
+from ..data.settings import DataSettings
 from ..folders.kinds import PredictionsFolder
-from ..inference.predict import COLUMNS, load_for_predict, score_paths, unique_names
+from ..inference.predict import COLUMNS, input_paths, load_for_predict, score_paths, unique_names
 from ..pipeline.settings import RuntimeSettings
 from .cluster import connect, plan_workers
 from .settings import EngineSettings
@@ -43,9 +43,9 @@ def results_schema():
 class BatchScorer:
     """A Ray Data actor: loads the run once, then turns batches of paths into result rows."""
 
-    def __init__(self, run_dir: str, threshold: float, images_dir: str | None, device: str, batch_size: int):
+    def __init__(self, run_dir: str, threshold: float, images_dir: str | None, runtime: dict):
         tune_allocator()
-        self.pipeline, self.threshold = load_for_predict(run_dir, threshold, device=device, batch_size=batch_size)
+        self.pipeline, self.threshold = load_for_predict(run_dir, threshold, **runtime)
         self.images = PredictionsFolder(images_dir) if images_dir else None
         self.schema = results_schema()
 
@@ -64,15 +64,17 @@ def scored_dataset(
     threshold: float,
     images_dir: str | Path | None = None,
     workers: int | None = None,
-    device: str = "auto",
-    batch_size: int = 8,
     scorer: type = BatchScorer,
+    **runtime,
 ):
-    """The lazy Ray Dataset of result rows (``index`` = position in ``paths``); nothing runs until it is consumed."""
+    """The lazy Ray Dataset of result rows (``index`` = position in ``paths``); nothing runs until it is consumed.
+    ``runtime``: every worker's ``device`` (``auto``: a GPU each when the cluster has them), ``batch_size``, ``max_pixels``."""
     import pyarrow as pa
     import ray.data
 
-    plan = plan_workers(connect(), workers, device)
+    runtime = RuntimeSettings().updated(**runtime)
+    batch_size = runtime.batch_size
+    plan = plan_workers(connect(), workers, runtime.device)
     table = pa.table({"index": list(range(len(paths))), "path": [str(p) for p in paths], "name": unique_names(paths)})
     block = max(1, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / plan.workers)))  # work for every worker
     blocks = [table.slice(start, block) for start in range(0, len(table), block)]
@@ -85,7 +87,12 @@ def scored_dataset(
     )
     return ray.data.from_arrow(blocks).map_batches(
         scorer,
-        fn_constructor_args=(str(run_dir), threshold, None if images_dir is None else str(images_dir), plan.device, batch_size),
+        fn_constructor_args=(
+            str(run_dir),
+            threshold,
+            None if images_dir is None else str(images_dir),
+            runtime.updated(device=plan.device).to_dict(),
+        ),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.workers),
@@ -109,6 +116,7 @@ def predict_on_ray(
     threshold: float | None = None,
     images: bool = True,
     engine: EngineSettings | None = None,
+    data: DataSettings | None = None,
     **runtime,
 ) -> Tally:
     """Score every image of ``inputs`` on Ray: ``out/results.parquet/`` (and ``overlays/``, ``masks/``), written as one set.
@@ -118,9 +126,8 @@ def predict_on_ray(
     import pyarrow.parquet as pq
 
     engine = engine or EngineSettings(engine="ray")
-    runtime = RuntimeSettings().updated(**runtime)
-    _, threshold = load_for_predict(run_dir, threshold, device="cpu")  # a bad run or threshold stops here, before any worker
-    paths = [path.resolve() for path in expand_sources(inputs)]  # absolute: a worker may run elsewhere
+    pipeline, threshold = load_for_predict(run_dir, threshold, device="cpu")  # a bad run or threshold stops here
+    paths = [path.resolve() for path in input_paths(pipeline, run_dir, inputs, out, data)]  # absolute: a worker may run elsewhere
     connect(engine.address)
     with PredictionsFolder(out).staged() as stage:
         results = stage.path.resolve() / PredictionsFolder.RESULTS_PARQUET
@@ -130,8 +137,7 @@ def predict_on_ray(
             threshold,
             stage.path.resolve() if images else None,
             engine.workers,
-            runtime.device,
-            runtime.batch_size,
+            **runtime,
         ).write_parquet(str(results), ray_remote_args={"num_cpus": 0})  # the actors hold the CPUs
         decisions = Counter(pq.read_table(results, columns=["decision"]).column("decision").to_pylist())
     return Tally(decisions["good"] + decisions["defective"], decisions["defective"], decisions["error"])

@@ -6,6 +6,7 @@ by the caller through its run folder.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,32 @@ def heatmaps_figure(evaluation, n_examples: int = 3) -> Figure | None:
     return fig
 
 
+BAND_PIXELS = 2**18  # pixels an overlay is drawn in at a time: a few MB of temporaries
+
+
+@cache
+def _jet() -> np.ndarray:
+    """The jet colour map's 256 colours as uint8 RGB."""
+    return np.rint(colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
+
+
 def heat_overlay(image: np.ndarray, heat: np.ndarray, low: float, high: float, alpha: float = 0.45) -> np.ndarray:
-    """Blend a jet-coloured map (``low`` → blue, ``high`` and above → red) over an RGB uint8 image."""
-    scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
-    colours = colormaps["jet"](scaled)[..., :3] * 255
-    return ((1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colours).clip(0, 255).astype(np.uint8)
+    """Blend a jet-coloured map (``low`` → blue, ``high`` and above → red) over an RGB uint8 image.
+
+    Drawn in integers (matplotlib's 256 colours, alpha in 1/256ths), a band of about
+    ``BAND_PIXELS`` at a time: besides the image and the map it needs the overlay's own
+    bytes and a few megabytes, so a large image costs a small multiple of its own size.
+    """
+    image = np.asarray(image, dtype=np.uint8)
+    out = np.empty_like(image)
+    scale, weight = 256 / max(high - low, 1e-12), round(alpha * 256)
+    band = max(1, BAND_PIXELS // max(image.shape[1], 1))
+    for start in range(0, len(image), band):
+        rows = slice(start, start + band)
+        index = np.clip((heat[rows] - low) * scale, 0, 255).astype(np.uint8)  # matplotlib's floor(x * 256), clipped
+        blended = (256 - weight) * image[rows].astype(np.uint16) + weight * _jet()[index].astype(np.uint16)
+        out[rows] = blended >> 8
+    return out
 
 
 def gallery(evaluation, threshold: float, per_kind: int = 6) -> list[tuple[Image.Image, dict]]:

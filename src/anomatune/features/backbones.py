@@ -16,10 +16,12 @@ seed, so a run fitted on them can be rebuilt (the fast tests use them).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +100,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any parse failure is the file's fault
-        raise BackboneError(f"{path}: cannot read weights ({exc}); pass a .safetensors file or a saved state_dict") from exc
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not torch's refusal of code: a damaged file
+            raise BackboneError(
+                f"{path}: cannot read weights (not a torch file); pass a .safetensors file or a saved state_dict"
+            ) from exc
+        raise BackboneError(
+            f"{path}: holds pickled objects besides tensors, which anomatune never unpickles (they can run code); "
+            "save the weights with safetensors or torch.save(model.state_dict())"
+        ) from exc
+    except Exception as exc:  # any other parse failure is the file's fault
+        reason = " ".join(str(exc).split())[:200]
+        raise BackboneError(f"{path}: cannot read weights ({reason}); pass a .safetensors file or a saved state_dict") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -240,21 +252,21 @@ RANDOM_WEIGHTS_SEED = 0
 
 
 def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> Backbone:
+    if not timm.is_model(name):  # before any download is tried: an unknown name fails now, online or not
+        close = difflib.get_close_matches(name, [*list_backbones(), *timm.list_models()], n=3)
+        raise BackboneError(
+            f"unknown backbone {name!r}: use one of {', '.join(list_backbones())} or a timm model name"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+        )
     try:
         with torch.random.fork_rng(devices=[]):  # random weights drawn from a fixed seed, global RNG untouched
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise BackboneError(
-                f"unknown backbone {name!r}: use one of {', '.join(list_backbones())} or a timm model name"
-            ) from exc
-        raise
     except Exception as exc:  # the hub could not be reached or the download failed
         raise BackboneError(
-            f"could not get pretrained weights for {name!r} ({type(exc).__name__}); "
-            "either run where the Hugging Face hub is reachable (pretrained=True) or pass weights=PATH "
-            "(a .safetensors file or a state_dict)"
+            f"could not get pretrained weights for {name!r} ({type(exc).__name__}); run where the Hugging Face hub "
+            "is reachable, or pass --backbone-weights FILE (a .safetensors file or a state_dict; "
+            "weights=FILE in Python)"
         ) from exc
     weights_id = f"timm:{name}" if pretrained else f"random:{RANDOM_WEIGHTS_SEED}"
     adaptor = None

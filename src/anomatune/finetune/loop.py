@@ -36,6 +36,7 @@ from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError
 from ..features.backbones import create_backbone
 from ..features.extractor import FeatureExtractor
+from ..folders.base import refuse_inside
 from ..folders.kinds import FinetuneFolder
 from ..models.base import DensityModel, flatten_patches
 from ..models.registry import DETECTORS, create_detector
@@ -96,9 +97,13 @@ class Finetuner:
         self.guide = guide_for(s)
         if {"photos", "pasted"} & set(s.negative_kinds) and negatives is None:
             raise AnomatuneError(f"negative_mode {s.negative_mode} needs a folder of natural photos: pass --negatives DIR")
-        device = resolve_device(RuntimeSettings().updated(**runtime).device)
+        runtime = RuntimeSettings().updated(**runtime)
+        device = resolve_device(runtime.device)
         self.group = ProcessGroup.from_env(device)  # one process, or torchrun's (see .ddp)
+        refuse_inside(out, [*(train.source.folders if train.source else ()), negatives, validation_negatives])
         self.outputs, self.device = FinetuneOutputs(out), self.group.local_device(device)
+        train = train.within(runtime.max_pixels)
+        train.check_readable()
         self.size = train.size_for(s.features.image_size)
         self.data = {
             "train": train.source.to_dict() if train.source else train.name,

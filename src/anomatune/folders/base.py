@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
@@ -79,6 +79,45 @@ def json_safe(value: Any) -> Any:
 def json_text(data: Any, indent: int | None = 1) -> str:
     """Strict JSON text: NaN (a metric that does not apply) is written as ``null``."""
     return json.dumps(json_safe(data), indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def refuse_inside(out: str | Path, sources: Iterable[str | Path | None], what: str = "--out") -> None:
+    """One line, before any work, when ``out`` is one of ``sources`` (what the command reads) or lies inside one."""
+    target = Path(out).expanduser().resolve()
+    for source in sources:
+        if source is None:
+            continue
+        source = Path(source).expanduser().resolve()
+        if target == source or source in target.parents:
+            raise RunFolderError(
+                f"{what} {out} is {'' if target == source else 'inside '}{source}, which this command reads: "
+                "choose a place outside it (an output never overwrites an input)"
+            )
+
+
+def _locked(lock_path: Path, folder: Path):
+    """The lock file, opened and locked (not waiting: a second writer stops at once).
+
+    A holder removes the file when it is done; if it did so between our open and our lock,
+    we hold an orphan, so the file is opened again.
+    """
+    while True:
+        handle = open(lock_path, "a+")  # held open for as long as the lock is
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunFolderError(
+                f"{folder} is being written by another anomatune command (lock {lock_path}): "
+                "wait for it to finish or choose another folder"
+            ) from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _ours(name: str) -> bool:
@@ -154,20 +193,15 @@ class Folder:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.parent / f".{self.path.name}.lock"
-        with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunFolderError(
-                    f"{self.path} is being written by another anomatune command (lock {lock_path}): "
-                    "wait for it to finish or choose another folder"
-                ) from None
-            _HELD[key] = 1
-            try:
-                yield
-            finally:
-                _HELD.pop(key, None)
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        handle = _locked(lock_path, self.path)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
+            lock_path.unlink(missing_ok=True)  # removed while still held: no lock file stays behind
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     @contextmanager
     def claim(self, *, lock: bool = True) -> Iterator[Folder]:

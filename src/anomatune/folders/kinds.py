@@ -60,6 +60,13 @@ class RunFolder(Folder):
                 digest.update(name.encode() + b"\0" + path.read_bytes())
         return f"{self.path.resolve().name}@{digest.hexdigest()[:12]}"
 
+    def stamp(self) -> tuple:
+        """Size and modification time of the run's files and of its metrics: changes when the run is refit or
+        evaluated again (cheap, unlike :meth:`fingerprint`)."""
+        files = (self.CONFIG, self.DETECTOR, self.PROJECTION, f"{self.EVALUATION}/{EvaluationFolder.METRICS}")
+        stats = [(self.path / name).stat() if (self.path / name).is_file() else None for name in files]
+        return tuple(None if s is None else (s.st_size, s.st_mtime_ns) for s in stats)
+
     @staticmethod
     def openvino_weights(xml: Path) -> Path:
         """The weights file beside an OpenVINO graph (OpenVINO finds it by this name)."""

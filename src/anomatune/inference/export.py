@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from ..errors import AnomatuneError, RunFolderError
-from ..folders.base import atomic_write, json_text
+from ..folders.base import atomic_write, json_text, refuse_inside
 from ..folders.kinds import RunFolder
 from ..pipeline.pipeline import Pipeline
 from .settings import ExportSettings
+
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth"), "openvino": (".xml",)}  # what each format's --out may end in
 
 
 class ScoringModel(nn.Module):
@@ -61,8 +63,15 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
     """
     settings = (settings or ExportSettings()).updated(**changes)
     run = RunFolder(run_dir).require()
-    if out is not None and not Path(out).parent.is_dir():
-        raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")
+    if out is not None:
+        suffixes = SUFFIXES[settings.format]
+        if Path(out).suffix.lower() not in suffixes:
+            raise AnomatuneError(
+                f"--out {out}: a {settings.format} model is written as {' or '.join(suffixes)}; change the file name or --format"
+            )
+        refuse_inside(out, [run.path])  # without --out the model goes into the run, beside its own files
+        if not Path(out).parent.is_dir():
+            raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")
     pipeline = Pipeline.load(run.path, device="cpu")
     model = ScoringModel(pipeline).eval()
     example = torch.zeros(settings.batch_size, 3, *pipeline.input_size)

@@ -20,9 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.images import read_image
+from ..data.layouts import open_dataset
+from ..data.settings import DataSettings
 from ..data.sources import expand_sources
 from ..errors import AnomatuneError, DataError
 from ..evaluation.plots import heat_overlay
+from ..folders.base import refuse_inside
 from ..folders.kinds import PredictionsFolder
 from ..pipeline.pipeline import Pipeline, check_threshold
 
@@ -75,7 +78,7 @@ def score_paths(
     readable = []
     for row, path, name in zip(rows, paths, names):
         try:
-            readable.append((row, name, read_image(path)))
+            readable.append((row, name, read_image(path, max_pixels=pipeline.runtime.max_pixels)))
         except DataError as exc:
             log.error("%s", exc)
             row.decision, row.error = "error", str(exc)
@@ -101,7 +104,7 @@ def draw(
     from the threshold on) and the defect mask (white = defective), both at the image's size."""
     low = pipeline.fit_record_.good_map_median
     overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
-    return Image.fromarray(overlay), Image.fromarray((mask * 255).astype(np.uint8), "L")
+    return Image.fromarray(overlay), Image.fromarray(np.multiply(mask, 255, dtype=np.uint8), "L")
 
 
 def predict_rows(
@@ -111,6 +114,24 @@ def predict_rows(
     names, size = unique_names(paths), pipeline.runtime.batch_size
     for start in range(0, len(paths), size):
         yield from score_paths(pipeline, paths[start : start + size], names[start : start + size], threshold, images)
+
+
+def input_paths(
+    pipeline: Pipeline, run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, data: DataSettings | None = None
+) -> list[Path]:
+    """The image files to score: ``inputs`` expanded, and the test split of ``data``; with neither, the test split of
+    the run's own data. Refused in one line when ``out`` lies in the run or in what is read."""
+    if not inputs and (data is None or not data.given):
+        data = pipeline.data_
+        if data is None:
+            raise AnomatuneError(
+                f"{run_dir} does not record its data (fitted from Python): give the images to score "
+                "(files, folders, patterns or manifests) or the data (--data/--category or --good)"
+            )
+    data = data if data is not None and data.given else None
+    refuse_inside(out, [run_dir, *inputs, *(data.folders if data else ())])
+    tests = [record.path for record in open_dataset(data, "test").records] if data else []
+    return (expand_sources(inputs) if inputs else []) + tests
 
 
 def load_for_predict(run_dir: str | Path, threshold: float | None, **runtime) -> tuple[Pipeline, float]:
@@ -128,13 +149,14 @@ def predict(
     out: str | Path,
     threshold: float | None = None,
     images: bool = True,
+    data: DataSettings | None = None,
     **runtime,
 ) -> list[PredictionRow]:
-    """Score every image of ``inputs`` (files, folders, globs, manifests) with the run in this process;
-    write ``results.csv`` (and ``overlays/``, ``masks/`` when ``images``) into ``out`` as one set.
-    ``runtime``: ``device``, ``batch_size``."""
+    """Score every image of ``inputs`` (files, folders, globs, manifests) and of ``data``'s test split (neither: the
+    test split of the run's own data) with the run in this process; write ``results.csv`` (and ``overlays/``, ``masks/`` when ``images``) into ``out``
+    as one set. ``runtime``: ``device``, ``batch_size``, ``max_pixels``."""
     pipeline, threshold = load_for_predict(run_dir, threshold, **runtime)
-    paths = expand_sources(inputs)
+    paths = input_paths(pipeline, run_dir, inputs, out, data)
     results = []
     with PredictionsFolder(out).staged() as stage, stage.open_text(PredictionsFolder.RESULTS) as f:
         writer = csv.writer(f)

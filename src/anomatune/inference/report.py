@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import RunFolderError
 from ..finetune.settings import FinetuneSettings
-from ..folders.base import atomic_write
+from ..folders.base import atomic_write, refuse_inside
 from ..folders.kinds import EvaluationFolder, FinetuneFolder, RunFolder
 from ..pipeline.pipeline import read_run_config
 
@@ -108,8 +108,10 @@ def _finetune_section(weights: str | None) -> str:
 
 
 def build_report(run_dir, out=None) -> Path:
-    """Write ``report.html`` (or ``out``) for an evaluated run and return its path."""
+    """Write ``report.html`` (or ``out``, outside the run) for an evaluated run and return its path."""
     run = RunFolder(run_dir).require()
+    if out is not None:
+        refuse_inside(out, [run.path])  # without --out the page goes into the run, beside its own files
     evaluation = run.evaluation
     if evaluation.kind != "evaluation":
         raise RunFolderError(f"{run.path} is not evaluated: run 'anomatune evaluate {run.path}' first")

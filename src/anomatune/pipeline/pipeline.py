@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..data.datasets import AnomalyDataset, collate, seeded_split
-from ..data.images import image_to_tensor, read_image
+from ..data.images import check_pixels, image_to_tensor, read_image
 from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError, check_is_fitted, is_fitted
 from ..features.backbones import create_backbone
 from ..features.extractor import FeatureExtractor
 from ..features.settings import AUTO, RANDOM
+from ..folders.base import refuse_inside
 from ..folders.kinds import RunFolder
 from ..models.registry import create_detector
 from ..schema import flat_settings
@@ -41,6 +42,7 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = 2
+FEW_THRESHOLD_IMAGES = 10  # a threshold learnt from fewer held-out good images is said to be a rough guess
 
 
 @dataclass
@@ -71,6 +73,12 @@ def split_holdout(dataset: AnomalyDataset, share: float, seed: int) -> tuple[Ano
         n_held = 0
     if not n_held:
         return dataset, None
+    if n_held < FEW_THRESHOLD_IMAGES:
+        log.warning(
+            "the threshold is learnt from %d held-out good image(s) only, a rough guess: give more good images "
+            "(or a larger --threshold-holdout), or pass --threshold to predict",
+            n_held,
+        )
     kept, held = seeded_split(len(dataset), n_held, seed)
     return dataset.subset(kept), dataset.subset(held)
 
@@ -168,6 +176,8 @@ class Pipeline:
         weights = s.features.backbone_weights
         if weights not in (None, RANDOM):  # a run finds its weights wherever it is loaded from
             self.settings = s = s.updated(backbone_weights=str(Path(weights).expanduser().resolve()))
+        dataset = dataset.within(self.runtime.max_pixels)
+        dataset.check_readable()  # every unusable file named at once, before the input size is read from the headers
         size = dataset.size_for(s.features.image_size)
         train, held_out = split_holdout(dataset.at_size(size), s.threshold.holdout, s.seed)
         extractor = self._extractor()
@@ -237,7 +247,10 @@ class Pipeline:
             if tuple(images.shape[-2:]) != size:
                 images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
             return images, sizes
-        pictures = [read_image(i) if isinstance(i, (str, Path)) else _as_pil(i) for i in images]
+        limit = self.runtime.max_pixels
+        pictures = [read_image(i, max_pixels=limit) if isinstance(i, (str, Path)) else _as_pil(i) for i in images]
+        for n, picture in enumerate(pictures):
+            check_pixels(f"image {n + 1}", picture.size, limit)
         return torch.stack([image_to_tensor(p, size) for p in pictures]), [(p.height, p.width) for p in pictures]
 
     def predict(
@@ -287,8 +300,11 @@ class Pipeline:
         )
 
     def save(self, folder: str | Path) -> RunFolder:
-        """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there."""
+        """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there (never inside the
+        training data's folders)."""
         self.check_is_fitted()
+        data = getattr(self, "data_", None)
+        refuse_inside(folder, data.folders if data is not None else ())
         run = RunFolder(folder)
         with run.staged() as stage:
             stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())

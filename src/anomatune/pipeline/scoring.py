@@ -39,7 +39,7 @@ class ScoredSplit:
 
 def score_dataset(pipeline: Pipeline, dataset: AnomalyDataset, keep_images: bool = False) -> ScoredSplit:
     """Every image of ``dataset`` through ``pipeline.forward``, batch by batch, and the metrics."""
-    test = dataset.at_size(pipeline.input_size)
+    test = dataset.at_size(pipeline.input_size).within(pipeline.runtime.max_pixels)
     loader = DataLoader(test, batch_size=pipeline.runtime.batch_size, collate_fn=collate)
     maps, scores, labels, masks, paths, images = [], [], [], [], [], []
     start = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.settings import INPUT_SIDES, DataSettings
+from ..data.settings import INPUT_SIDES, MAX_PIXELS, PILLOW_PIXELS, DataSettings
 from ..device import parse_device
 from ..features.settings import FeatureSettings
 from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, detector_settings
@@ -58,11 +58,18 @@ class PipelineSettings(Settings):
 
 @dataclass(frozen=True)
 class RuntimeSettings(Settings):
-    """How a command runs: not saved with a run, never changes its results beyond float rounding."""
+    """How a command runs: not saved with a run; never changes a result beyond float rounding, except that an image
+    over ``max_pixels`` is refused rather than read."""
 
     section = "runtime"
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps.", parse=parse_device)
     batch_size: int = setting(8, "Images per batch.", interval="[1, 4096]")
+    max_pixels: int = setting(
+        MAX_PIXELS,
+        "Largest image accepted, in pixels (width x height): a larger one is refused from its header, before it is "
+        "decoded (predict: a row with its error; serve: HTTP 413), so that one image cannot take the machine's memory.",
+        interval=f"[64, {PILLOW_PIXELS}]",
+    )
 
 
 def _input_size(value) -> tuple[int, ...]:

@@ -9,14 +9,14 @@ answering. With an API key, POST routes need it in the ``X-API-Key`` header.
 
 from __future__ import annotations
 
-import io
+import asyncio
 import logging
 import secrets
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..data.images import read_image
-from ..errors import DataError
+from ..data.images import ImageTooLarge, header_size, read_image
+from ..errors import AnomatuneError, DataError
 from .batching import Batcher
 from .models import ServedModel, encode
 from .settings import ServeSettings
@@ -49,16 +49,17 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 class ImageCache:
-    """The PNGs of ``?images=url`` answers, the newest ``size`` kept."""
+    """The PNGs of ``?images=url`` answers, the newest kept within ``capacity`` bytes."""
 
-    def __init__(self, size: int):
-        self.size, self.items = size, OrderedDict()
+    def __init__(self, capacity: int):
+        self.capacity, self.used, self.items = capacity, 0, OrderedDict()
 
     def put(self, png: bytes) -> str:
         name = f"{uuid.uuid4().hex}.png"
         self.items[name] = png
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        self.used += len(png)
+        while self.used > self.capacity and self.items:
+            self.used -= len(self.items.popitem(last=False)[1])
         return f"/images/{name}"
 
     def get(self, name: str) -> bytes:
@@ -67,21 +68,72 @@ class ImageCache:
         return self.items[name]
 
 
-def decode(upload: bytes, name: str, settings: ServeSettings) -> Image.Image:
-    """An upload as RGB, refused in one line when empty, too large, not an image, truncated or of an odd size."""
-    if not upload:
+class RequestBudget:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 (``message``), and is never read past the limit:
+    refused from its Content-Length before any byte is read, or as soon as a streamed body passes it."""
+
+    def __init__(self, app, limit: int, message: str):
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await error(413, self.message)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # raised while FastAPI parses the form: it reaches the HTTPException handler
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class PixelBudget:
+    """Decoded pixels in flight, over every request, at most ``capacity``: an upload waits for room before it is
+    decoded, so the memory that images take is bounded by a setting, whatever the requests carry."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self.changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.capacity)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()
+
+
+def image_size(upload: BinaryIO, name: str, size: int | None, settings: ServeSettings, max_pixels: int) -> tuple[int, int]:
+    """An upload's (width, height) from its header, refused in one line when empty, not an image, or too large."""
+    if not size:
         raise ApiError(400, f"{name}: the file is empty")
-    if len(upload) > settings.max_upload_mb * 2**20:
-        raise ApiError(413, f"{name}: {len(upload) / 2**20:.1f} MB is more than the {settings.max_upload_mb:g} MB accepted")
     try:
-        with Image.open(io.BytesIO(upload)) as header:
-            width, height = header.size
-    except Exception:
-        raise ApiError(415, f"{name}: not an image anomatune can read (PNG, JPEG, BMP, TIFF, WebP)") from None
+        width, height = header_size(upload, name, max_pixels)
+    except ImageTooLarge as exc:
+        raise ApiError(413, str(exc)) from None
+    except DataError as exc:
+        raise ApiError(415, str(exc)) from None
     if max(width, height) > settings.max_side:
         raise ApiError(413, f"{name}: {width}x{height} px; the largest side accepted is {settings.max_side} px (--max-side)")
+    return width, height
+
+
+def decode(upload: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """An upload as RGB, refused in one line when truncated or of an odd size."""
     try:
-        return read_image(io.BytesIO(upload), name)
+        return read_image(upload, name, max_pixels)
     except DataError as exc:
         raise ApiError(400, str(exc)) from None
 
@@ -89,9 +141,15 @@ def decode(upload: bytes, name: str, settings: ServeSettings) -> Image.Image:
 def create_app(models: list[ServedModel], settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``models`` (their ids must differ)."""
     settings = settings or ServeSettings()
+    names = [m.run_dir.name for m in models]
+    if len(set(names)) < len(names):  # a request's model=NAME would be ambiguous
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve runs whose folders have different names")
     by_id = {m.id: m for m in models}
     batcher = Batcher(settings.max_batch, settings.max_wait_ms)
-    cache = ImageCache(settings.image_cache)
+    cache = ImageCache(int(settings.image_cache_mb * 2**20))
+    budget = PixelBudget(max(m.max_pixels for m in models))
+    request_limit = int(settings.max_request_mb * 2**20)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -109,6 +167,12 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         return error(exc.status, str(exc))
+
+    too_large = (
+        f"the request is larger than the {settings.max_request_mb:g} MB accepted (--max-request-mb): "
+        "send fewer or smaller files per request"
+    )
+    app.add_middleware(RequestBudget, limit=request_limit, message=too_large)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
@@ -139,7 +203,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             if len(by_id) == 1:
                 return next(iter(by_id.values()))
             raise ApiError(400, f"several models are served: pass model (one of {', '.join(by_id)})")
-        found = by_id.get(model) or next((m for m in models if m.run_dir.name == model), None)
+        found = by_id.get(model) or next((m for m in models if m.run_dir.name == model), None)  # names are unique
         if found is None:
             raise ApiError(404, f"no model {model!r}: served are {', '.join(by_id)} (GET /models)")
         return found
@@ -154,11 +218,21 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     ):
         """Score images: per image its score, decision (against the run's threshold), heatmap overlay and defect mask."""
         served = chosen(model)
-        uploads = [(upload.filename or f"file {i + 1}", await upload.read()) for i, upload in enumerate(file)]
-        pictures = [await run_in_threadpool(decode, data, name, settings) for name, data in uploads]
-        results = await batcher.score(served, pictures)
+        batcher.counters.requests += 1
+        names = [upload.filename or f"file {i + 1}" for i, upload in enumerate(file)]
+        sizes = [
+            await run_in_threadpool(image_size, upload.file, name, upload.size, settings, served.max_pixels)
+            for name, upload in zip(names, file)
+        ]  # every file is checked before any is decoded
+
+        async def score(upload: UploadFile, name: str, size: tuple[int, int]) -> dict:
+            async with budget.hold(size[0] * size[1]):
+                picture = await run_in_threadpool(decode, upload.file, name, served.max_pixels)
+                return (await batcher.score(served, [picture]))[0]
+
+        results = await asyncio.gather(*(score(upload, name, size) for upload, name, size in zip(file, names, sizes)))
         answers = []
-        for (name, _), result in zip(uploads, results):
+        for name, result in zip(names, results):
             answer = {"file": name, "score": result["score"], "decision": result["decision"]}
             if images == "base64":
                 answer |= {"overlay": encode(result["overlay"]), "mask": encode(result["mask"])}

@@ -1,10 +1,10 @@
 """Micro-batching: the images of concurrent requests share one forward pass.
 
-A request's images join a queue; the collector takes the first waiting request, then
-more for up to ``max_wait_ms`` or until ``max_batch`` images, and runs each model's share
-in one call on the single compute thread (torch uses its own threads inside it). With
-``max_batch=1`` every request is computed on its own, in arrival order. The counters
-(requests, images, forward passes) are what ``/health`` reports.
+Decoded images join a queue; the collector takes the first waiting one, then more for up
+to ``max_wait_ms`` or until ``max_batch`` images, and runs each model's share in forward
+passes of at most ``max_batch`` images on the single compute thread (torch uses its own
+threads inside it). With ``max_batch=1`` every image is computed on its own, in arrival
+order. The counters (requests, images, forward passes) are what ``/health`` reports.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ class Batcher:
 
     async def score(self, model: ServedModel, pictures: list) -> list[dict]:
         """The results of ``pictures``, computed with other requests' images when batching is on."""
-        self.counters.requests += 1
         job = PendingScore(model, pictures, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.done
@@ -99,16 +98,19 @@ class Batcher:
         loop = asyncio.get_running_loop()
         for group in by_model.values():
             pictures = [p for job in group for p in job.pictures]
+            results = []
             try:
-                results = await loop.run_in_executor(self.executor, group[0].model.score, pictures)
+                for start in range(0, len(pictures), self.max_batch):  # a large request is split too
+                    chunk = pictures[start : start + self.max_batch]
+                    results += await loop.run_in_executor(self.executor, group[0].model.score, chunk)
+                    self.counters.images += len(chunk)
+                    self.counters.forward_passes += 1
             except Exception as exc:  # the requests get the error; the server goes on
                 log.exception("scoring failed")
                 for job in group:
                     if not job.done.done():
                         job.done.set_exception(exc)
                 continue
-            self.counters.images += len(pictures)
-            self.counters.forward_passes += 1
             start = 0
             for job in group:
                 if not job.done.done():  # a client that went away

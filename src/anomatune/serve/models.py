@@ -75,17 +75,22 @@ class ServedModel:
     pipeline: Pipeline
     forward: Forward
     runtime: str
+    stamp: tuple = ()  # the run's files when it was loaded (see RunFolder.stamp)
+    metrics: dict | None = None  # its evaluation's metrics when it was loaded
     _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # the exported model, removed with the object
 
     @classmethod
-    def load(cls, run_dir: str | Path, runtime: str = "torch", device: str = "auto", max_batch: int = 8) -> ServedModel:
-        """The run at ``run_dir`` on ``runtime``; one forward pass takes up to ``max_batch`` images."""
+    def load(cls, run_dir: str | Path, runtime: str = "torch", device: str = "auto", max_batch: int = 8, **limits) -> ServedModel:
+        """The run at ``run_dir`` on ``runtime``; one forward pass takes up to ``max_batch`` images; ``limits``:
+        ``max_pixels`` (see :class:`RuntimeSettings`)."""
         run_dir = Path(run_dir)
-        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch)
+        stamp = RunFolder(run_dir).stamp()  # before the load: a change during it shows as stale
+        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch, **limits)
         if pipeline.threshold is None:
             raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with threshold_holdout=0): refit it to serve decisions")
+        snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir)}
         if runtime == "torch":
-            return cls(run_dir, pipeline, pipeline.forward, runtime)
+            return cls(run_dir, pipeline, pipeline.forward, runtime, **snapshot)
         folder = tempfile.TemporaryDirectory(prefix="anomatune-serve-")
         try:
             forward = exported_forward(pipeline, run_dir, runtime, Path(folder.name))
@@ -95,7 +100,7 @@ class ServedModel:
                 f"--runtime {runtime} needs {exc.name}: pip install 'anomatune[{'export' if runtime == 'onnx' else 'openvino'}]'"
             ) from None
         log.info("%s exported for %s", run_dir, runtime)
-        return cls(run_dir, pipeline, forward, runtime, folder)
+        return cls(run_dir, pipeline, forward, runtime, **snapshot, _folder=folder)
 
     @property
     def id(self) -> str:
@@ -105,14 +110,14 @@ class ServedModel:
     def threshold(self) -> float:
         return self.pipeline.threshold
 
+    @property
+    def max_pixels(self) -> int:
+        return self.pipeline.runtime.max_pixels
+
     def info(self) -> dict:
-        """What ``GET /models`` says of the run, its evaluation's metrics included when it was evaluated."""
+        """What ``GET /models`` says of the model it serves: the run as it was loaded, with its evaluation's metrics
+        then; ``stale`` when the run on disk has changed since (refit or evaluated again: restart to serve that)."""
         config = self.pipeline.config()
-        evaluation = RunFolder(self.run_dir).evaluation
-        metrics = None
-        if (evaluation / EvaluationFolder.METRICS).is_file():
-            found = evaluation.read_json(EvaluationFolder.METRICS)
-            metrics = {k: found.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "category", "n_test")}
         return {
             "id": self.id,
             "name": self.run_dir.name,
@@ -122,7 +127,8 @@ class ServedModel:
             "input_size": list(config.fitted.input_size),
             "anomatune_version": config.anomatune_version,
             "runtime": self.runtime,
-            "metrics": metrics,
+            "metrics": self.metrics,
+            "stale": RunFolder(self.run_dir).stamp() != self.stamp,
         }
 
     def score(self, pictures: Sequence[Image.Image]) -> list[dict]:
@@ -142,6 +148,15 @@ class ServedModel:
                 }
             )
         return results
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    """The main metrics of the run's evaluation, or None when it was not evaluated."""
+    evaluation = RunFolder(run_dir).evaluation
+    if not (evaluation / EvaluationFolder.METRICS).is_file():
+        return None
+    found = evaluation.read_json(EvaluationFolder.METRICS)
+    return {k: found.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "category", "n_test")}
 
 
 def encode(png: bytes) -> str:

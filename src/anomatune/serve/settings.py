@@ -36,5 +36,11 @@ class ServeSettings(Settings):
         choices=RUNTIMES,
     )
     max_side: int = setting(10000, "Largest image side accepted, in pixels (larger uploads get 413).", interval="[16, 100000]")
-    max_upload_mb: float = setting(50.0, "Largest upload accepted, in MB (larger get 413).", interval="(0, 100000]")
-    image_cache: int = setting(512, "Overlays and masks kept for ?images=url (the oldest are dropped).", interval="[1, 1000000]")
+    max_request_mb: float = setting(
+        100.0,
+        "Largest request accepted, in MB, all its files together: a larger one gets 413 and the server stops reading it.",
+        interval="(0, 100000]",
+    )
+    image_cache_mb: float = setting(
+        256.0, "Memory for the overlays and masks of ?images=url, in MB (the oldest are dropped).", interval="[0, 1000000]"
+    )

@@ -1,0 +1,83 @@
+"""The server under hostile input: byte and pixel budgets, large requests split, a cache bounded in bytes, the truth
+about what it serves (issue 20)."""
+
+import shutil
+import time
+
+import pytest
+
+from anomatune.errors import AnomatuneError
+
+from ..conftest import png_header
+from .conftest import httpx, serve
+from .test_api import one_line_error, upload
+
+
+def test_a_decompression_bomb_is_413_with_its_size(client, images):
+    bomb = [("file", ("bomb.png", png_header(20000, 20000), "image/png"))]
+    one_line_error(client.post("/predict", files=bomb), 413, "bomb.png: 400.0 megapixels is more than")
+    assert client.post("/predict", files=[upload(images["good"])]).status_code == 200
+
+
+def test_a_request_over_the_byte_budget_is_refused_without_being_read(fast_run, images):
+    with serve([fast_run], max_request_mb=0.01) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        big = [("file", ("big.png", b"\0" * 50_000, "image/png"))]
+        one_line_error(c.post("/predict", files=big), 413, "larger than the 0.01 MB accepted (--max-request-mb)")
+
+        def streamed():  # no Content-Length: counted as it arrives
+            yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\nContent-Type: image/png\r\n\r\n'
+            for _ in range(100):
+                yield b"\0" * 4096
+
+        headers = {"content-type": "multipart/form-data; boundary=x"}
+        one_line_error(c.post("/predict", content=streamed(), headers=headers), 413, "--max-request-mb")
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_pixels_over_the_budget_are_413_before_decoding(fast_run, images):
+    from anomatune.serve.app import create_app
+    from anomatune.serve.models import ServedModel
+    from anomatune.serve.settings import ServeSettings
+
+    from .conftest import Server
+
+    model = ServedModel.load(fast_run, "torch", "cpu", max_pixels=1000)
+    with Server(create_app([model], ServeSettings())) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        one_line_error(c.post("/predict", files=[upload(images["good"])]), 413, "is more than the 0.001 megapixels accepted")
+
+
+def test_max_batch_splits_one_large_request(fast_run, images):
+    with serve([fast_run], max_batch=4, max_wait_ms=0) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        answer = c.post("/predict?images=none", files=[upload(images["good"], f"{i}.png") for i in range(10)])
+        assert answer.status_code == 200 and [r["file"] for r in answer.json()["results"]] == [f"{i}.png" for i in range(10)]
+        health = c.get("/health").json()
+        assert health["images"] == 10 and health["forward_passes"] >= 3 and health["requests"] == 1
+
+
+def test_models_describe_what_is_loaded_and_say_when_the_run_changed(fast_run, tmp_path, images):
+    run = shutil.copytree(fast_run, tmp_path / "served")
+    with serve([run]) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        (before,) = c.get("/models").json()
+        assert before["stale"] is False
+        time.sleep(0.01)
+        (run / "config.yaml").write_text((run / "config.yaml").read_text() + "\n")  # refit on disk
+        (after,) = c.get("/models").json()
+        assert after["stale"] is True and after["id"] == before["id"] and after["threshold"] == before["threshold"]
+
+
+def test_the_image_cache_is_bounded_in_bytes():
+    from anomatune.serve.app import ImageCache
+
+    cache = ImageCache(capacity=100)
+    urls = [cache.put(b"x" * 40) for _ in range(5)]
+    assert cache.used <= 100 and len(cache.items) == 2
+    assert cache.get(urls[-1].rsplit("/", 1)[1]) == b"x" * 40
+
+
+def test_two_runs_of_one_name_are_refused(fast_run, tmp_path):
+    from anomatune.serve.app import create_app
+    from anomatune.serve.models import ServedModel
+
+    twin = shutil.copytree(fast_run, tmp_path / "twin" / fast_run.name)
+    with pytest.raises(AnomatuneError, match=f"several runs are named {fast_run.name}"):
+        create_app([ServedModel.load(fast_run, "torch", "cpu"), ServedModel.load(twin, "torch", "cpu")])
