@@ -5,6 +5,12 @@ Routes: ``POST /predict`` (multipart: one or more ``file`` fields, optional ``mo
 (overlays and masks of ``?images=url``), ``GET /`` (the page), ``/docs`` (OpenAPI).
 Every error is a 4xx (or 500) JSON body ``{"error": "one line"}``; the server keeps
 answering. With an API key, POST routes need it in the ``X-API-Key`` header.
+
+Memory is bounded by settings, whatever the requests carry: a request's bytes
+(``--max-request-mb``: refused without reading the rest), each image's pixels
+(``--max-pixels``: refused from its header), the decoded pixels in flight over every
+request (the same bound), a forward pass (``--max-batch``) and the overlays kept for
+``?images=url`` (``--image-cache-mb``).
 """
 
 from __future__ import annotations
