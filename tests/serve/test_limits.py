@@ -81,3 +81,14 @@ def test_two_runs_of_one_name_are_refused(fast_run, tmp_path):
     twin = shutil.copytree(fast_run, tmp_path / "twin" / fast_run.name)
     with pytest.raises(AnomatuneError, match=f"several runs are named {fast_run.name}"):
         create_app([ServedModel.load(fast_run, "torch", "cpu"), ServedModel.load(twin, "torch", "cpu")])
+
+
+def test_images_none_draws_nothing(fast_run, images):
+    from PIL import Image
+
+    from anomatune.serve.models import ServedModel
+
+    model = ServedModel.load(fast_run, "torch", "cpu")
+    pictures = [Image.open(p).convert("RGB") for p in images.values()]
+    plain, drawn = model.score(pictures, drawn=[False, True])
+    assert set(plain) == {"score", "decision"} and {"overlay", "mask"} <= set(drawn)

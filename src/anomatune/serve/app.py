@@ -234,7 +234,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         async def score(upload: UploadFile, name: str, size: tuple[int, int]) -> dict:
             async with budget.hold(size[0] * size[1]):
                 picture = await run_in_threadpool(decode, upload.file, name, served.max_pixels)
-                return (await batcher.score(served, [picture]))[0]
+                return (await batcher.score(served, [picture], drawn=images != "none"))[0]
 
         results = await asyncio.gather(*(score(upload, name, size) for upload, name, size in zip(file, names, sizes)))
         answers = []

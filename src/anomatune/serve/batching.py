@@ -28,6 +28,7 @@ class PendingScore:
     model: ServedModel
     pictures: list
     done: asyncio.Future
+    drawn: bool = True  # overlays and masks wanted
 
 
 @dataclass
@@ -66,9 +67,10 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, model: ServedModel, pictures: list) -> list[dict]:
-        """The results of ``pictures``, computed with other requests' images when batching is on."""
-        job = PendingScore(model, pictures, asyncio.get_running_loop().create_future())
+    async def score(self, model: ServedModel, pictures: list, drawn: bool = True) -> list[dict]:
+        """The results of ``pictures`` (with overlays and masks when ``drawn``), computed with other requests' images
+        when batching is on."""
+        job = PendingScore(model, pictures, asyncio.get_running_loop().create_future(), drawn)
         await self.queue.put(job)
         return await job.done
 
@@ -98,12 +100,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         for group in by_model.values():
             pictures = [p for job in group for p in job.pictures]
+            drawn = [job.drawn for job in group for _ in job.pictures]
             results = []
             try:
                 for start in range(0, len(pictures), self.max_batch):  # a large request is split too
-                    chunk = pictures[start : start + self.max_batch]
-                    results += await loop.run_in_executor(self.executor, group[0].model.score, chunk)
-                    self.counters.images += len(chunk)
+                    chunk = slice(start, start + self.max_batch)
+                    results += await loop.run_in_executor(self.executor, group[0].model.score, pictures[chunk], drawn[chunk])
+                    self.counters.images += len(pictures[chunk])
                     self.counters.forward_passes += 1
             except Exception as exc:  # the requests get the error; the server goes on
                 log.exception("scoring failed")

@@ -131,22 +131,17 @@ class ServedModel:
             "stale": RunFolder(self.run_dir).stamp() != self.stamp,
         }
 
-    def score(self, pictures: Sequence[Image.Image]) -> list[dict]:
-        """One forward pass over ``pictures``: per picture its score, decision and PNG overlay and mask (bytes)."""
+    def score(self, pictures: Sequence[Image.Image], drawn: Sequence[bool] | None = None) -> list[dict]:
+        """One forward pass over ``pictures``: per picture its score, decision and, where ``drawn`` says so (default:
+        all), its PNG overlay and mask (bytes)."""
         predictions = self.pipeline.predict(pictures, forward=self.forward)
         results = []
-        for picture, score, label, heat, mask in zip(
-            pictures, predictions.scores, predictions.labels, predictions.maps, predictions.masks
-        ):
-            overlay, mask_image = draw(self.pipeline, picture, heat, mask, self.threshold)
-            results.append(
-                {
-                    "score": float(score),
-                    "decision": "defective" if label else "good",
-                    "overlay": png_bytes(overlay),
-                    "mask": png_bytes(mask_image),
-                }
-            )
+        for n, (picture, score, label) in enumerate(zip(pictures, predictions.scores, predictions.labels)):
+            result = {"score": float(score), "decision": "defective" if label else "good"}
+            if drawn is None or drawn[n]:
+                overlay, mask = draw(self.pipeline, picture, predictions.maps[n], predictions.masks[n], self.threshold)
+                result |= {"overlay": png_bytes(overlay), "mask": png_bytes(mask)}
+            results.append(result)
         return results
 
 
