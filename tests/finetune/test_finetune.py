@@ -16,7 +16,7 @@ from anomatune.folders.kinds import FinetuneFolder
 from anomatune.models import GMM, PaDiM
 
 from ..conftest import FAST
-from .conftest import finetune_killed_at_step_3
+from .conftest import finetune_killed_at_step_3, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -109,20 +109,7 @@ def test_padim_online_update_follows_each_position():
 
 
 def _tiny(**changes) -> FinetuneSettings:
-    base = dict(
-        FAST,
-        mode="backbone",
-        proj_dim=8,
-        steps=4,
-        batch_pos=2,
-        batch_neg=2,
-        checkpoint_every=2,
-        diag_images=2,
-        lr=1e-3,
-        validation_share=0,
-    )
-    settings = FinetuneSettings().updated(**(base | changes))
-    return settings if "guide" in changes else settings.updated(guide={"name": "gmm", "n_components": 2, "normalize": False})
+    return tiny_settings(**({"lr": 1e-3, "validation_share": 0} | changes))
 
 
 def test_finetune_writes_a_backbone_that_fit_and_evaluate_use(train, natural_dir, tmp_path):

@@ -16,24 +16,11 @@ from anomatune.finetune.validation import ValidationSet, holdout, noise_defects,
 from anomatune.folders.kinds import FinetuneFolder
 
 from ..conftest import FAST
-from .conftest import finetune_killed_at_step_3
+from .conftest import finetune_killed_at_step_3, tiny_settings
 
 
 def _tiny(**changes) -> FinetuneSettings:
-    base = dict(
-        FAST,
-        mode="backbone",
-        proj_dim=8,
-        steps=4,
-        batch_pos=2,
-        batch_neg=2,
-        checkpoint_every=2,
-        diag_images=2,
-        lr=1e-2,
-        validation_fit_images=4,
-        guide={"name": "gmm", "n_components": 2, "normalize": False},
-    )
-    return FinetuneSettings().updated(**(base | changes))
+    return tiny_settings(**({"lr": 1e-2, "validation_fit_images": 4} | changes))
 
 
 def test_holdout_is_seeded_disjoint_and_keeps_two_of_each():
