@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # ../shared/data beside the checkout, or ANOMATUNE_DATA (e.g. a copy of part of it on a lent GPU machine)
@@ -19,6 +23,7 @@ DATASETS = {
 FIRST_TWO = ["transistor", "magnetic_tile"]  # the categories of the tables committed before the other four arrived
 NEGATIVES = SHARED / "natural" / "imagenet_samples"
 RESULTS = Path(__file__).parent / "results"
+ANOMATUNE = Path(sys.executable).parent / "anomatune"  # the command beside this Python
 SQUARE = "256x256"  # anomalib's protocol (and these tables'): every image resized to a 256 px square
 
 
@@ -49,3 +54,42 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(run: Path, *options: str, timeout: float = 120):
+    """``anomatune serve RUN OPTIONS`` in its own process on a free port, once ``/health`` answers: yields the process
+    and its URL, and stops it after."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(ANOMATUNE), "serve", str(run), "--port", str(port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(
+                    f"the server did not start: {server.stderr.read()[-500:] if server.poll() is not None else ''}"
+                )
+            time.sleep(0.2)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

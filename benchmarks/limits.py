@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import ANOMATUNE, serving, write_results
 
 NAME = "limits"
 CACHE = Path(__file__).parent / ".cache" / "limits"
 MEGAPIXELS = (1, 10, 40, 64, 144)  # 64: the default --max-pixels itself
-ANOMATUNE = Path(sys.executable).parent / "anomatune"
 
 
 def fitted_run() -> Path:
@@ -90,12 +88,6 @@ def predict_row(run: Path, megapixels: int, max_pixels: int | None, out: Path) -
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vm_hwm(pid: int) -> float:
     """The peak RSS of a running process, in GB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -107,20 +99,9 @@ def vm_hwm(pid: int) -> float:
 def serve_row(run: Path, megapixels: int, max_pixels: int | None) -> dict:
     import httpx
 
-    port = free_port()
-    command = [str(ANOMATUNE), "serve", str(run), "--port", str(port), "--device", "cpu", "--max-request-mb", "1000"]
-    command += ["--max-pixels", str(max_pixels), "--max-side", "20000"] if max_pixels else []
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
+    options = ["--device", "cpu", "--max-request-mb", "1000"]
+    options += ["--max-pixels", str(max_pixels), "--max-side", "20000"] if max_pixels else []
+    with serving(run, *options) as (server, url):
         start = time.perf_counter()
         status = 200
         if megapixels:
@@ -135,9 +116,6 @@ def serve_row(run: Path, megapixels: int, max_pixels: int | None) -> dict:
             "seconds": round(time.perf_counter() - start, 1),
             "outcome": "ok" if status == 200 else "refused (413)" if status == 413 else f"HTTP {status}",
         }
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def main() -> None:

@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RESULTS, SQUARE, dataset, write_results
+from common import ANOMATUNE, RESULTS, SQUARE, dataset, serving, write_results
 
 NAME = "serve"
 CACHE = Path(__file__).parent / ".cache" / "serve"
 CLIENTS, REQUESTS = 8, 200
 ENGINE_PASSES, ENGINE_IMAGES = 3, 32
-ANOMATUNE = Path(sys.executable).parent / "anomatune"
 
 
 def fitted_run() -> Path:
@@ -53,48 +50,10 @@ def test_images() -> list[Path]:
     return sorted((root / category / "test").rglob("*.png"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_test(run: Path, max_batch: int) -> dict:
     import httpx
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(ANOMATUNE),
-            "serve",
-            str(run),
-            "--port",
-            str(port),
-            "--max-batch",
-            str(max_batch),
-            "--max-wait-ms",
-            "5",
-            "--device",
-            "cpu",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(
-                    f"the server did not start: {server.stderr.read()[-500:] if server.poll() is not None else ''}"
-                )
-            time.sleep(0.2)
+    with serving(run, "--max-batch", str(max_batch), "--max-wait-ms", "5", "--device", "cpu") as (_, url):
         images = [p.read_bytes() for p in test_images()]
 
         def client(k: int) -> tuple[list[float], int]:
@@ -114,9 +73,6 @@ def load_test(run: Path, max_batch: int) -> dict:
         seconds = time.perf_counter() - start
         latencies = sorted(x for lat, _ in outcomes for x in lat)
         health = httpx.get(url + "/health").json()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     n = len(latencies)
     return {
         "requests": n,

@@ -348,12 +348,9 @@ def serve_cmd(runs, **values):
         from ..serve.app import create_app
     except ImportError as exc:
         raise AnomatuneError(f"anomatune serve needs {exc.name}: pip install 'anomatune[serve]'") from None
-    from ..serve.models import ServedModel
+    from ..serve.models import ServedModel, check_run_names
 
-    names = [Path(run).resolve().name for run in runs]
-    if len(set(names)) < len(names):  # before minutes of loading
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve each run once, from folders with different names")
+    check_run_names(runs)  # before minutes of loading
     check_port_free(settings.host, settings.port)
     models = [
         ServedModel.load(run, settings.runtime, runtime.device, settings.max_batch, max_pixels=runtime.max_pixels) for run in runs

@@ -48,7 +48,7 @@ from .negatives import NegativeSampler, patch_mask
 from .outputs import FinetuneOutputs
 from .settings import FinetuneSettings
 from .state import TrainingState
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, frozen_stage_features
 from .validation import ValidationSet, holdout, validation_score
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,7 @@ class Finetuner:
     def setup(self) -> dict:
         """Fit the projection and the guiding model on the frozen features, calibrate log L, diagnose."""
         s = self.settings
-        stage = self.extractor.eval().extract(
-            torch.split(self.good, diagnostics.FEATURE_BATCH), desc="frozen features", raw=True, adapt=False
-        )  # one pass over the images serves the PCA and the guide
+        stage = frozen_stage_features(self.extractor, self.good, "frozen features")  # serves the PCA and the guide
         with torch.no_grad():
             raw = torch.cat([self.extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(stage, 64)])
             self.extractor.fit_projection_on(raw, seed=s.seed)

@@ -34,9 +34,9 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..data.images import ImageTooLarge, header_size, read_image
-from ..errors import AnomatuneError, DataError
+from ..errors import DataError
 from .batching import Batcher
-from .models import ServedModel, encode
+from .models import ServedModel, check_run_names, encode
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,7 @@ def decode(upload: BinaryIO, name: str, max_pixels: int) -> Image.Image:
 def create_app(models: list[ServedModel], settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``models`` (their ids must differ)."""
     settings = settings or ServeSettings()
-    names = [m.run_dir.name for m in models]
-    if len(set(names)) < len(names):  # a request's model=NAME would be ambiguous
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve runs whose folders have different names")
+    check_run_names([m.run_dir for m in models])
     by_id = {m.id: m for m in models}
     batcher = Batcher(settings.max_batch, settings.max_wait_ms)
     cache = ImageCache(int(settings.image_cache_mb * 2**20))

@@ -145,6 +145,14 @@ class ServedModel:
         return results
 
 
+def check_run_names(run_dirs: Sequence[str | Path]) -> None:
+    """One line when two runs have the same folder name: a request's ``model=NAME`` would be ambiguous."""
+    names = [Path(run).resolve().name for run in run_dirs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve runs whose folders have different names")
+
+
 def read_metrics(run_dir: Path) -> dict | None:
     """The main metrics of the run's evaluation, or None when it was not evaluated."""
     evaluation = RunFolder(run_dir).evaluation
