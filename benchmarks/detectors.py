@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from anomatune import Pipeline, open_dataset
 from anomatune.pipeline.scoring import score_dataset
 from common import DATASETS, FIRST_TWO, RESULTS, SQUARE
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gmm", "glad", "padim", "patchcore"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", default=SQUARE, help="Input size: a short side, or WxH.")
+    parser.add_argument("--normalization", default="backbone", choices=["backbone", "imagenet"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Detector settings for every model.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default="detectors", help="Results file stem.")
     args = parser.parse_args()
@@ -38,11 +42,12 @@ def main() -> None:
     for name in args.datasets:
         root, category = dataset_path(name)
         for model in args.models:
-            settings = SETTINGS.get((model, name), {})
+            settings = SETTINGS.get((model, name), {}) | {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set)}
             pipeline = Pipeline(
                 detector={"name": model, **settings},
                 backbone=args.backbone,
                 image_size=args.image_size,
+                normalization=args.normalization,
                 threshold_holdout=0,
                 device=args.device,
             )  # MVTec protocol: every training image in the fit
@@ -68,7 +73,7 @@ def main() -> None:
         json.dumps({"command": command, "backbone": args.backbone, "rows": rows}, indent=2) + "\n"
     )
     lines = [
-        f"# Detectors on the frozen {args.backbone} backbone",
+        f"# Detectors on the frozen {args.backbone} backbone ({args.normalization} normalisation)",
         "",
         f"Command: `{command}` (2-core CPU, torch default threads).",
         "",

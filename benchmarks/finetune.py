@@ -51,6 +51,7 @@ from anomatune.folders.kinds import FinetuneFolder, RunFolder
 from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
+from anomatune.validation.settings import ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, score_features
 from common import dataset as dataset_path
 
@@ -323,7 +324,14 @@ def main() -> None:
         settings = FinetuneSettings().updated(**(CONFIGS[config] | common | {"seed": seed}))
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            report = finetune(cat.train, NEGATIVES, tmp, settings, validation_negatives=VALIDATION_NEGATIVES, device=device)
+            report = finetune(
+                cat.train,
+                NEGATIVES,
+                tmp,
+                settings,
+                validation=ValidationSettings(photos=str(VALIDATION_NEGATIVES)),
+                device=device,
+            )
             seconds = round(time.perf_counter() - t, 1)
             scores = {v["step"]: v["score"] for v in report["validation"]}
             last = max(scores)

@@ -43,7 +43,7 @@ def test_strings_from_the_command_line_are_coerced():
         ({"pool": 0}, r"features.pool: must be in \[1, 31\], not 0"),
         ({"image_size": 0}, "features.image_size: each side must be 16 to 8192 px"),
         ({"image_size": "big"}, "expected a short side like 256 or a size WxH"),
-        ({"proj": "svd"}, "features.proj: must be one of auto, random, pca, not 'svd'"),
+        ({"proj": "svd"}, "features.proj: must be one of auto, none, random, pca, not 'svd'"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_setting(kwargs, message):

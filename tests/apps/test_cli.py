@@ -292,11 +292,40 @@ def test_finetune_an_adaptor_with_validation_from_the_command_line(mvtec_tree, t
         "--batch-neg",
         "2",
     )
-    code, out, err = cli(*common, "--negative-mode", "cutpaste+noise", "--validation-negatives", photos, "--out", tmp_path / "ft")
+    code, out, err = cli(
+        *common,
+        "--negative-mode",
+        "cutpaste+noise",
+        "--validation-negatives",
+        photos,
+        "--validator",
+        "padim",
+        "--out",
+        tmp_path / "ft",
+    )
     assert code == 0, err
     assert "(step " in out and (tmp_path / "ft" / "backbone_last.safetensors").is_file()
     code, _, err = cli(*common, "--out", tmp_path / "no-photos")  # pasted negatives need photos
     assert code == 2 and "needs a folder of natural photos: pass --negatives DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fit_auto_chooses_on_validation_and_the_report_says_why(brick, tmp_path):
+    code, out, err = cli(
+        "fit", "--data", brick, "--category", "brick", *FAST_OPTIONS, "--detector", "auto", "--out", tmp_path / "run"
+    )
+    assert code == 0, err
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert len(selection["candidates"]) == 7 and selection["winner"] in {c["candidate"] for c in selection["candidates"]}
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["settings"]["detector"]["name"] == selection["winner"].split()[0]
+    assert cli("evaluate", tmp_path / "run", "--no-figures", "--device", "cpu")[0] == 0
+    assert cli("report", tmp_path / "run")[0] == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "How the detector was chosen" in page and f"{selection['winner']} (chosen)" in page
+    code, _, err = cli(
+        "fit", "--data", brick, "--category", "brick", "--detector", "auto", "--set", "ridge=1", "--out", tmp_path / "x"
+    )
+    one_line_error(code, err, "--detector auto chooses every detector's settings: drop --set")
 
 
 def test_color_transfer_draws_the_figure(tmp_path):

@@ -115,6 +115,21 @@ def test_auto_projection_is_a_pca_only_when_it_reduces():
     assert fast(proj_dim=500).proj_dim is None  # auto, not below the 80 dimensions: none
 
 
+def test_proj_none_keeps_every_feature_whatever_the_detector():
+    assert fast(proj="none").proj_dim is None and fast(proj="none")(torch.rand(1, 3, 64, 64)).shape[1] == 80
+    with pytest.raises(SettingsError, match="--proj none keeps every feature: drop --proj-dim 8"):
+        fast(proj="none", proj_dim=8)
+
+
+def test_imagenet_normalization_replaces_the_backbones_statistics():
+    from anomatune.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    lite = FeatureExtractor("efficientnet_lite0", normalization="imagenet")  # its own statistics: mean = std = 0.5
+    assert lite.mean.flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    assert lite.std.flatten().tolist() == pytest.approx(IMAGENET_STD)
+    assert FeatureExtractor("efficientnet_lite0").mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
 def test_bad_settings_are_explained():
     with pytest.raises(BackboneError, match=r"layers \[7\] not available .*2 \(stride 8, 32 ch\)"):
         fast(layers=(7,))

@@ -14,7 +14,16 @@ TINY_GUIDE = {"name": "gmm", "n_components": 2, "normalize": False}
 def tiny_settings(**changes) -> FinetuneSettings:
     """A fine-tuning that runs in seconds on the tiny data: the fast backbone, 4 steps of 2 good and 2 negative images."""
     base = dict(
-        FAST, mode="backbone", proj_dim=8, steps=4, batch_pos=2, batch_neg=2, checkpoint_every=2, diag_images=2, guide=TINY_GUIDE
+        FAST,
+        mode="backbone",
+        proj_dim=8,
+        steps=4,
+        batch_pos=2,
+        batch_neg=2,
+        checkpoint_every=2,
+        diag_images=2,
+        guide=TINY_GUIDE,
+        validator="padim",
     )
     return FinetuneSettings().updated(**(base | changes))
 

@@ -1,4 +1,4 @@
-"""Validation without test labels, early stopping, the fallback, the adaptor mode and the new negatives."""
+"""Early stopping and the fallback on the label-free validation, the adaptor mode and the new negatives."""
 
 import pytest
 import torch
@@ -10,10 +10,12 @@ from anomatune.errors import AnomatuneError, BackboneError, SettingsError
 from anomatune.features.backbones import create_backbone
 from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
-from anomatune.finetune import Finetuner, FinetuneSettings, finetune, loop, validation
+from anomatune.finetune import Finetuner, FinetuneSettings, finetune, loop
 from anomatune.finetune.negatives import NegativeSampler
-from anomatune.finetune.validation import ValidationSet, holdout, noise_defects, validation_score
+from anomatune.folders.base import VALIDATION
 from anomatune.folders.kinds import FinetuneFolder
+from anomatune.validation.sets import ValidationSet
+from anomatune.validation.settings import ValidationSettings
 
 from ..conftest import FAST
 from .conftest import finetune_killed_at_step_3, tiny_settings
@@ -23,61 +25,23 @@ def _tiny(**changes) -> FinetuneSettings:
     return tiny_settings(**({"lr": 1e-2, "validation_fit_images": 4} | changes))
 
 
-def test_holdout_is_seeded_disjoint_and_keeps_two_of_each():
-    kept, held = holdout(20, 0.2, seed=3)
-    assert (
-        len(held) == 4
-        and set(kept.tolist()) | set(held.tolist()) == set(range(20))
-        and not set(kept.tolist()) & set(held.tolist())
-    )
-    assert torch.equal(holdout(20, 0.2, seed=3)[1], held) and not torch.equal(holdout(20, 0.2, seed=4)[1], held)
-    assert len(holdout(5, 0.01, 0)[1]) == 2 and len(holdout(5, 0.9, 0)[0]) == 2 and len(holdout(5, 0.0, 0)[1]) == 0
-
-
-def test_noise_defects_change_only_their_mask():
-    images = torch.full((3, 3, 64, 64), 0.5)
-    defective, masks = noise_defects(images, torch.Generator().manual_seed(0))
-    area = masks.mean((1, 2, 3))
-    assert ((area >= validation.NOISE_AREA[0] * 0.9) & (area <= validation.NOISE_AREA[1] * 1.1)).all()
-    outside = masks.expand_as(images) == 0
-    assert torch.equal(defective[outside], images[outside]) and (defective[~outside] != 0.5).any()
-
-
-def test_validation_set_holds_each_image_good_and_with_each_defect(natural_dir):
-    from anomatune.data.datasets import NaturalImages
-
-    held = torch.rand(3, 3, 32, 32)
-    both = ValidationSet.build(held, NaturalImages(natural_dir, image_size=32), FinetuneSettings(), seed=0)
-    assert both.kinds == ["good"] * 3 + ["natural"] * 3 + ["noise"] * 3 and both.labels.tolist() == [0] * 3 + [1] * 6
-    assert torch.equal(both.images[:3], held) and both.masks[:3].sum() == 0 and (both.masks[3:].sum((1, 2, 3)) > 0).all()
-    noise_only = ValidationSet.build(held, None, FinetuneSettings(), seed=0)
-    assert noise_only.kinds == ["good"] * 3 + ["noise"] * 3
-
-
-def test_validation_score_ranks_separable_features_perfectly():
-    good = torch.randn(12, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
-    masks = torch.zeros(8, 1, 64, 64)
-    masks[4:, :, :32, :32] = 1  # the defect covers the top-left quarter of images 4..7
-    valset = ValidationSet(torch.zeros(8, 3, 64, 64), torch.tensor([0] * 4 + [1] * 4), masks, ["good"] * 4 + ["noise"] * 4)
-    features = good[:8].clone()
-    features[4:, :, :2, :2] += 10.0
-    result = validation_score("padim", good, features, valset, seed=0)
-    assert result["image_auroc"] == 1.0 and result["pixel_auroc"] > 0.95
-    assert result["score"] == pytest.approx((result["image_auroc"] + result["pixel_auroc"]) / 2)
+def scored(score: float) -> dict:
+    """What validation.scoring.score_detector returns, with this aggregate."""
+    return {"score": score, "image_auroc": score, "aupro": 1.0, "families": {"cutpaste": {"image_auroc": score, "aupro": 1.0}}}
 
 
 def test_the_best_checkpoint_is_kept_and_a_run_that_never_beats_the_frozen_one_falls_back(
     train, natural_dir, mvtec_tree, tmp_path, monkeypatch, caplog
 ):
     scores = iter([0.9, 0.95, 0.93])  # steps 0, 2, 4: step 2 is the best
-    monkeypatch.setattr(loop, "validation_score", lambda *a, **k: {"image_auroc": 1.0, "pixel_auroc": 1.0, "score": next(scores)})
+    monkeypatch.setattr(loop, "score_detector", lambda *a, **k: scored(next(scores)))
     report = finetune(train, natural_dir, tmp_path / "best", _tiny(), device="cpu")
     assert [v["step"] for v in report["validation"]] == [0, 2, 4] and report["kept_step"] == 2 and not report["fallback"]
     kept, last = (load_file(str(tmp_path / "best" / name)) for name in (FinetuneFolder.BACKBONE, FinetuneFolder.LAST_BACKBONE))
     assert not torch.equal(kept["blocks.1.0.conv_exp.weight"], last["blocks.1.0.conv_exp.weight"])
 
     scores = iter([0.9, 0.89, 0.85])
-    monkeypatch.setattr(loop, "validation_score", lambda *a, **k: {"image_auroc": 1.0, "pixel_auroc": 1.0, "score": next(scores)})
+    monkeypatch.setattr(loop, "score_detector", lambda *a, **k: scored(next(scores)))
     report = finetune(train, natural_dir, tmp_path / "fallback", _tiny(), device="cpu")
     assert report["fallback"] and report["kept_step"] == 0
     record = yaml.safe_load((tmp_path / "fallback" / FinetuneFolder.RECORD).read_text())
@@ -132,6 +96,20 @@ def test_adaptor_mode_resumes_exactly(train, natural_dir, tmp_path, monkeypatch)
     for name in (FinetuneFolder.BACKBONE, FinetuneFolder.LAST_BACKBONE):
         whole, resumed = (load_file(str(tmp_path / run / name)) for run in ("whole", "resumed"))
         assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_the_validation_set_is_built_once_and_a_resume_reads_it(train, natural_dir, tmp_path, monkeypatch):
+    settings = _tiny(mode="adaptor", adaptor_width=4, negative_mode="cutpaste+noise")
+    finetune_killed_at_step_3(monkeypatch, train, natural_dir, tmp_path / "ft", settings, device="cpu")
+    assert (tmp_path / "ft" / VALIDATION).is_file()
+
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("the validation set was built again")
+
+    monkeypatch.setattr(ValidationSet, "build", rebuilt)
+    report = finetune(train, natural_dir, tmp_path / "ft", settings, device="cpu", resume=True)
+    assert [v["step"] for v in report["validation"]] == [0, 2, 4]
+    assert set(report["validation"][0]["families"]) == set(ValidationSettings().families)
 
 
 def test_cutpaste_negatives_come_from_the_product_and_need_no_photos(train, tmp_path):

@@ -99,7 +99,7 @@ def _edit(run, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 2: refit"),
+        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 3: refit"),
         (
             lambda c: c["settings"]["features"].update(pool="three"),
             r"config.yaml: features.pool: expected a whole number, got 'three'",

@@ -26,6 +26,7 @@ from ..finetune.settings import FinetuneSettings
 from ..inference.settings import ExportSettings, PredictSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..serve.settings import API_KEY_ENV, ServeSettings
+from ..validation.settings import AUTO_DETECTOR, ValidationSettings
 from . import options
 from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, finetune, fit, run_categories
 from .settings import ColorTransferSettings, DemoSettings
@@ -46,6 +47,8 @@ CONFIG_OPTION = click.option(
     "a run's config.yaml works too); options given here override it.",
 )
 DEVICE_ONLY = ("device",)
+# the fine-tuning's validation set; its held-out share and fit images are FinetuneSettings' (0: no validation)
+FINETUNE_VALIDATION = ("validation_max_images", "validation_families", "validation_photos", "validation_defects")
 DEVICE_AND_LIMIT = ("device", "max_pixels")  # commands that read images one by one, whatever their batch
 NO_FIGURES_OPTION = click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
 
@@ -96,6 +99,7 @@ def detectors_cmd() -> None:
 @app.command("fit")
 @options.options(DataSettings)
 @options.options(PipelineSettings)
+@options.options(ValidationSettings)
 @options.options(RuntimeSettings)
 @options.options(EngineSettings)
 @CONFIG_OPTION
@@ -116,8 +120,15 @@ def detectors_cmd() -> None:
 def fit_cmd(out, config, then_evaluate, no_figures, **values):
     """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images).
 
+    With --detector auto: each candidate (detector x projection x feature stages) is scored on a validation set
+    made from held-out good images with synthetic anomalies (--validation-*), and the best is refit on every image.
     With --category all: a run per category of --data in OUT/<category>, and OUT/summary.md.
     """
+    auto = values.get("detector") == AUTO_DETECTOR
+    if auto:
+        if values.get("detector_changes"):
+            raise click.UsageError("--detector auto chooses every detector's settings: drop --set")
+        values["detector"] = None
     data = options.build(DataSettings, values)
     settings = options.build(PipelineSettings, values, config=config)
     job = Job(
@@ -125,7 +136,12 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
         out,
         data,
         options.build(RuntimeSettings, values),
-        {"settings": settings, "evaluate": then_evaluate, "figures": not no_figures},
+        {
+            "settings": settings,
+            "evaluate": then_evaluate,
+            "figures": not no_figures,
+            "validation": options.build(ValidationSettings, values) if auto else None,
+        },
     )
     if run_all(job, options.build(EngineSettings, values), data.category):
         return
@@ -189,11 +205,7 @@ def echo_metrics(run: str, result: dict) -> None:
     type=click.Path(),
     help="Folder of natural photos (searched recursively), e.g. ImageNet samples; needed by the photos and pasted negatives.",
 )
-@click.option(
-    "--validation-negatives",
-    type=click.Path(),
-    help="A second folder of photos, not the --negatives, for the validation's synthetic defects (default: noise defects only).",
-)
+@options.options(ValidationSettings, only=FINETUNE_VALIDATION)
 @click.option(
     "--out",
     required=True,
@@ -207,7 +219,7 @@ def echo_metrics(run: str, result: dict) -> None:
 @options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
 @options.options(EngineSettings)
 @CONFIG_OPTION
-def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, **values):
+def finetune_cmd(negatives, out, resume, dry_run, config, **values):
     """Fine-tune the backbone on good images, guided by a density model (the paper's method).
 
     Then refit any detector on the fine-tuned features: anomatune fit --backbone-weights OUT ...
@@ -220,12 +232,13 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
     settings = options.build(FinetuneSettings, values, config=config)
     runtime = options.build(RuntimeSettings, values)
     engine = options.build(EngineSettings, values)
+    validation = options.build(ValidationSettings, {k: values.get(k) for k in FINETUNE_VALIDATION})
     job = Job(
         "finetune",
         out,
         data,
         runtime,
-        {"settings": settings, "negatives": negatives, "validation_negatives": validation_negatives, "resume": resume},
+        {"settings": settings, "negatives": negatives, "validation": validation, "resume": resume},
     )
     if dry_run:
         if data.category == ALL_CATEGORIES or engine.engine == RAY:
@@ -236,7 +249,7 @@ def finetune_cmd(negatives, validation_negatives, out, resume, dry_run, config, 
 
         click.echo(
             diagnostics.summary_text(
-                diagnose_frozen(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
+                diagnose_frozen(open_dataset(data, "train"), negatives, out, settings, validation, **runtime.to_dict())
             )
         )
         click.echo(f"histograms: {out}/dry_run_weights.png")

@@ -27,11 +27,12 @@ from ..errors import AnomatuneError
 from ..features.settings import RANDOM
 from ..finetune.settings import FinetuneSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
+from ..validation.settings import ValidationSettings
 
 log = logging.getLogger(__name__)
 
 SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"
-SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "kept_step", "fallback")  # what the table shows
+SUMMARY_KEYS = ("detector", "image_auroc", "pixel_auroc", "aupro", "fit_seconds", "kept_step", "fallback")  # what the table shows
 
 
 def fit(
@@ -41,18 +42,31 @@ def fit(
     runtime: RuntimeSettings,
     evaluate: bool = False,
     figures: bool = True,
+    validation: ValidationSettings | None = None,
 ) -> dict:
-    """Fit and save a run in ``out`` (and evaluate it in the same process with ``evaluate``)."""
+    """Fit and save a run in ``out`` (and evaluate it in the same process with ``evaluate``); with ``validation``,
+    the detector is chosen by the search of ``--detector auto`` on that validation set."""
     from ..data.layouts import open_dataset
     from ..folders.base import refuse_inside
     from ..folders.kinds import RunFolder
     from ..pipeline.pipeline import Pipeline
 
-    refuse_inside(out, data.folders)  # before the fit, not after it
+    refuse_inside(out, [*data.folders, *(validation.folders if validation else ())])  # before the fit, not after it
+    start = time.perf_counter()
     with RunFolder(out).claim():  # a second command on --out stops now, not after the fit
-        pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
-        pipeline.save(out)
-    result = {"run": str(out), "fit_seconds": pipeline.fit_record_.fit_seconds}
+        if validation is None:
+            pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
+            pipeline.save(out)
+        else:
+            from ..validation.search import DetectorSearch
+
+            search = DetectorSearch(settings, validation, cache=RunFolder(out), **runtime.to_dict())
+            search.fit(open_dataset(data, "train")).save(out)
+            pipeline = search.best_
+    seconds = pipeline.fit_record_.fit_seconds if validation is None else round(time.perf_counter() - start, 2)
+    result = {"run": str(out), "fit_seconds": seconds}
+    if validation is not None:
+        result["detector"] = pipeline.selection_["winner"]
     if evaluate:
         from ..evaluation.evaluate import evaluate as evaluate_run
 
@@ -66,14 +80,14 @@ def finetune(
     settings: FinetuneSettings,
     runtime: RuntimeSettings,
     negatives: str | None = None,
-    validation_negatives: str | None = None,
+    validation: ValidationSettings | None = None,
     resume: bool = False,
 ) -> dict:
     """Fine-tune a backbone into ``out``; the report of :meth:`Finetuner.run`."""
     from ..data.layouts import open_dataset
     from ..finetune.loop import Finetuner
 
-    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, validation_negatives, **runtime.to_dict())
+    tuner = Finetuner(open_dataset(data, "train"), negatives, out, settings, validation, **runtime.to_dict())
     return {"out": str(out), **tuner.run(resume=resume)}
 
 
@@ -85,7 +99,7 @@ def evaluate(data: DataSettings | None, out: Path, runtime: RuntimeSettings, fig
 
 
 COMMANDS = {"fit": fit, "finetune": finetune, "evaluate": evaluate}
-PATH_OPTIONS = ("negatives", "validation_negatives")  # the options of a command that are paths
+PATH_OPTIONS = ("negatives",)  # the options of a command that are paths
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,11 @@ class Job:
         settings = options.get("settings")
         if isinstance(settings, PipelineSettings):
             options["settings"] = settings.updated(backbone_weights=full(settings.features.backbone_weights))
+        validation = options.get("validation")
+        if isinstance(validation, ValidationSettings):
+            options["validation"] = validation.updated(
+                validation_photos=full(validation.photos), validation_defects=full(validation.defects)
+            )
         return replace(self, root=full(self.root), data=None if self.data is None else absolute(self.data), options=options)
 
     def categories(self) -> list[str]:

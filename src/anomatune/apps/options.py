@@ -19,6 +19,7 @@ import click
 from ..errors import SettingsError
 from ..models.settings import DetectorSettings
 from ..schema import FlatSetting, Settings, flat_settings
+from ..validation.settings import AUTO_DETECTOR
 
 
 def _show(value: Any) -> str:
@@ -34,7 +35,7 @@ def _show(value: Any) -> str:
 
 
 def _metavar(flat: FlatSetting) -> str:
-    choices = DetectorSettings.names() if isinstance(flat.default, DetectorSettings) else flat.choices
+    choices = [*DetectorSettings.names(), AUTO_DETECTOR] if isinstance(flat.default, DetectorSettings) else flat.choices
     if choices:
         return "[" + "|".join(map(str, choices)) + "]"
     if flat.metavar:

@@ -1,6 +1,6 @@
 """Differentiable patch features: the input of every detector and of the fine-tuning.
 
-``FeatureExtractor`` normalises a [0, 1] RGB batch with the backbone's own statistics,
+``FeatureExtractor`` normalises a [0, 1] RGB batch with the backbone's own statistics (or ImageNet's),
 takes the maps of the chosen stages, resizes them to the finest of them (at least a
 stride-8 grid: 32x32 for a 256x256 input), concatenates them, averages each position
 over a ``pool`` x ``pool`` neighbourhood, applies the fine-tuned :class:`Adaptor` when
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..data.datasets import RowSample
 from ..errors import AnomatuneError, BackboneError
 from .adaptor import Adaptor
-from .backbones import Backbone, create_backbone
-from .settings import AUTO, FeatureSettings
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from .settings import AUTO, NONE, FeatureSettings
 
 GRID_STRIDE = 8
 
@@ -70,8 +70,9 @@ class FeatureExtractor(nn.Module):
         self.model.prune_intermediate_layers(list(self.layers), prune_norm=True, prune_head=True)
         if self.patch_size == 1:  # convolutions run 1.6x faster channels-last on the CPU (benchmarks/results/speed.md)
             self.model.to(memory_format=torch.channels_last)
-        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        imagenet = settings.normalization == "imagenet"
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN if imagenet else backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD if imagenet else backbone.std).view(1, 3, 1, 1))
         with torch.no_grad():
             probe = self.model.eval()
             self.stage_channels = tuple(m.shape[1] for m in self._stage_maps(torch.zeros(1, 3, 64, 64)))
@@ -83,7 +84,7 @@ class FeatureExtractor(nn.Module):
                 f"{settings.backbone_weights}: its adaptor was trained on {self.adaptor.dim}-dimensional features, "
                 f"these layers give {self.raw_dim}; use the fine-tuning's layers"
             )
-        proj_dim = settings.proj_dim
+        proj_dim = None if settings.proj == NONE else settings.proj_dim
         if settings.proj == AUTO and proj_dim is not None and proj_dim >= self.raw_dim:
             proj_dim = None  # auto: projecting to as many dimensions as there are gains nothing
         self.proj_dim = proj_dim

@@ -8,7 +8,9 @@ from ..data.settings import DEFAULT_IMAGE_SIZE, parse_image_size
 from ..schema import Settings, setting
 
 AUTO = "auto"  # as projection: the detector's choice (PCA for the mixtures, none for PaDiM and PatchCore)
-PROJECTIONS = (AUTO, "random", "pca")
+NONE = "none"  # as projection: keep every feature
+PROJECTIONS = (AUTO, NONE, "random", "pca")
+NORMALIZATIONS = ("backbone", "imagenet")
 RANDOM = "random"  # as backbone weights: random weights drawn from a fixed seed
 
 
@@ -36,6 +38,12 @@ class FeatureSettings(Settings):
         metavar="SIZE",
         parse=parse_image_size,
     )
+    normalization: str = setting(
+        "backbone",
+        "Input normalisation: the backbone's own statistics, or imagenet (anomalib's, whatever the weights were "
+        "trained with; mean = std = 0.5 for EfficientNet-Lite).",
+        choices=NORMALIZATIONS,
+    )
     pool: int = setting(3, "Side of the average-pooling neighbourhood of patch features (odd; 1 = none).", interval="[1, 31]")
     proj_dim: int | None = setting(
         None,
@@ -45,10 +53,13 @@ class FeatureSettings(Settings):
     )
     proj: str = setting(
         AUTO,
-        "Projection kind: pca (fitted on the good images), random (seeded), or auto: PCA, to the "
-        "detector's dimension unless --proj-dim is given, and none when that is not below the features'.",
+        "Projection kind: none (every feature), pca (fitted on the good images), random (seeded), or auto: PCA, to "
+        "the detector's dimension unless --proj-dim is given, and none when that is not below the features'.",
         choices=PROJECTIONS,
     )
 
     def check(self) -> list[str]:
-        return [f"pool must be odd, not {self.pool}"] if self.pool % 2 == 0 else []
+        problems = [f"pool must be odd, not {self.pool}"] if self.pool % 2 == 0 else []
+        if self.proj == NONE and self.proj_dim is not None:
+            problems.append(f"--proj none keeps every feature: drop --proj-dim {self.proj_dim} or choose pca or random")
+        return problems

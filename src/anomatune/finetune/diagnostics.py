@@ -138,7 +138,7 @@ def loss_figure(history: list[dict], validation: list[dict] | None = None) -> Fi
         axes[1].plot(steps, [h[key] for h in history], label=key)
     axes[0].set_yscale("log")
     if validation:
-        for key in ("image_auroc", "pixel_auroc", "score"):
+        for key in ("score", "aupro"):
             axes[2].plot([v["step"] for v in validation], [v[key] for v in validation], marker="o", label=f"validation {key}")
     for ax in axes:
         ax.set_xlabel("step")

@@ -9,8 +9,9 @@ outlier filter (+ ``trust`` × the good features' squared drift from the frozen 
 Batch-norm statistics stay frozen. What trains, and where a step's features come from,
 is the mode's strategy (:mod:`.strategies`); the loop is the same for both.
 
-Every ``checkpoint_every`` steps the current features are validated (see
-:mod:`.validation`) and the best checkpoint so far is remembered; the frozen features
+Every ``checkpoint_every`` steps the current features are validated on the label-free
+validation set (:mod:`anomatune.validation`), scored by the ``validator`` detector refit on
+them, and the best checkpoint so far is remembered; the frozen features
 are checkpoint 0. If no checkpoint beats them, the fine-tuning falls back: its
 ``backbone.safetensors`` is the frozen backbone, and ``diagnostics.json``,
 ``finetune.yaml`` and the report say so (:mod:`.outputs` writes them all). Every draw
@@ -27,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.datasets import AnomalyDataset, NaturalImages, collate
+from ..data.datasets import AnomalyDataset, NaturalImages
 from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError
 from ..features.backbones import create_backbone
@@ -40,7 +40,12 @@ from ..folders.base import refuse_inside
 from ..folders.kinds import FinetuneFolder
 from ..models.base import DensityModel, flatten_patches
 from ..models.registry import DETECTORS, create_detector
+from ..models.settings import DetectorSettings, detector_settings
 from ..pipeline.settings import RuntimeSettings
+from ..validation.scoring import score_detector
+from ..validation.search import SEARCH_EM
+from ..validation.sets import ValidationSet, load_images, load_photos, real_defects, validation_split
+from ..validation.settings import ValidationSettings
 from . import diagnostics
 from .ddp import ProcessGroup
 from .loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
@@ -49,11 +54,19 @@ from .outputs import FinetuneOutputs
 from .settings import FinetuneSettings
 from .state import TrainingState
 from .strategies import STRATEGIES, frozen_stage_features
-from .validation import ValidationSet, holdout, validation_score
 
 log = logging.getLogger(__name__)
 
 COLLAPSE_RATIO = 0.25  # good-feature variance falling below this share of the start's is a collapse
+
+
+def validator_settings(settings: FinetuneSettings) -> DetectorSettings:
+    """The detector that scores the validation: the user's (``validator``), seeded by the fine-tuning's seed, with the
+    detector search's EM budget for the mixtures (it is refit at every checkpoint)."""
+    validator = detector_settings(settings.validator)
+    if hasattr(validator, "max_iter"):
+        validator = validator.updated(**dict(SEARCH_EM))
+    return validator.updated(seed=settings.seed) if hasattr(validator, "seed") else validator
 
 
 def guide_for(settings: FinetuneSettings) -> DensityModel:
@@ -70,18 +83,13 @@ def guide_for(settings: FinetuneSettings) -> DensityModel:
     return guide
 
 
-def load_images(dataset: AnomalyDataset, batch_size: int = 16) -> torch.Tensor:
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    return torch.cat([batch["image"] for batch in tqdm(loader, desc="load good images", leave=False)])
-
-
 class Finetuner:
     """One fine-tuning run: set-up on the frozen backbone, steps, validation, checkpoints, outputs.
 
     ``train``: the good training images (any layout, see ``anomatune.data.open_dataset``);
     ``negatives``: a folder of natural photos (needed by the photos and pasted kinds);
-    ``validation_negatives``: a second folder of photos for the validation's defects
-    (default: noise defects only); ``out``: the fine-tuning folder; ``runtime``: ``device``.
+    ``validation``: the validation set's families, photo source (not the ``negatives``) and real defects;
+    ``out``: the fine-tuning folder; ``runtime``: ``device``.
     """
 
     def __init__(
@@ -90,17 +98,18 @@ class Finetuner:
         negatives: str | Path | None,
         out: str | Path,
         settings: FinetuneSettings | None = None,
-        validation_negatives: str | Path | None = None,
+        validation: ValidationSettings | None = None,
         **runtime,
     ):
         self.settings = s = settings or FinetuneSettings()
+        self.validation = validation = validation or ValidationSettings()
         self.guide = guide_for(s)
         if {"photos", "pasted"} & set(s.negative_kinds) and negatives is None:
             raise AnomatuneError(f"negative_mode {s.negative_mode} needs a folder of natural photos: pass --negatives DIR")
         runtime = RuntimeSettings().updated(**runtime)
         device = resolve_device(runtime.device)
         self.group = ProcessGroup.from_env(device)  # one process, or torchrun's (see .ddp)
-        refuse_inside(out, [*(train.source.folders if train.source else ()), negatives, validation_negatives])
+        refuse_inside(out, [*(train.source.folders if train.source else ()), negatives, *validation.folders])
         self.outputs, self.device = FinetuneOutputs(out), self.group.local_device(device)
         train = train.within(runtime.max_pixels)
         train.check_readable()
@@ -108,15 +117,16 @@ class Finetuner:
         self.data = {
             "train": train.source.to_dict() if train.source else train.name,
             "negatives": None if negatives is None else str(Path(negatives).resolve()),
-            "validation_negatives": None if validation_negatives is None else str(Path(validation_negatives).resolve()),
+            "validation": validation.to_dict()
+            | {k: str(Path(v).resolve()) for k, v in (("photos", validation.photos), ("defects", validation.defects)) if v},
             "input_size": list(self.size),
         }
-        if validation_negatives is not None and self.data["validation_negatives"] == self.data["negatives"]:
+        if validation.photos is not None and self.data["validation"]["photos"] == self.data["negatives"]:
             log.warning(
-                "--validation-negatives is the training negatives' folder: the validation then rewards "
+                "--validation-photos is the training negatives' folder: the validation then rewards "
                 "what the training learnt; pass another photo source"
             )
-        self.good, self.valset = self.hold_out(load_images(train.at_size(self.size)), validation_negatives)
+        self.good, self.valset = self.hold_out(load_images(train.at_size(self.size), desc="load good images"))
         self.fit_index = torch.linspace(0, len(self.good) - 1, min(s.validation_fit_images, len(self.good))).long()
         natural = None if negatives is None else NaturalImages(negatives, image_size=self.size)
         self.sampler = NegativeSampler(natural, self.good, s)
@@ -130,21 +140,28 @@ class Finetuner:
         self.diag_negatives, self.diag_masks = self.sampler.sample(s.diag_images, torch.Generator().manual_seed(s.seed + 1))
         self.loss = MixtureLoss(s.alpha, temperature=s.temperature)
 
-    def hold_out(self, images: torch.Tensor, validation_negatives) -> tuple[torch.Tensor, ValidationSet | None]:
+    def hold_out(self, images: torch.Tensor) -> tuple[torch.Tensor, ValidationSet | None]:
         """The good images to train on, and the validation set made from the held-out ones (None without any)."""
-        s = self.settings
-        kept, held = holdout(len(images), s.validation_share, s.seed)
-        if not len(held):
+        s, v = self.settings, self.validation
+        kept, held = validation_split(len(images), s.validation_share, s.seed, v.max_images)
+        if not held:
             if s.validation_share:
                 log.warning("too few good images to hold some out: no validation, the last step is kept")
             return images, None
-        natural = None if validation_negatives is None else NaturalImages(validation_negatives, image_size=self.size)
-        valset = ValidationSet.build(images[held], natural, s, s.seed + 2)
+        self.valset_key = ValidationSet.key(
+            held=held, size=self.size, families=v.families, photos=v.photos, defects=v.defects, seed=s.seed
+        )
+        valset = ValidationSet.cached(self.outputs.folder, self.valset_key)
+        self.valset_cached = valset is not None
+        if valset is None:
+            photos = None if v.photos is None else load_photos(v.photos, self.size, s.seed)
+            real = None if v.defects is None else real_defects(v.defects, self.size)
+            valset = ValidationSet.build(images[held], s.seed + 2, v.families, photos, real)
         log.info(
-            "validation: %d held-out good images, %d with synthetic defects (%s)",
+            "validation: %d held-out good images, %d anomalous (%s)",
             len(held),
             int(valset.labels.sum()),
-            ", ".join(sorted(set(valset.kinds) - {"good"})),
+            ", ".join(valset.families),
         )
         return images[kept], valset
 
@@ -277,15 +294,15 @@ class Finetuner:
         s, state = self.settings, self.state
         fit = self.strategy.features(self.good[self.fit_index], "fit")
         features = self.strategy.features(self.valset.images, "validation")
-        result = validation_score(s.validator, fit, features, self.valset, s.seed)
-        state.remember(
-            {"step": state.step, **{k: round(v, 5) for k, v in result.items()}}, self.strategy.trained.state_dict(), s.min_gain
-        )
+        result = score_detector(validator_settings(s), fit, features, self.valset)
+        record = {"step": state.step, **{k: round(result[k], 5) for k in ("score", "image_auroc", "aupro")}}
+        record["families"] = {f: round(m["image_auroc"], 5) for f, m in result["families"].items()}
+        state.remember(record, self.strategy.trained.state_dict(), s.min_gain)
         log.info(
-            "validation at step %d: image AUROC %.4f, pixel AUROC %.4f (best: step %d)",
+            "validation at step %d: %.4f, mean image AUROC over the anomaly families (AUPRO %.4f; best: step %d)",
             state.step,
-            result["image_auroc"],
-            result["pixel_auroc"],
+            result["score"],
+            result["aupro"],
             state.best["step"],
         )
 
@@ -317,6 +334,8 @@ class Finetuner:
         """Set up (or resume), train, write the fine-tuned backbone and the diagnostics (rank 0 writes, and holds the lock)."""
         with self.outputs.folder.claim() if self.group.is_main else contextlib.nullcontext():
             self.outputs.folder.path.mkdir(parents=True, exist_ok=True)
+            if self.group.is_main and self.valset is not None and not self.valset_cached:  # built once: a resume reads it
+                self.valset.save(self.outputs.folder, self.valset_key)
             return self._train(resume)
 
     def optimizer(self) -> torch.optim.Optimizer:
@@ -442,15 +461,20 @@ def finetune(
     out,
     settings: FinetuneSettings | None = None,
     resume: bool = False,
-    validation_negatives=None,
+    validation: ValidationSettings | None = None,
     **runtime,
 ) -> dict:
     """Fine-tune on the good images of ``train`` against ``negatives``; see :class:`Finetuner`."""
-    return Finetuner(train, negatives, out, settings, validation_negatives, **runtime).run(resume)
+    return Finetuner(train, negatives, out, settings, validation, **runtime).run(resume)
 
 
 def dry_run(
-    train: AnomalyDataset, negatives, out, settings: FinetuneSettings | None = None, validation_negatives=None, **runtime
+    train: AnomalyDataset,
+    negatives,
+    out,
+    settings: FinetuneSettings | None = None,
+    validation: ValidationSettings | None = None,
+    **runtime,
 ) -> dict:
     """The gradient-weight diagnostics on the frozen features, no training (``anomatune finetune --dry-run``)."""
-    return Finetuner(train, negatives, out, settings, validation_negatives, **runtime).dry_run()
+    return Finetuner(train, negatives, out, settings, validation, **runtime).dry_run()

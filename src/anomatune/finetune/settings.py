@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..features.settings import FeatureSettings
-from ..models.settings import DetectorSettings, GMMSettings
+from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, GMMSettings
 from ..schema import Settings, setting
 
 MODES = ("backbone", "adaptor")
@@ -119,9 +119,10 @@ class FinetuneSettings(Settings):
         interval="[0, 0.9]",
     )
     validator: str = setting(
-        "padim",
-        "Detector refit on the current features to score the validation set (with its defaults).",
-        choices=("gmm", "glad", "padim", "patchcore"),
+        DEFAULT_DETECTOR,
+        "Detector refit on the current features at each checkpoint to score the validation set: the one you will "
+        "fit on the fine-tuned backbone (after 'fit --detector auto', its pick).",
+        choices=tuple(DetectorSettings.names()),
     )
     validation_fit_images: int = setting(64, "Training images the validator is fitted on.", interval="[2, 100000]")
     min_gain: float = setting(

@@ -120,6 +120,9 @@ def _locked(lock_path: Path, folder: Path):
         handle.close()
 
 
+VALIDATION = "validation.safetensors"  # a label-free validation set, cached where it was built (a run, a fine-tuning)
+
+
 def _ours(name: str) -> bool:
     """The hidden lock, staging and swap files anomatune leaves beside the folders it writes."""
     return name.startswith(".") and (name.endswith(".lock") or ".staging-" in name or ".old-" in name)
@@ -162,7 +165,7 @@ class Folder:
         for kind, folder in Folder.kinds.items():
             if any((self.path / m).exists() for m in folder.MARKERS):
                 return kind
-        return "foreign" if any(not _ours(p.name) for p in self.path.iterdir()) else None
+        return "foreign" if any(not _ours(p.name) and p.name != VALIDATION for p in self.path.iterdir()) else None
 
     def require(self) -> Folder:
         """This folder, if it is of its class's kind; otherwise one line saying what it is and what to pass."""

@@ -42,6 +42,7 @@ class RunFolder(Folder):
     CONFIG = "config.yaml"
     DETECTOR = "detector.safetensors"
     PROJECTION = "projection.safetensors"
+    SELECTION = "selection.json"  # --detector auto: the candidates' validation table
     EVALUATION = "evaluation"
     REPORT = "report.html"
     MODELS = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}

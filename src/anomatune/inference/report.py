@@ -61,8 +61,8 @@ def _validation_note(record: dict) -> str:
         return "<p class='note'>No validation: the last step's weights are used.</p>"
     frozen, kept = validation["frozen"], validation["kept"]
     scores = (
-        f"validation image AUROC / pixel AUROC: frozen {frozen['image_auroc']:.4f} / {frozen['pixel_auroc']:.4f}, "
-        f"kept {kept['image_auroc']:.4f} / {kept['pixel_auroc']:.4f}"
+        f"validation score (mean image AUROC over the anomaly families) / AUPRO: frozen {frozen['score']:.4f} / "
+        f"{frozen['aupro']:.4f}, kept {kept['score']:.4f} / {kept['aupro']:.4f}"
     )
     if record.get("fallback"):
         return (
@@ -107,6 +107,32 @@ def _finetune_section(weights: str | None) -> str:
     )
 
 
+def _selection_section(run: RunFolder) -> str:
+    """``--detector auto``: the candidates' validation table, the winner and why."""
+    if not (run / RunFolder.SELECTION).is_file():
+        return ""
+    selection = run.read_json(RunFolder.SELECTION)
+    families = selection["validation"]["families"]
+    rows = [
+        (
+            c["candidate"] + (" (chosen)" if c["candidate"] == selection["winner"] else ""),
+            c["score"],
+            c["aupro"],
+            *(c["families"][f]["image_auroc"] for f in families if f in c["families"]),
+            c["seconds"],
+        )
+        for c in selection["candidates"]
+    ]
+    header = ("candidate", "validation score", "validation AUPRO", *families, "fit + score s")
+    v = selection["validation"]
+    return (
+        "<h2>How the detector was chosen (--detector auto)</h2>"
+        f"<p>Chose <b>{html.escape(selection['winner'])}</b>: {html.escape(selection['why'])}. Validation: "
+        f"{v['held_out_good_images']} held-out good images, each also with one synthetic anomaly of every family; "
+        f"candidates fitted on {v['fit_images']} good images; no test image read.</p>" + _table(rows, header)
+    )
+
+
 def build_report(run_dir, out=None) -> Path:
     """Write ``report.html`` (or ``out``, outside the run) for an evaluated run and return its path."""
     run = RunFolder(run_dir).require()
@@ -127,6 +153,7 @@ def build_report(run_dir, out=None) -> Path:
         "<h2>Curves</h2>",
         _figure(evaluation / EvaluationFolder.ROC, "Image-level ROC"),
         _figure(evaluation / EvaluationFolder.PRO, "Per-region overlap (PRO) curve"),
+        _selection_section(run),
         _finetune_section(config.settings.features.backbone_weights),
     ]
     if (evaluation / EvaluationFolder.GALLERY_INDEX).is_file():

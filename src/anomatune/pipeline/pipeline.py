@@ -41,7 +41,7 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 2
+RUN_FORMAT = 3  # 3: features.normalization (issue 21)
 FEW_THRESHOLD_IMAGES = 10  # a threshold learnt from fewer held-out good images is said to be a rough guess
 
 
@@ -104,7 +104,8 @@ class Pipeline:
             ``device`` and ``batch_size`` (:class:`RuntimeSettings`).
 
     Fitted attributes: ``extractor_``, ``detector_``, ``postprocessor_``, ``fit_record_``
-    (input size, threshold, ...), ``data_`` (the data settings of the training set) and,
+    (input size, threshold, ...), ``data_`` (the data settings of the training set),
+    ``selection_`` when ``--detector auto`` chose it (the candidates' validation table) and,
     once saved or loaded, ``model_id_`` (the run folder's name and files' hash).
     """
 
@@ -171,6 +172,7 @@ class Pipeline:
             "postprocessor_",
             "data_",
             "model_id_",
+            "selection_",
         ):  # a failed fit leaves it unfitted
             self.__dict__.pop(name, None)
         weights = s.features.backbone_weights
@@ -312,6 +314,8 @@ class Pipeline:
                 stage.write_tensors(
                     RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
                 )
+            if getattr(self, "selection_", None) is not None:
+                stage.write_json(RunFolder.SELECTION, self.selection_)
             stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
         self.model_id_ = run.fingerprint()
         return run
@@ -336,6 +340,8 @@ class Pipeline:
         pipeline.extractor_, pipeline.detector_ = extractor, detector
         pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size)
         pipeline.fit_record_, pipeline.data_ = fitted, config.data
+        if (run / RunFolder.SELECTION).is_file():
+            pipeline.selection_ = run.read_json(RunFolder.SELECTION)
         pipeline.model_id_ = run.fingerprint()
         return pipeline
 

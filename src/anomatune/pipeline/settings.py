@@ -45,7 +45,8 @@ class PipelineSettings(Settings):
     features: FeatureSettings = setting(factory=FeatureSettings, help="How images become patch features.")
     detector: DetectorSettings = setting(
         factory=lambda: detector_settings(DEFAULT_DETECTOR),
-        help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE.",
+        help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE. 'anomatune fit' also "
+        "takes auto: every candidate scored on a validation set of synthetic anomalies, the best refit (--validation-*).",
         flag="detector",
         aliases=("model",),
     )

@@ -1,0 +1,278 @@
+"""Does the label-free validation predict the test? And does ``--detector auto`` pay?
+
+For each category: the detector search's candidates, each fitted on the good training
+images the search fits on, scored on the validation set (per anomaly family and the
+aggregate) and on the test split (image AUROC, AUPRO). Reported:
+
+- per family and for the aggregate, the Spearman rank correlation between the validation
+  score and the test image AUROC across candidates, within each category, and its mean;
+- the regret of ``auto`` (best candidate's test image AUROC minus the picked one's);
+- the six-category mean of ``auto`` (the refit winner, what ``fit --detector auto`` saves)
+  against each fixed candidate refit the same way is not run: the fixed candidates' test
+  metrics here are those of the search's fits, the same for all;
+- the time of the whole ``fit --detector auto`` (search + refit of the winner);
+- with 1, 3 and 5 real defects drawn from the test defects (removed from that test set,
+  3 draws each), the same Spearman with them as one more validation family.
+
+Run: ``python benchmarks/validation.py`` (all six categories, ~1 h on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from scipy.stats import rankdata, spearmanr
+from torch.utils.data import DataLoader
+
+from anomatune.data.datasets import MVTecAD, collate
+from anomatune.metrics import image_auroc, pixel_curves, pixel_metrics
+from anomatune.pipeline.pipeline import Pipeline
+from anomatune.pipeline.scoring import score_dataset
+from anomatune.pipeline.settings import PipelineSettings
+from anomatune.validation.scoring import detector_outputs, validation_metrics
+from anomatune.validation.search import DetectorSearch
+from anomatune.validation.sets import REAL, ValidationSet
+from anomatune.validation.settings import ValidationSettings
+from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, dataset, write_results
+
+PHOTOS = SHARED / "natural" / "imagen"  # disjoint from the fine-tuning's negatives (imagenet_samples)
+REAL_COUNTS = (1, 3, 5)
+REAL_DRAWS = 3
+
+
+def test_outputs(run, loader, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, masks, maps and scores of the test split through a search candidate (features cached per stage set)."""
+    key = (id(run.extractor), run.projected)
+    if key not in cache:
+        cache[key] = torch.cat([run.features(batch["image"]).cpu() for batch in loader])
+    maps, scores = detector_outputs(run.detector, cache[key], tuple(loader.dataset.size_hw), run_postprocess())
+    return maps.numpy(), scores.numpy()
+
+
+def run_postprocess():
+    return PipelineSettings().postprocess
+
+
+def spearman(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def with_real(valset: ValidationSet, val_outputs, picked_maps, picked_scores, picked_masks: np.ndarray | None) -> dict:
+    """The validation metrics with ``picked`` test defects added as the 'real' family (maps at the same size)."""
+    n = len(picked_scores)
+    extended = ValidationSet(
+        valset.images,  # not read by validation_metrics: the outputs are given
+        torch.cat([valset.labels, torch.ones(n, dtype=torch.long)]),
+        torch.cat(
+            [
+                valset.masks,
+                torch.zeros(n, 1, *valset.masks.shape[-2:])
+                if picked_masks is None
+                else torch.from_numpy(picked_masks).float()[:, None],
+            ]
+        ),
+        valset.groups + [REAL] * n,
+        torch.cat([valset.has_masks, torch.full((n,), picked_masks is not None)]),
+    )
+    maps = torch.cat([val_outputs[0], torch.from_numpy(picked_maps)])
+    scores = torch.cat([val_outputs[1], torch.from_numpy(picked_scores)])
+    return validation_metrics(extended, maps, scores)
+
+
+def category(name: str, photos: bool) -> dict:
+    root, cat = dataset(name)
+    train, test = MVTecAD(root, cat, "train", image_size=SQUARE), MVTecAD(root, cat, "test", image_size=SQUARE)
+    settings = PipelineSettings().updated(image_size=SQUARE)
+    validation = ValidationSettings(photos=str(PHOTOS) if photos else None)
+    search = DetectorSearch(settings, validation)
+    start = time.perf_counter()
+    resized, fit_index, valset = search.prepare(train)
+    test = test.at_size(resized.size_hw)
+    loader = DataLoader(test, batch_size=8, collate_fn=collate)
+    labels = test.labels
+    masks = torch.cat([b["mask"] for b in loader]).numpy().astype(bool)[:, 0] if test.has_masks else None
+    cache, rows, outputs = {}, [], []
+    test_seconds = 0.0
+    for run in search.runs(resized.subset(fit_index), valset):
+        began = time.perf_counter()
+        maps, scores = test_outputs(run, loader, cache)
+        metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(pixel_curves(masks, maps))
+        rows.append({**run.row, "test": metrics})
+        outputs.append((run.outputs, maps, scores))
+        test_seconds += time.perf_counter() - began
+        logging.info("%s %s: validation %.4f, test %.4f", name, run.row["candidate"], run.row["score"], metrics["image_auroc"])
+    search_seconds = time.perf_counter() - start - test_seconds  # what fit --detector auto spends before the refit
+    del cache
+    pick = int(np.argmax([r["score"] for r in rows]))
+    winner = search.candidates[pick]
+    began = time.perf_counter()
+    refit = Pipeline(winner.settings(settings, search.layers_)).fit(train)
+    refit_seconds = time.perf_counter() - began
+    auto = score_dataset(refit, test).metrics
+    test_auroc = [r["test"]["image_auroc"] for r in rows]
+    result = {
+        "dataset": name,
+        "candidates": rows,
+        "auto": {"candidate": winner.name, "search": rows[pick]["test"], "refit": {k: auto[k] for k in ("image_auroc", "aupro")}},
+        "regret": float(max(test_auroc) - test_auroc[pick]),
+        "seconds": {"search": round(search_seconds, 1), "refit": round(refit_seconds, 1)},
+        "spearman": {
+            "aggregate": spearman([r["score"] for r in rows], test_auroc),
+            "aggregate_vs_aupro": spearman([r["score"] for r in rows], [r["test"]["aupro"] for r in rows]),
+            "aupro_aggregate": spearman([r["aupro"] for r in rows], test_auroc),
+            **{f: spearman([r["families"][f]["image_auroc"] for r in rows], test_auroc) for f in valset.families},
+        },
+    }
+    defective = np.flatnonzero(labels == 1)
+    real = {}
+    for count in REAL_COUNTS:
+        values = []
+        for draw in range(REAL_DRAWS):
+            picked = np.random.default_rng(1000 * count + draw).choice(defective, size=min(count, len(defective)), replace=False)
+            rest = np.setdiff1d(np.arange(len(labels)), picked)
+            picked_masks = None if masks is None else masks[picked]
+            scores_val, scores_test = [], []
+            for val_out, maps, scores in outputs:
+                scores_val.append(with_real(valset, val_out, maps[picked], scores[picked], picked_masks)["score"])
+                scores_test.append(image_auroc(labels[rest], scores[rest]))
+            values.append(spearman(scores_val, scores_test))
+        real[str(count)] = float(np.nanmean(values))
+    result["spearman_with_real"] = real
+    return result
+
+
+def markdown(results: list[dict], command: str) -> str:
+    families = list(results[0]["spearman"])
+    lines = [
+        "# Label-free validation: does it predict the test?",
+        "",
+        f"Command: `{command}` (2-core CPU, 256x256 inputs; candidates fitted on at most "
+        f"{ValidationSettings().fit_images} good training images, as in the search).",
+        "",
+        "## Spearman rank correlation between validation and test image AUROC across candidates, per category",
+        "",
+        "| dataset | " + " | ".join(families) + " | with 1 / 3 / 5 real defects |",
+        "|---|" + "---|" * (len(families) + 1),
+    ]
+    for r in results:
+        cells = [f"{r['spearman'][f]:.2f}" for f in families]
+        real = " / ".join(f"{r['spearman_with_real'][k]:.2f}" for k in map(str, REAL_COUNTS))
+        lines.append(f"| {r['dataset']} | " + " | ".join(cells) + f" | {real} |")
+    mean = [np.nanmean([r["spearman"][f] for r in results]) for f in families]
+    real_mean = " / ".join(f"{np.nanmean([r['spearman_with_real'][k] for r in results]):.2f}" for k in map(str, REAL_COUNTS))
+    lines.append("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in mean) + f" | {real_mean} |")
+    names = [c["candidate"] for c in results[0]["candidates"]]
+    lines += [
+        "",
+        "## Test image AUROC of every candidate, and of auto",
+        "",
+        "| dataset | " + " | ".join(names) + " | auto picks | auto (search fit) | auto (refit) | regret | fit auto s |",
+        "|---|" + "---|" * (len(names) + 6),
+    ]
+    for r in results:
+        cells = [f"{c['test']['image_auroc']:.4f}" for c in r["candidates"]]
+        a = r["auto"]
+        seconds = r["seconds"]["search"] + r["seconds"]["refit"]
+        lines.append(
+            f"| {r['dataset']} | "
+            + " | ".join(cells)
+            + f" | {a['candidate']} | {a['search']['image_auroc']:.4f} | {a['refit']['image_auroc']:.4f} | {r['regret']:.4f} | {seconds:.0f} |"
+        )
+    means = [np.mean([r["candidates"][i]["test"]["image_auroc"] for r in results]) for i in range(len(names))]
+    auto_search = np.mean([r["auto"]["search"]["image_auroc"] for r in results])
+    auto_refit = np.mean([r["auto"]["refit"]["image_auroc"] for r in results])
+    lines.append(
+        "| **mean** | "
+        + " | ".join(f"{m:.4f}" for m in means)
+        + f" | | **{auto_search:.4f}** | **{auto_refit:.4f}** | {np.mean([r['regret'] for r in results]):.4f} | |"
+    )
+    lines += [
+        "",
+        "## Validation score (aggregate) of every candidate",
+        "",
+        "| dataset | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for r in results:
+        lines.append(f"| {r['dataset']} | " + " | ".join(f"{c['score']:.4f}" for c in r["candidates"]) + " |")
+    lines += [
+        "",
+        "## Validation image AUROC per family of the default detector (glad pca64 default)",
+        "",
+        "| dataset | " + " | ".join(families[3:]) + " |",
+        "|---|" + "---|" * len(families[3:]),
+    ]
+    for r in results:
+        default = next(c for c in r["candidates"] if c["candidate"].startswith("glad") and "pca64 default" in c["candidate"])
+        lines.append(
+            f"| {r['dataset']} | " + " | ".join(f"{default['families'][f]['image_auroc']:.3f}" for f in families[3:]) + " |"
+        )
+    return "\n".join(lines + aggregate_table(results)) + "\n"
+
+
+def aggregates(result: dict) -> dict[str, list[float]]:
+    """Other ways to join the families into one score, from the stored rows (no refit): which ranks best?"""
+    rows = result["candidates"]
+    families = list(rows[0]["families"])
+    auroc = np.array([[r["families"][f]["image_auroc"] for f in families] for r in rows])
+    aupro = np.array([[r["families"][f]["aupro"] for f in families] for r in rows])
+    ranks = rankdata(auroc, axis=0)  # per family, ties averaged
+    out = {
+        "mean image AUROC (the default)": auroc.mean(1),
+        "mean rank over families": ranks.mean(1),
+        "mean of image AUROC and AUPRO": np.nanmean(np.c_[auroc, aupro], 1),
+        "worst family": auroc.min(1),
+    }
+    for j, family in enumerate(families):
+        out[f"without {family}"] = np.delete(auroc, j, axis=1).mean(1)
+    return {k: list(map(float, v)) for k, v in out.items()}
+
+
+def aggregate_table(results: list[dict]) -> list[str]:
+    """Spearman of each aggregate with the test image AUROC, per category and its mean."""
+    names = list(aggregates(results[0]))
+    lines = [
+        "",
+        "## Other aggregates of the same families (Spearman with the test image AUROC, per category)",
+        "",
+        "| aggregate | " + " | ".join(r["dataset"] for r in results) + " | mean |",
+        "|---|" + "---|" * (len(results) + 1),
+    ]
+    for name in names:
+        values = [spearman(aggregates(r)[name], [c["test"]["image_auroc"] for c in r["candidates"]]) for r in results]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {np.nanmean(values):.2f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--no-photos", action="store_true", help="procedural textures instead of photos (imagen)")
+    parser.add_argument("--name", default="validation")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the Markdown from results/NAME.json, no run")
+    args = parser.parse_args()
+    if args.tables_only:
+        stored = json.loads((RESULTS / f"{args.name}.json").read_text())
+        command = stored.get("command", "python benchmarks/validation.py")
+        write_results(args.name, {"command": command, "results": stored["results"]}, markdown(stored["results"], command))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    assert NEGATIVES != PHOTOS
+    results = []
+    for name in args.datasets:
+        results.append(category(name, photos=not args.no_photos))
+        command = f"python benchmarks/validation.py --datasets {' '.join(args.datasets)}" + (" --no-photos" * args.no_photos)
+        write_results(args.name, {"command": command, "results": results}, markdown(results, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""``--detector auto``: every candidate scored on the label-free validation set, the best refit on all images.
+
+Like scikit-learn's ``GridSearchCV`` around a :class:`Pipeline`: :class:`DetectorSearch`
+holds out a seeded share of the good training images, builds the validation set from
+them (:class:`.sets.ValidationSet`), extracts the features once per stage set, fits each
+candidate (detector x projection x stages) on the remaining good images and scores the
+validation images; then the best candidate is refit as a normal run on every training
+image, and the candidates' table is kept with it (``pipeline.selection_``, saved in the
+run as ``selection.json``; ``anomatune report`` shows it). No test image is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.datasets import AnomalyDataset, collate
+from ..device import resolve_device
+from ..errors import AnomatuneError, check_is_fitted
+from ..features.backbones import create_backbone
+from ..features.extractor import FeatureExtractor
+from ..features.settings import AUTO, NONE
+from ..folders.base import Folder
+from ..folders.kinds import RunFolder
+from ..models.base import Detector
+from ..models.registry import create_detector
+from ..models.settings import detector_settings
+from ..pipeline.pipeline import Pipeline
+from ..pipeline.settings import PipelineSettings, RuntimeSettings
+from ..schema import flat_settings
+from .scoring import detector_outputs, validation_metrics
+from .sets import GOOD, ValidationSet, load_images, load_photos, real_defects, validation_split
+from .settings import ValidationSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT, FINE = "default", "fine"  # stage sets: the backbone's own, and the same with its stride-4 stage
+PCA_DIM = 64
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the search compares: a detector (with setting changes), a projection, a stage set."""
+
+    detector: str
+    proj: str = NONE  # "none" or "pca"
+    stages: str = DEFAULT
+    changes: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        proj = f"pca{PCA_DIM}" if self.proj == "pca" else "all"
+        return f"{self.detector} {proj} {self.stages}"
+
+    def settings(self, base: PipelineSettings, layers: dict[str, tuple[int, ...]]) -> PipelineSettings:
+        """The pipeline settings of this candidate on top of ``base``."""
+        return base.updated(
+            detector=detector_settings(self.detector, **dict(self.changes)),
+            layers=layers[self.stages],
+            proj=AUTO if self.proj == "pca" else NONE,  # auto: no projection when there are no more features than PCA_DIM
+            proj_dim=PCA_DIM if self.proj == "pca" else None,
+        )
+
+
+SEARCH_EM = (("max_patches", 20_000), ("max_iter", 15))  # the mixtures' EM within the search's time budget
+# PatchCore's coreset from a sample of 100,000 patches: on all of them (4x as many per image on the fine stages) it took
+# 2 minutes on transistor
+SEARCH_CORESET = (("coreset_ratio", 0.01), ("max_patches", 100_000))
+CANDIDATES = (
+    Candidate("padim"),
+    Candidate("glad", "pca", changes=SEARCH_EM),
+    Candidate("glad", changes=SEARCH_EM),
+    Candidate("patchcore", changes=SEARCH_CORESET),
+    Candidate("padim", stages=FINE),
+    Candidate("glad", "pca", FINE, SEARCH_EM),
+    Candidate("patchcore", stages=FINE, changes=SEARCH_CORESET),
+)  # GLAD on every feature of the stride-4 stages too would take minutes of EM on 2 CPU cores
+
+
+def stage_sets(extractor: FeatureExtractor) -> dict[str, tuple[int, ...]]:
+    """The backbone's default stages and, for a CNN with a stride-4 stage, the same with it (small defects)."""
+    sets = {DEFAULT: extractor.layers}
+    info = getattr(extractor.model, "feature_info", None)
+    if extractor.patch_size == 1 and info is not None:
+        fine = [i for i, f in enumerate(info) if f["reduction"] == 4]
+        if fine and fine[-1] not in extractor.layers:
+            sets[FINE] = tuple(sorted({*extractor.layers, fine[-1]}))
+    return sets
+
+
+@dataclass
+class CandidateRun:
+    """A candidate fitted during the search: its row of the table, its detector, the features it reads, and its
+    outputs on the validation images (pixel maps, image scores)."""
+
+    candidate: Candidate
+    row: dict
+    detector: Detector
+    extractor: FeatureExtractor
+    projected: bool
+    outputs: tuple[torch.Tensor, torch.Tensor]
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raw = self.extractor.raw_features(images.to(self.extractor.mean.device))
+        return self.extractor.project(raw) if self.projected else raw
+
+
+class DetectorSearch:
+    """Choose a pipeline for a product from its good images only; ``best_`` is the refit winner.
+
+    Args:
+        settings: the pipeline settings every candidate starts from (backbone, input size, threshold, ...).
+        validation: :class:`ValidationSettings`.
+        candidates: the configurations to compare (default: :data:`CANDIDATES`).
+        cache: a folder whose cached validation set is used when it was built with the same recipe (the run
+            folder being replaced); :meth:`save` caches it in the new run.
+        **changes: settings by their flat names, as :class:`Pipeline` takes them (``image_size=128``,
+            ``device="cpu"``), and the validation's (``validation_photos=DIR``).
+
+    Fitted attributes: ``results_`` (one row per candidate, in order), ``best_candidate_``, ``best_``.
+    """
+
+    fitted_attribute = "best_"
+
+    def __init__(
+        self,
+        settings: PipelineSettings | None = None,
+        validation: ValidationSettings | None = None,
+        candidates: Sequence[Candidate] = CANDIDATES,
+        cache: Folder | None = None,
+        **changes: Any,
+    ):
+        keys = {kind: {flat.key for flat in flat_settings(kind)} for kind in (RuntimeSettings, ValidationSettings)}
+        self.runtime = RuntimeSettings().updated(**{k: v for k, v in changes.items() if k in keys[RuntimeSettings]})
+        self.validation = (validation or ValidationSettings()).updated(
+            **{k: v for k, v in changes.items() if k in keys[ValidationSettings]}
+        )
+        rest = {k: v for k, v in changes.items() if k not in keys[RuntimeSettings] | keys[ValidationSettings]}
+        self.settings = (settings or PipelineSettings()).updated(**rest)
+        self.candidates = tuple(candidates)
+        if not self.candidates:
+            raise AnomatuneError("the detector search needs at least one candidate")
+        self.cache = cache
+
+    def check_is_fitted(self) -> None:
+        check_is_fitted(self, "call fit(dataset) first")
+
+    def validation_set(self, good: torch.Tensor, size: tuple[int, int], source: list[str]) -> ValidationSet:
+        """The validation set of the held-out ``good`` images, from the cache when it was built with the same recipe."""
+        v = self.validation
+        key = ValidationSet.key(images=source, size=size, families=v.families, photos=v.photos, defects=v.defects, seed=v.seed)
+        self.validation_key_ = key
+        if self.cache is not None and (cached := ValidationSet.cached(self.cache, key)) is not None:
+            log.info("validation set read from %s", self.cache.path)
+            return cached
+        photos = None if v.photos is None else load_photos(v.photos, size, v.seed)
+        real = None if v.defects is None else real_defects(v.defects, size)
+        return ValidationSet.build(good, v.seed, v.families, photos, real)
+
+    def prepare(self, dataset: AnomalyDataset) -> tuple[AnomalyDataset, list[int], ValidationSet]:
+        """The training images at their input size, those the candidates fit on, and the validation set."""
+        s, v = self.settings, self.validation
+        dataset = dataset.within(self.runtime.max_pixels)
+        dataset.check_readable()
+        resized = dataset.at_size(dataset.size_for(s.features.image_size))
+        kept, held = validation_split(len(resized), v.share, v.seed, v.max_images)
+        if not held:
+            raise AnomatuneError(
+                f"{len(resized)} good training images are too few to hold some out for --detector auto: "
+                "give at least 4, or choose a detector"
+            )
+        fit_index = (
+            kept if len(kept) <= v.fit_images else [kept[i] for i in torch.linspace(0, len(kept) - 1, v.fit_images).long()]
+        )
+        good = load_images(resized.subset(held), desc="validation images")
+        valset = self.validation_set(good, resized.size_hw, [str(resized.records[i].path) for i in held])
+        log.info(
+            "validation: %d held-out good images, %d anomalous (%s); candidates fitted on %d images",
+            len(held),
+            int(valset.labels.sum()),
+            ", ".join(valset.families),
+            len(fit_index),
+        )
+        return resized, fit_index, valset
+
+    def runs(self, train: AnomalyDataset, valset: ValidationSet) -> Iterator[CandidateRun]:
+        """Each candidate fitted on ``train`` (good images at the input size) and scored on ``valset``, in turn.
+
+        The features are extracted once per stage set; the PCA once for the candidates that project."""
+        s = self.settings
+        device = resolve_device(self.runtime.device)
+        loader = DataLoader(train, batch_size=self.runtime.batch_size, collate_fn=collate)
+
+        def extractor_of(layers: tuple[int, ...] | None) -> FeatureExtractor:
+            backbone = create_backbone(s.features.backbone, weights=s.features.backbone_weights)
+            features = s.features.updated(proj=AUTO, proj_dim=PCA_DIM, layers=layers)
+            return FeatureExtractor(features, backbone=backbone, seed=s.seed).to(device)
+
+        self.layers_ = stage_sets(extractor_of(s.features.layers))
+        for stages in dict.fromkeys(c.stages for c in self.candidates if c.stages in self.layers_):
+            extractor = extractor_of(self.layers_[stages])
+            fit_raw = extractor.extract(loader, desc=f"features ({stages} stages)", raw=True)
+            val_raw = extractor.extract(torch.split(valset.images, self.runtime.batch_size), desc="validation features", raw=True)
+            if any(c.proj == "pca" for c in self.candidates if c.stages == stages):
+                extractor.fit_projection_on(fit_raw, seed=s.seed)
+            for candidate in (c for c in self.candidates if c.stages == stages):
+                project = extractor.project if candidate.proj == "pca" else (lambda f: f)
+                began = time.perf_counter()
+                detector = create_detector(candidate.settings(s, self.layers_).detector).fit(project(fit_raw).to(device))
+                outputs = detector_outputs(detector, project(val_raw).to(device), valset.images.shape[-2:], s.postprocess)
+                row = {"candidate": candidate.name, **validation_metrics(valset, *outputs)}
+                row["seconds"] = round(time.perf_counter() - began, 1)
+                log.info("%s: validation %.4f (%.1f s)", candidate.name, row["score"], row["seconds"])
+                yield CandidateRun(candidate, row, detector, extractor, candidate.proj == "pca", outputs)
+            del fit_raw, val_raw
+
+    def fit(self, dataset: AnomalyDataset) -> DetectorSearch:
+        """Score every candidate on the validation set built from ``dataset``'s good images; refit the best on all."""
+        start = time.perf_counter()
+        resized, fit_index, valset = self.prepare(dataset)
+        results = [(run.candidate, run.row) for run in self.runs(resized.subset(fit_index), valset)]
+        if not results:
+            raise AnomatuneError("no candidate applies to this backbone: choose a detector")
+        best_candidate, best_row = max(results, key=lambda pair: pair[1]["score"])  # the first of equals: the cheaper
+        log.info("chose %s (validation %.4f); refitting it on every training image", best_candidate.name, best_row["score"])
+        self.results_ = [row for _, row in results]
+        self.best_candidate_ = best_candidate
+        best = Pipeline(best_candidate.settings(self.settings, self.layers_), **self.runtime.to_dict()).fit(dataset)
+        n_held = int((np.array(valset.groups) == GOOD).sum())
+        best.selection_ = self.selection(best_candidate, n_held, len(fit_index), time.perf_counter() - start)
+        self.best_, self.valset_ = best, valset
+        return self
+
+    def save(self, folder: str | Path) -> RunFolder:
+        """Save the winner as a run, with the candidates' table and the validation set (cached for a refit)."""
+        self.check_is_fitted()
+        run = self.best_.save(folder)
+        with run.lock():
+            self.valset_.save(run, self.validation_key_)
+        return run
+
+    def selection(self, winner: Candidate, n_held: int, n_fit: int, seconds: float) -> dict:
+        """What the run records of the search: the table, the winner and why."""
+        ranked = sorted(self.results_, key=lambda r: -r["score"])
+        runner_up = ranked[1] if len(ranked) > 1 else None
+        why = f"highest validation score ({ranked[0]['score']:.4f}, mean image AUROC over the anomaly families)"
+        if runner_up is not None:
+            why += f"; next: {runner_up['candidate']} ({runner_up['score']:.4f})"
+        return {
+            "winner": winner.name,
+            "why": why,
+            "validation": {
+                "held_out_good_images": n_held,
+                "families": list(self.validation.families) + (["real"] if self.validation.defects else []),
+                "fit_images": n_fit,
+                "seed": self.validation.seed,
+            },
+            "candidates": self.results_,
+            "search_seconds": round(seconds, 1),
+        }

@@ -1,0 +1,59 @@
+"""How the label-free validation set is built, and how candidates are searched on it (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schema import Settings, setting
+
+AUTO_DETECTOR = "auto"  # --detector auto: the detector search of validation.search
+FAMILIES = ("cutpaste", "scar", "texture", "blend", "deform", "color")  # the anomaly families of validation.synthetic
+
+
+def _families(value) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip())
+    unknown = [n for n in names if n not in FAMILIES]
+    if not names or unknown or len(set(names)) < len(names):
+        raise ValueError(f"expected distinct anomaly families among {', '.join(FAMILIES)}, got {value!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class ValidationSettings(Settings):
+    """The validation set: held-out good images, the same with synthetic anomalies, and any real defects given."""
+
+    section = "validation"
+    flag_prefix = "validation-"
+    share: float = setting(
+        0.2, "Share of the good training images held out (seeded) to build the validation set.", interval="(0, 0.9]"
+    )
+    max_images: int = setting(30, "Good images held out for the validation set at most.", interval="[2, 100000]")
+    families: tuple[str, ...] = setting(
+        FAMILIES,
+        f"Synthetic anomaly families, comma-separated ({', '.join(FAMILIES)}).",
+        parse=_families,
+    )
+    photos: str | None = setting(
+        None,
+        "Folder of photos whose crops fill the 'texture' anomalies (keep it apart from the fine-tuning's "
+        "--negatives); default: procedural textures.",
+        metavar="DIR",
+        aliases=("validation-negatives",),
+    )
+    defects: str | None = setting(
+        None,
+        "Folder of a few real defective images (never from a test split), masks optional as <stem>_mask.png beside "
+        "them: added to the validation as one more family, 'real'.",
+        metavar="DIR",
+    )
+    fit_images: int = setting(
+        300,
+        "Good images each candidate is fitted on during the search at most (seeded choice); the winner is refit on all.",
+        interval="[2, 100000]",
+    )
+    seed: int = setting(0, "Seed of the held-out images and of the synthetic anomalies.")
+
+    @property
+    def folders(self) -> list[str]:
+        """The folders the validation reads: where no output may go."""
+        return [f for f in (self.photos, self.defects) if f]
