@@ -48,11 +48,11 @@ def score_features(detector, features, size_hw, batch: int = 16):
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:
-    """``results/NAME.json`` and ``results/NAME.md``."""
-    import json
+    """``results/NAME.json`` (strict: a value that does not apply is ``null``) and ``results/NAME.md``."""
+    from anomatune.folders.base import json_text
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json_text(data))
     (RESULTS / f"{name}.md").write_text(markdown)
 
 

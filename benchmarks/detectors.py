@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from anomatune import Pipeline, open_dataset
+from anomatune.folders.base import json_text
 from anomatune.pipeline.scoring import score_dataset
 from common import DATASETS, FIRST_TWO, RESULTS, SQUARE
 from common import dataset as dataset_path
@@ -69,9 +70,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     command = ("python benchmarks/detectors.py " + " ".join(sys.argv[1:])).strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"command": command, "backbone": args.backbone, "rows": rows}, indent=2) + "\n"
-    )
+    (RESULTS / f"{args.name}.json").write_text(json_text({"command": command, "backbone": args.backbone, "rows": rows}, indent=2))
     lines = [
         f"# Detectors on the frozen {args.backbone} backbone ({args.normalization} normalisation)",
         "",

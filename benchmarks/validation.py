@@ -253,6 +253,11 @@ def aggregate_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def not_applicable_as_nan(mapping: dict) -> dict:
+    """A stored ``null`` (a value that does not apply) back to NaN, as the tables are computed with it."""
+    return {k: float("nan") if v is None else v for k, v in mapping.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -261,7 +266,7 @@ def main() -> None:
     parser.add_argument("--tables-only", action="store_true", help="rewrite the Markdown from results/NAME.json, no run")
     args = parser.parse_args()
     if args.tables_only:
-        stored = json.loads((RESULTS / f"{args.name}.json").read_text())
+        stored = json.loads((RESULTS / f"{args.name}.json").read_text(), object_hook=not_applicable_as_nan)
         command = stored.get("command", "python benchmarks/validation.py")
         write_results(args.name, {"command": command, "results": stored["results"]}, markdown(stored["results"], command))
         return
