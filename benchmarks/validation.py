@@ -45,17 +45,13 @@ REAL_COUNTS = (1, 3, 5)
 REAL_DRAWS = 3
 
 
-def test_outputs(run, loader, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, masks, maps and scores of the test split through a search candidate (features cached per stage set)."""
+def test_outputs(run, loader, cache: dict, postprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Maps and scores of the test split through a search candidate (features cached per stage set)."""
     key = (id(run.extractor), run.projected)
     if key not in cache:
         cache[key] = torch.cat([run.features(batch["image"]).cpu() for batch in loader])
-    maps, scores = detector_outputs(run.detector, cache[key], tuple(loader.dataset.size_hw), run_postprocess())
+    maps, scores = detector_outputs(run.detector, cache[key], tuple(loader.dataset.size_hw), postprocess)
     return maps.numpy(), scores.numpy()
-
-
-def run_postprocess():
-    return PipelineSettings().postprocess
 
 
 def spearman(x, y) -> float:
@@ -104,7 +100,7 @@ def category(name: str, photos: bool) -> dict:
     test_seconds = 0.0
     for run in search.runs(resized.subset(fit_index), valset):
         began = time.perf_counter()
-        maps, scores = test_outputs(run, loader, cache)
+        maps, scores = test_outputs(run, loader, cache, settings.postprocess)
         metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(pixel_curves(masks, maps))
         rows.append({**run.row, "test": metrics})
         outputs.append((run.outputs, maps, scores))

@@ -44,7 +44,7 @@ from ..models.settings import DetectorSettings, detector_settings
 from ..pipeline.settings import RuntimeSettings
 from ..validation.scoring import score_detector
 from ..validation.search import SEARCH_EM
-from ..validation.sets import ValidationSet, load_images, load_photos, real_defects, validation_split
+from ..validation.sets import ValidationSet, load_images, validation_set, validation_split
 from ..validation.settings import ValidationSettings
 from . import diagnostics
 from .ddp import ProcessGroup
@@ -148,15 +148,9 @@ class Finetuner:
             if s.validation_share:
                 log.warning("too few good images to hold some out: no validation, the last step is kept")
             return images, None
-        self.valset_key = ValidationSet.key(
-            held=held, size=self.size, families=v.families, photos=v.photos, defects=v.defects, seed=s.seed
+        valset, self.valset_key, self.valset_cached = validation_set(
+            self.outputs.folder, images[held], v, s.seed + 2, held, photo_seed=s.seed
         )
-        valset = ValidationSet.cached(self.outputs.folder, self.valset_key)
-        self.valset_cached = valset is not None
-        if valset is None:
-            photos = None if v.photos is None else load_photos(v.photos, self.size, s.seed)
-            real = None if v.defects is None else real_defects(v.defects, self.size)
-            valset = ValidationSet.build(images[held], s.seed + 2, v.families, photos, real)
         log.info(
             "validation: %d held-out good images, %d anomalous (%s)",
             len(held),

@@ -37,7 +37,7 @@ from ..pipeline.pipeline import Pipeline
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..schema import flat_settings
 from .scoring import detector_outputs, validation_metrics
-from .sets import GOOD, ValidationSet, load_images, load_photos, real_defects, validation_split
+from .sets import GOOD, ValidationSet, load_images, validation_set, validation_split
 from .settings import ValidationSettings
 
 log = logging.getLogger(__name__)
@@ -154,18 +154,6 @@ class DetectorSearch:
     def check_is_fitted(self) -> None:
         check_is_fitted(self, "call fit(dataset) first")
 
-    def validation_set(self, good: torch.Tensor, size: tuple[int, int], source: list[str]) -> ValidationSet:
-        """The validation set of the held-out ``good`` images, from the cache when it was built with the same recipe."""
-        v = self.validation
-        key = ValidationSet.key(images=source, size=size, families=v.families, photos=v.photos, defects=v.defects, seed=v.seed)
-        self.validation_key_ = key
-        if self.cache is not None and (cached := ValidationSet.cached(self.cache, key)) is not None:
-            log.info("validation set read from %s", self.cache.path)
-            return cached
-        photos = None if v.photos is None else load_photos(v.photos, size, v.seed)
-        real = None if v.defects is None else real_defects(v.defects, size)
-        return ValidationSet.build(good, v.seed, v.families, photos, real)
-
     def prepare(self, dataset: AnomalyDataset) -> tuple[AnomalyDataset, list[int], ValidationSet]:
         """The training images at their input size, those the candidates fit on, and the validation set."""
         s, v = self.settings, self.validation
@@ -182,7 +170,9 @@ class DetectorSearch:
             kept if len(kept) <= v.fit_images else [kept[i] for i in torch.linspace(0, len(kept) - 1, v.fit_images).long()]
         )
         good = load_images(resized.subset(held), desc="validation images")
-        valset = self.validation_set(good, resized.size_hw, [str(resized.records[i].path) for i in held])
+        valset, self.validation_key_, _ = validation_set(
+            self.cache, good, v, v.seed, [str(resized.records[i].path) for i in held]
+        )
         log.info(
             "validation: %d held-out good images, %d anomalous (%s); candidates fitted on %d images",
             len(held),
@@ -205,9 +195,10 @@ class DetectorSearch:
             features = s.features.updated(proj=AUTO, proj_dim=PCA_DIM, layers=layers)
             return FeatureExtractor(features, backbone=backbone, seed=s.seed).to(device)
 
-        self.layers_ = stage_sets(extractor_of(s.features.layers))
+        default = extractor_of(s.features.layers)
+        self.layers_ = stage_sets(default)
         for stages in dict.fromkeys(c.stages for c in self.candidates if c.stages in self.layers_):
-            extractor = extractor_of(self.layers_[stages])
+            extractor = default if stages == DEFAULT else extractor_of(self.layers_[stages])
             fit_raw = extractor.extract(loader, desc=f"features ({stages} stages)", raw=True)
             val_raw = extractor.extract(torch.split(valset.images, self.runtime.batch_size), desc="validation features", raw=True)
             if any(c.proj == "pca" for c in self.candidates if c.stages == stages):

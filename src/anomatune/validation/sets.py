@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..data.datasets import AnomalyDataset, NaturalImages, Record, collate, find_mask, seeded_split
 from ..data.images import list_images
 from ..errors import DataError
 from ..folders.base import VALIDATION, Folder
-from .settings import FAMILIES
+from .settings import FAMILIES, ValidationSettings
 from .synthetic import synthesize
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def validation_split(n: int, share: float, seed: int, max_held: int) -> tuple[li
 
 def load_images(dataset, batch_size: int = 16, desc: str = "load images") -> torch.Tensor:
     """Every image of a dataset (already at its input size) in one ``(N, 3, H, W)`` tensor."""
-    from tqdm.auto import tqdm
-
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     return torch.cat([batch["image"] for batch in tqdm(loader, desc=desc, leave=False)])
 
@@ -73,6 +72,30 @@ def load_photos(folder: str | Path, size_hw: tuple[int, int], seed: int) -> torc
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(photos), generator=generator)[:PHOTOS].tolist()
     return torch.stack([photos[i] for i in chosen])
+
+
+def validation_set(
+    cache: Folder | None,
+    good: torch.Tensor,
+    settings: ValidationSettings,
+    seed: int,
+    held: Sequence,
+    photo_seed: int | None = None,
+) -> tuple[ValidationSet, str, bool]:
+    """The validation set of the held-out ``good`` images (at their input size): read from ``cache`` when it was
+    built there with the same recipe, else built (photos drawn with ``photo_seed``, default ``seed``).
+
+    ``held`` names the held-out images (paths or indices) in the cache key. Returns the set, its key (to cache
+    it with :meth:`ValidationSet.save`) and whether it came from the cache."""
+    size = tuple(good.shape[-2:])
+    v = settings
+    key = ValidationSet.key(held=list(held), size=size, families=v.families, photos=v.photos, defects=v.defects, seed=seed)
+    if cache is not None and (cached := ValidationSet.cached(cache, key)) is not None:
+        log.info("validation set read from %s", cache.path)
+        return cached, key, True
+    photos = None if v.photos is None else load_photos(v.photos, size, seed if photo_seed is None else photo_seed)
+    real = None if v.defects is None else real_defects(v.defects, size)
+    return ValidationSet.build(good, seed, v.families, photos, real), key, False
 
 
 @dataclass
