@@ -21,7 +21,7 @@ protocol), at the default input size (short side 256, aspect ratio kept), with t
 default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
 ``benchmarks/results/<name>.json``; ``--table`` turns result files into ``<name>.md``.
 
-    python benchmarks/finetune.py --configs default --seeds 0 1 2 --name finetune
+    python benchmarks/finetune.py --configs default --seeds 0 1 2 --explore issue21_default near+pasted --name finetune
     python benchmarks/finetune.py --configs adaptor adaptor_cutpaste --seeds 0 --then-best-seeds 1 2 --budget 540
     python benchmarks/finetune.py --table finetune_gpu.json finetune_cpu.json --name finetune
 """
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
 from anomatune import open_dataset
@@ -51,12 +52,15 @@ from anomatune.folders.kinds import FinetuneFolder, RunFolder
 from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
+from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM
 from anomatune.validation.settings import ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, score_features
 from common import dataset as dataset_path
 
 VALIDATION_NEGATIVES = SHARED / "natural" / "imagen"
-DETECTOR_SETTINGS = {"patchcore": {"coreset_ratio": 0.01}}  # 0.1 takes 4–11 min a fit on the 2-core CPU
+# the detectors as the detector search fits them (validation.search): the defaults take up to 7 (GLAD) and 27 min
+# (PatchCore, coreset 0.01) a fit on one CPU thread; frozen and fine-tuned rows use the same, so the differences pair
+DETECTOR_SETTINGS = {"glad": dict(SEARCH_EM), "gmm": dict(SEARCH_EM), "patchcore": dict(SEARCH_CORESET)}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 ADAPTOR = {"mode": "adaptor"}  # lr 1e-3 (the default for the adaptor)
 BACKBONE = {"mode": "backbone"}  # lr 3e-5 (the default for the backbone)
@@ -77,6 +81,18 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
     "adaptor_lr1e-2": ADAPTOR | {"lr": 1e-2},
     "adaptor_1000_steps": ADAPTOR | {"steps": 1000, "checkpoint_every": 200},
     "adaptor_width8": ADAPTOR | {"adaptor_width": 8},
+    # issue 22: near negatives, the loss where the anomaly is, a curriculum, a guide per detector
+    "issue21_default": ADAPTOR | {"negative_mode": "pasted", "context_positives": False},
+    "near": ADAPTOR | {"negative_mode": "synthetic"},
+    "near+pasted": ADAPTOR | {"negative_mode": "synthetic+pasted"},
+    "near+noise": ADAPTOR | {"negative_mode": "synthetic+noise"},
+    "near_no_context": ADAPTOR | {"negative_mode": "synthetic", "context_positives": False},
+    "near_no_curriculum": ADAPTOR | {"negative_mode": "synthetic", "curriculum": 0.0},
+    "near_padim_guide": ADAPTOR | {"negative_mode": "synthetic", "guide": "padim", "validator": "padim"},
+    "near_knn_guide": ADAPTOR
+    | {"negative_mode": "synthetic", "guide": {"name": "patchcore", "coreset_ratio": 0.01}, "validator": "patchcore"},
+    "backbone_near": BACKBONE | {"negative_mode": "synthetic"},
+    "backbone_near_trust_late": BACKBONE | {"negative_mode": "synthetic", "trust": 1.0, "frozen_blocks": 3},
 }
 
 
@@ -117,7 +133,8 @@ class Category:
         detector = create_detector(settings).fit(train_features.to(self.device))
         maps, scores = score_features(detector, test_features.to(self.device), self.size)
         result = split_metrics(self.labels, scores, pixel_curves(self.masks, maps))
-        return {m: None if np.isnan(result[m]) else round(result[m], 4) for m in METRICS}
+        metrics = {m: None if np.isnan(result[m]) else round(result[m], 4) for m in METRICS}
+        return metrics | {"image_scores": [float(f"{v:.6g}") for v in scores]}  # for the bootstrap over test images
 
 
 def _mean_std(values) -> str:
@@ -151,6 +168,83 @@ def _spearman(x, y) -> float:
     return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
 
 
+BOOTSTRAP = 2000  # resamples of the paired bootstrap
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Image AUROC by the rank-sum (ties averaged)."""
+    ranks = rankdata(scores)
+    n_pos = labels.sum()
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(labels) - n_pos)))
+
+
+def bootstrap_deltas(labels: np.ndarray, frozen: np.ndarray, tuned: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """``BOOTSTRAP`` resamples of the mean over seeds of fine-tuned minus frozen image AUROC: the test images
+    (good and defective ones resampled apart) and the seeds drawn with replacement, paired."""
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    out = np.empty(BOOTSTRAP)
+    for b in range(BOOTSTRAP):
+        idx = np.concatenate([rng.choice(good, len(good)), rng.choice(bad, len(bad))])
+        seeds = rng.integers(len(tuned), size=len(tuned))
+        base = _auroc(labels[idx], frozen[idx])
+        out[b] = np.mean([_auroc(labels[idx], tuned[k][idx]) - base for k in seeds])
+    return out
+
+
+def _interval(values: np.ndarray) -> str:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
+def bootstrap_table(parts: list[dict], config: str = "default") -> list[str]:
+    """Per detector and category, the paired difference (mean over seeds) with its bootstrap 95 % interval, and the
+    six-category mean with its interval (each category resampled on its own)."""
+    labels = {name: np.asarray(v) for p in parts for name, v in p.get("labels", {}).items()}
+    rows = [r for p in parts for r in p["rows"] if "image_scores" in r]
+    frozen = {(r["dataset"], r["model"]): np.asarray(r["image_scores"]) for r in rows if r["backbone"] == "frozen"}
+    tuned: dict[tuple[str, str], list] = {}
+    for r in rows:
+        if r["backbone"] == "fine-tuned" and r["config"] == config:
+            tuned.setdefault((r["dataset"], r["model"]), []).append(r)
+    datasets = [d for d in DATASETS if any(key[0] == d for key in tuned)]
+    models = sorted({key[1] for key in tuned})
+    if not tuned:
+        return []
+    rng = np.random.default_rng(0)
+    lines = [
+        f"## `{config}`: fine-tuned minus frozen image AUROC, with its bootstrap 95 % interval",
+        "",
+        f"Paired: the same test images score both backbones; {BOOTSTRAP} resamples of the test images (good and "
+        "defective apart) and of the seeds. The mean over categories resamples each category on its own. AUPRO: the "
+        "mean over categories of fine-tuned minus frozen (no interval). Fallbacks: runs that kept the frozen backbone.",
+        "",
+        "| detector | " + " | ".join(datasets) + " | mean | mean Δ AUPRO | fallbacks |",
+        "|---|" + "---|" * (len(datasets) + 3),
+    ]
+    for model in models:
+        cells, draws, aupro, fallbacks, runs = [], [], [], 0, 0
+        for d in datasets:
+            group = tuned.get((d, model), [])
+            if not group or (d, model) not in frozen:
+                cells.append("–")
+                continue
+            scores = [np.asarray(r["image_scores"]) for r in group]
+            base = frozen[(d, model)]
+            delta = np.mean([_auroc(labels[d], t) - _auroc(labels[d], base) for t in scores])
+            resampled = bootstrap_deltas(labels[d], base, scores, rng)
+            draws.append(resampled)
+            cells.append(f"{delta:+.4f} {_interval(resampled)}")
+            base_row = next(r for r in rows if (r["dataset"], r["model"], r["backbone"]) == (d, model, "frozen"))
+            if base_row["aupro"] is not None:
+                aupro.append(np.mean([r["aupro"] - base_row["aupro"] for r in group]))
+            fallbacks, runs = fallbacks + sum(r["fallback"] for r in group), runs + len(group)
+        mean = np.mean([float(c.split()[0]) for c in cells if c != "–"])
+        interval = _interval(np.mean(draws, axis=0)) if draws else ""
+        aupro_cell = f"{np.mean(aupro):+.4f}" if aupro else "–"
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | **{mean:+.4f}** {interval} | {aupro_cell} | {fallbacks}/{runs} |")
+    return lines + [""]
+
+
 def write_table(files: list[Path], out: Path) -> None:
     """The Markdown tables of one or more results files."""
     parts = [json.loads(f.read_text()) for f in files]
@@ -171,6 +265,7 @@ def write_table(files: list[Path], out: Path) -> None:
         ],
         "",
     ]
+    lines += bootstrap_table(parts)
     lines += [
         "## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)",
         "",
@@ -249,6 +344,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
+        "--explore", nargs="*", default=[], choices=list(CONFIGS), help="Configurations run at the first seed only."
+    )
+    parser.add_argument(
         "--then-best-seeds", nargs="*", type=int, default=[], help="Seeds for the best configuration by validation."
     )
     parser.add_argument(
@@ -287,7 +385,7 @@ def main() -> None:
 
     def record(row: dict) -> None:
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "image_scores"}), flush=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(header | {"rows": rows}, indent=1) + "\n")
 
     def in_budget() -> bool:
@@ -298,6 +396,7 @@ def main() -> None:
     def run_category(name: str, plan: list[tuple[str, int]]) -> None:
         """Load a category, score its frozen baseline (once), then fine-tune and score each (configuration, seed) of ``plan``."""
         cat = Category(name, device, workers)
+        header.setdefault("labels", {})[name] = cat.labels.astype(int).tolist()
         frozen = cat.features(None)
         for model in sorted(set(args.models) | set(args.last_models)):
             if (name, model) not in baseline:
@@ -365,7 +464,8 @@ def main() -> None:
 
     for name in args.datasets:  # one category in memory at a time
         if in_budget():
-            run_category(name, [(config, seed) for config in args.configs for seed in args.seeds])
+            plan = [(config, seed) for config in args.configs for seed in args.seeds]
+            run_category(name, plan + [(config, args.seeds[0]) for config in args.explore])
     if args.then_best_seeds and in_budget():
         gains = {
             c: statistics.mean(r["validation_gain"] for r in rows if r.get("config") == c and r["backbone"] == "fine-tuned")

@@ -12,10 +12,12 @@ TINY_GUIDE = {"name": "gmm", "n_components": 2, "normalize": False}
 
 
 def tiny_settings(**changes) -> FinetuneSettings:
-    """A fine-tuning that runs in seconds on the tiny data: the fast backbone, 4 steps of 2 good and 2 negative images."""
+    """A fine-tuning that runs in seconds on the tiny data: the fast backbone, 4 steps of 2 good and 2 negative images
+    (pasted ones: on 40x30 px images a synthetic defect may cover no whole feature patch)."""
     base = dict(
         FAST,
         mode="backbone",
+        negative_mode="pasted",
         proj_dim=8,
         steps=4,
         batch_pos=2,

@@ -11,7 +11,7 @@ from anomatune.features.backbones import create_backbone
 from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune import Finetuner, FinetuneSettings, finetune, loop
-from anomatune.finetune.negatives import NegativeSampler
+from anomatune.finetune.negatives import TOUCHED, NegativeSampler
 from anomatune.folders.base import VALIDATION
 from anomatune.folders.kinds import FinetuneFolder
 from anomatune.validation.sets import ValidationSet
@@ -114,7 +114,7 @@ def test_the_validation_set_is_built_once_and_a_resume_reads_it(train, natural_d
 
 def test_cutpaste_negatives_come_from_the_product_and_need_no_photos(train, tmp_path):
     good = torch.rand(4, 3, 64, 64)
-    images, masks = NegativeSampler(None, good, FinetuneSettings(negative_mode="cutpaste")).sample(
+    images, masks, _ = NegativeSampler(None, good, FinetuneSettings(negative_mode="cutpaste")).sample(
         3, torch.Generator().manual_seed(0)
     )
     outside = masks.expand_as(images) == 0
@@ -129,7 +129,7 @@ def test_cutpaste_negatives_come_from_the_product_and_need_no_photos(train, tmp_
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"negative_mode": "pasted+glitter"}, "use one or more of photos, pasted, cutpaste, noise"),
+        ({"negative_mode": "pasted+glitter"}, "use one or more of photos, pasted, cutpaste, synthetic, noise"),
         ({"negative_mode": "pasted+pasted"}, "use one or more of"),
         ({"negative_mode": "noise"}, "noise needs an image kind beside it"),
         ({"negative_mode": "pasted+cutpaste+noise", "batch_neg": 2}, "at least the number of negative kinds"),
@@ -140,3 +140,39 @@ def test_cutpaste_negatives_come_from_the_product_and_need_no_photos(train, tmp_
 def test_bad_finetune_settings_get_one_line(changes, message):
     with pytest.raises(SettingsError, match=message):
         FinetuneSettings().updated(**changes)
+
+
+def test_near_negatives_follow_the_curriculum_from_obvious_to_subtle():
+    settings = FinetuneSettings(negative_mode="synthetic", steps=100, curriculum=0.5)
+    assert [settings.severity_floor(step) for step in (0, 25, 50, 99)] == [1.0, 0.5, 0.0, 0.0]
+    assert settings.updated(curriculum=0.0).severity_floor(0) == 0.0
+    good = torch.rand(4, 3, 64, 64)
+    sampler = NegativeSampler(None, good, settings, families=("cutpaste", "color"))
+    images, masks, severities = sampler.sample(6, torch.Generator().manual_seed(0), targets=good[[0, 1, 2, 3, 0, 1]], floor=0.8)
+    assert ((severities >= 0.8) & (severities <= 1)).all() and ((masks == 1).sum((1, 2, 3)) > 0).all()
+    untouched = masks.expand_as(images) == 0
+    assert torch.equal(images[untouched], good[[0, 1, 2, 3, 0, 1]][untouched])  # the colour blob's fade is marked too
+    assert (masks[1::2] == TOUCHED).any() and set(masks.unique().tolist()) <= {0.0, TOUCHED, 1.0}
+    again = sampler.sample(6, torch.Generator().manual_seed(0), targets=good[[0, 1, 2, 3, 0, 1]], floor=0.8)
+    assert torch.equal(again.images, images)  # seeded
+
+
+def test_the_loss_sits_where_the_anomaly_is(train, natural_dir, tmp_path, monkeypatch):
+    from anomatune.finetune.loss import MixtureLoss
+    from anomatune.finetune.negatives import clean_mask, patch_mask
+
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[0, 0, 0, 0] = 1.0  # one pixel of the first 4x4 patch: neither negative nor clean
+    masks[0, 0, 4:, 4:] = 1.0  # the last patch, whole: negative
+    assert patch_mask(masks, (2, 2)).tolist() == [False, False, False, True]
+    assert clean_mask(masks, (2, 2)).tolist() == [False, True, True, False]
+    counts, original = {}, MixtureLoss.positive
+    for context in (True, False):  # how many patches the step's L_pos averages over
+        tuner = Finetuner(train, natural_dir, tmp_path / f"ft{context}", _tiny(context_positives=context), device="cpu")
+        tuner.setup()
+        spy = lambda self, ld, context=context: counts.setdefault(context, len(ld)) and original(self, ld)  # noqa: E731
+        monkeypatch.setattr(MixtureLoss, "positive", spy)
+        tuner.step(tuner.optimizer())
+    assert counts[True] > counts[False]  # the negatives' untouched patches join the good ones
+    with pytest.raises(AnomatuneError, match="covers a whole feature patch .* --negative-mode pasted"):
+        Finetuner(train, natural_dir, tmp_path / "subtle", _tiny(negative_mode="synthetic"), device="cpu").setup()

@@ -178,9 +178,28 @@ def test_errors_are_explained():
         PaDiM(GMM().settings)
 
 
-def test_density_models_follow_the_protocol_the_finetuning_needs():
-    assert {name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)} == {"gmm", "glad", "padim"}
-    assert isinstance(GLAD(), DensityModel) and not isinstance(PatchCore(), DensityModel)
+def test_every_detector_can_guide_the_finetuning():
+    assert {name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)} == set(DETECTORS)
+    assert isinstance(GLAD(), DensityModel) and isinstance(PatchCore(), DensityModel)
+
+
+def test_patchcore_soft_knn_density_and_its_online_step_by_hand():
+    bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    core = PatchCore(coreset_ratio=1.0).fit(bank.T.reshape(1, 2, 1, 3))  # one image of three patches: all kept
+    assert torch.equal(core.memory_bank_, bank)
+    h = 3.0  # each bank patch's nearest other: 3, 3 and 4; their median
+    assert core.bandwidth() == pytest.approx(h)
+    u = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    d2 = torch.tensor([2.0, 5.0, 10.0])
+    expected = torch.logsumexp(-d2 / (2 * h**2), 0) - math.log(3)
+    log_density = core.log_density(u)
+    assert log_density.item() == pytest.approx(expected.item(), abs=1e-5)
+    log_density.sum().backward()  # ∇ = Σ_j w_j (m_j − u) / h², w = softmax(−d²/2h²)
+    weights = torch.softmax(-d2 / (2 * h**2), 0)
+    grad = (weights[:, None] * (core.memory_bank_ - u.detach())).sum(0) / h**2
+    assert torch.allclose(u.grad[0], grad, atol=1e-5)
+    core.online_update(torch.tensor([[0.5, 0.0], [0.0, 0.5], [3.0, 1.0]]), None, decay=0.75)  # nearest: 0, 0, 1
+    assert torch.allclose(core.memory_bank_, torch.tensor([[0.0625, 0.0625], [3.0, 0.25], [0.0, 4.0]]))
 
 
 def test_refitting_forgets_the_previous_fit():

@@ -39,17 +39,17 @@ from ..features.extractor import FeatureExtractor
 from ..folders.base import refuse_inside
 from ..folders.kinds import FinetuneFolder
 from ..models.base import DensityModel, flatten_patches
-from ..models.registry import DETECTORS, create_detector
+from ..models.registry import create_detector
 from ..models.settings import DetectorSettings, detector_settings
 from ..pipeline.settings import RuntimeSettings
 from ..validation.scoring import score_detector
-from ..validation.search import SEARCH_EM
+from ..validation.search import SEARCH_CORESET, SEARCH_EM
 from ..validation.sets import ValidationSet, load_images, validation_set, validation_split
 from ..validation.settings import ValidationSettings
 from . import diagnostics
 from .ddp import ProcessGroup
 from .loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
-from .negatives import NegativeSampler, patch_mask
+from .negatives import NegativeSampler, clean_mask, patch_mask
 from .outputs import FinetuneOutputs
 from .settings import FinetuneSettings
 from .state import TrainingState
@@ -62,25 +62,20 @@ COLLAPSE_RATIO = 0.25  # good-feature variance falling below this share of the s
 
 def validator_settings(settings: FinetuneSettings) -> DetectorSettings:
     """The detector that scores the validation: the user's (``validator``), seeded by the fine-tuning's seed, with the
-    detector search's EM budget for the mixtures (it is refit at every checkpoint)."""
+    detector search's budget (EM for the mixtures, coreset for PatchCore: it is refit at every checkpoint)."""
     validator = detector_settings(settings.validator)
     if hasattr(validator, "max_iter"):
         validator = validator.updated(**dict(SEARCH_EM))
+    if hasattr(validator, "coreset_ratio"):
+        validator = validator.updated(**dict(SEARCH_CORESET))
     return validator.updated(seed=settings.seed) if hasattr(validator, "seed") else validator
 
 
 def guide_for(settings: FinetuneSettings) -> DensityModel:
-    """The guiding model: a fresh detector of the guide settings, seeded by the fine-tuning's seed.
-
-    It must be a :class:`DensityModel`; anything else is refused before any work starts.
-    """
-    guide = create_detector(settings.guide.updated(seed=settings.seed) if hasattr(settings.guide, "seed") else settings.guide)
-    if not isinstance(guide, DensityModel):
-        usable = [name for name, cls in DETECTORS.items() if issubclass(cls, DensityModel)]
-        raise AnomatuneError(
-            f"{guide.name} cannot guide the fine-tuning: it has no log_density and online_update; use one of {', '.join(usable)}"
-        )
-    return guide
+    """The guiding model: a fresh detector of the guide settings (every detector is a :class:`DensityModel`), seeded
+    by the fine-tuning's seed."""
+    guide = settings.guide.updated(seed=settings.seed) if hasattr(settings.guide, "seed") else settings.guide
+    return create_detector(guide)
 
 
 class Finetuner:
@@ -129,7 +124,7 @@ class Finetuner:
         self.good, self.valset = self.hold_out(load_images(train.at_size(self.size), desc="load good images"))
         self.fit_index = torch.linspace(0, len(self.good) - 1, min(s.validation_fit_images, len(self.good))).long()
         natural = None if negatives is None else NaturalImages(negatives, image_size=self.size)
-        self.sampler = NegativeSampler(natural, self.good, s)
+        self.sampler = NegativeSampler(natural, self.good, s, validation.families)
         self.n_noise = sum(s.negative_kinds[i % len(s.negative_kinds)] == "noise" for i in range(s.batch_neg))
         backbone = create_backbone(s.features.backbone, weights=s.features.backbone_weights)
         self.extractor = FeatureExtractor(s.features, backbone=backbone, seed=s.seed).to(self.device)
@@ -137,7 +132,9 @@ class Finetuner:
         self.state = TrainingState.fresh(s.seed)
         n_diag = min(s.diag_images, len(self.good))
         self.diag_good = self.good[torch.linspace(0, len(self.good) - 1, n_diag).long()]
-        self.diag_negatives, self.diag_masks = self.sampler.sample(s.diag_images, torch.Generator().manual_seed(s.seed + 1))
+        self.diag_negatives, self.diag_masks, _ = self.sampler.sample(  # as the first step's: the curriculum's start
+            s.diag_images, torch.Generator().manual_seed(s.seed + 1), floor=s.severity_floor(0)
+        )
         self.loss = MixtureLoss(s.alpha, temperature=s.temperature)
 
     def hold_out(self, images: torch.Tensor) -> tuple[torch.Tensor, ValidationSet | None]:
@@ -183,6 +180,11 @@ class Finetuner:
         good_ld = diagnostics.log_densities(self.guide, u, grid)
         _, neg_u, _ = diagnostics.patch_features(self.extractor, self.diag_negatives, diagnostics.FEATURE_BATCH)
         neg_ld = diagnostics.log_densities(self.guide, neg_u, grid)[patch_mask(self.diag_masks, grid)]
+        if not len(neg_ld):
+            raise AnomatuneError(
+                f"no negative ({s.negative_mode}) covers a whole feature patch of these {tuple(self.size)} px images: "
+                "fine-tune at a larger --image-size or with --negative-mode pasted"
+            )
         if s.temperature == 0:
             self.loss.temperature = auto_temperature(good_ld, neg_ld)
             log.info("temperature (auto): %.3g", self.loss.temperature)
@@ -213,7 +215,8 @@ class Finetuner:
         one (see :mod:`.ddp`); on one process the shares are the whole batch.
         """
         s, g, group, state = self.settings, self.state.generator, self.group, self.state
-        stage, masks, frozen = self.strategy.batch(self.good, self.sampler, s.batch_neg - self.n_noise, g)
+        floor = s.severity_floor(state.step)
+        stage, masks, frozen = self.strategy.batch(self.good, self.sampler, s.batch_neg - self.n_noise, g, floor)
         raw = self.extractor.adapt(stage)
         features = self.extractor.project(raw)
         mine = group.share(s.batch_pos)
@@ -222,6 +225,9 @@ class Finetuner:
         u = flatten_patches(features)
         positions = torch.arange(h * w, device=self.device).repeat(b)
         negative_patches = n_pos + torch.nonzero(patch_mask(masks, (h, w))).flatten().to(self.device)
+        context = torch.zeros(0, dtype=torch.long, device=self.device)
+        if s.context_positives:  # the untouched patches of the negative images are good ones
+            context = n_pos + torch.nonzero(clean_mask(masks, (h, w))).flatten().to(self.device)
         u_neg, neg_positions = u[negative_patches], positions[negative_patches]
         if self.n_noise:  # good patches moved along the guide space's low-variance directions
             source = torch.randint(s.batch_pos, (self.n_noise,), generator=g)
@@ -232,18 +238,21 @@ class Finetuner:
             u_neg = torch.cat([u_neg, noisy + s.noise_scale * noise])
             neg_positions = torch.cat([neg_positions, positions[: h * w].repeat(int(local.sum()))])
         self.guide.online_update(group.gather(u[:n_pos]), positions[: h * w].repeat(s.batch_pos), s.decay)
-        ld_pos = self.guide.log_density(u[:n_pos], positions[:n_pos])
+        positive_patches = torch.cat([torch.arange(n_pos, device=self.device), context])
+        ld_pos = self.guide.log_density(u[positive_patches], positions[positive_patches])
         ld_neg = self.guide.log_density(u_neg, neg_positions)
         kept = keep_negatives(
             ld_neg, self.loss, s.filter, s.filter_fraction, population=group.gather(ld_neg) if group.size > 1 else None
         )
-        n_all_pos, n_all_neg, n_all_kept = group.sum(torch.tensor([n_pos, len(ld_neg), len(kept)], dtype=torch.float64)).tolist()
+        n_all_good, n_all_pos, n_all_neg, n_all_kept = group.sum(
+            torch.tensor([n_pos, len(ld_pos), len(ld_neg), len(kept)], dtype=torch.float64)
+        ).tolist()
         loss_pos = self.loss.positive(ld_pos).sum() / n_all_pos
         loss_neg = self.loss.negative(ld_neg[kept]).sum() / max(n_all_kept, 1)
         loss = loss_pos + loss_neg
         drift = torch.zeros((), device=self.device)
         if s.trust and frozen is not None:
-            drift = (raw[: len(frozen)] - frozen).pow(2).sum(1).sum() / n_all_pos / self.frozen_variance(frozen)
+            drift = (raw[: len(frozen)] - frozen).pow(2).sum(1).sum() / n_all_good / self.frozen_variance(frozen)
             loss = loss + s.trust * drift
         with torch.no_grad():
             p_neg = self.loss.p_inside(ld_neg)

@@ -1,4 +1,5 @@
-"""Negatives: natural photos colour-mapped onto good product images, or boxes cut from the product itself.
+"""Negatives: natural photos colour-mapped onto good product images, boxes cut from the product itself, or near
+negatives (the validation's synthetic anomaly families, drawn from the fine-tuning's own seeds and photos).
 
 Every random draw goes through one ``torch.Generator`` whose state is saved with the
 checkpoints, so a resumed run draws exactly the negatives an uninterrupted one would.
@@ -7,13 +8,28 @@ checkpoints, so a resumed run draws exactly the negatives an uninterrupted one w
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..data.color import transfer
 from ..data.datasets import NaturalImages
+from ..validation.synthetic import synthesize
 from .settings import IMAGE_NEGATIVES, FinetuneSettings
+
+TEXTURES = 8  # natural crops drawn per call as the texture family's sources
+TOUCHED = 0.5  # mask value of pixels a synthetic anomaly changed outside its mask: neither negative nor context
+
+
+class Negatives(NamedTuple):
+    """Negative images ``(n, 3, H, W)`` in [0, 1], their masks ``(n, 1, H, W)`` (1: negative pixel, ``TOUCHED``: changed
+    around it, 0: as the good image) and severities ``(n,)`` (in [0, 1] for the synthetic kind, 1 for the others: a
+    curriculum only holds back subtle synthetic ones)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    severities: torch.Tensor
 
 
 def random_resized_crop(image: torch.Tensor, size: tuple[int, int], min_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -32,6 +48,11 @@ def random_resized_crop(image: torch.Tensor, size: tuple[int, int], min_scale: f
 def patch_mask(masks: torch.Tensor, grid) -> torch.Tensor:
     """Which patches of a ``(B, 1, H, W)`` pixel mask batch are negative (mostly covered), flattened like the features."""
     return F.adaptive_avg_pool2d(masks, tuple(grid)).flatten() > 0.5
+
+
+def clean_mask(masks: torch.Tensor, grid) -> torch.Tensor:
+    """Which patches of a ``(B, 1, H, W)`` mask batch hold no changed pixel (the good context of a near negative)."""
+    return F.adaptive_max_pool2d(masks, tuple(grid)).flatten() == 0
 
 
 def paste_box(size: tuple[int, int], side_min: float, side_max: float, generator: torch.Generator) -> tuple[int, int, int, int]:
@@ -65,20 +86,27 @@ class NegativeSampler:
       pasted at a random place into the good image it was mapped onto.
     - ``cutpaste`` (ours, after CutPaste): a box of another good image of the product,
       brightness-jittered, pasted into a good image: no natural photo involved.
+    - ``synthetic`` (ours): one anomaly of the validation's ``families`` (cycled) in a good
+      image, at a severity drawn in [``floor``, 1] (the curriculum raises subtlety over the
+      run); its texture family takes crops of the training photos, not the validation's.
 
     Kinds joined by ``+`` alternate over the batch (``noise``, a feature-space kind, is
     made by the training loop, not here). The settings are :class:`FinetuneSettings`'.
     """
 
-    def __init__(self, natural: NaturalImages | None, good_images: torch.Tensor, settings: FinetuneSettings):
-        self.natural, self.good_images, self.settings = natural, good_images, settings
+    def __init__(
+        self,
+        natural: NaturalImages | None,
+        good_images: torch.Tensor,
+        settings: FinetuneSettings,
+        families: tuple[str, ...] = (),
+    ):
+        self.natural, self.good_images, self.settings, self.families = natural, good_images, settings, families
         self.size = tuple(good_images.shape[-2:])
         self.kinds = [kind for kind in settings.negative_kinds if kind in IMAGE_NEGATIVES]
 
-    def sample(
-        self, n: int, generator: torch.Generator, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` negatives ``(n, 3, H, W)`` in [0, 1] and their negative-pixel masks ``(n, 1, H, W)``.
+    def sample(self, n: int, generator: torch.Generator, targets: torch.Tensor | None = None, floor: float = 0.0) -> Negatives:
+        """``n`` negatives with their masks and severities (synthetic ones at a severity in [``floor``, 1]).
 
         ``targets``: the good images to put them in (default: drawn from the good images).
         """
@@ -88,7 +116,8 @@ class NegativeSampler:
             targets = self.good_images[torch.randint(len(self.good_images), (n,), generator=generator)]
         images = targets.clone()
         masks = torch.zeros(n, 1, *self.size)
-        natural = [i for i, kind in enumerate(kinds) if kind != "cutpaste"]
+        severities = torch.ones(n)
+        natural = [i for i, kind in enumerate(kinds) if kind in ("photos", "pasted")]
         if natural:
             for i, crop in zip(natural, self.natural_crops(images[natural], generator)):
                 if kinds[i] == "photos":
@@ -101,7 +130,20 @@ class NegativeSampler:
             brightness = 0.8 + 0.4 * torch.rand((), generator=generator).item()
             patch = (source[:, top : top + ph, left : left + pw] * brightness).clamp(0, 1)
             paste(images[i], masks[i], patch, paste_box(self.size, s.paste_min, s.paste_max, generator))
-        return images, masks
+        synthetic = [i for i, kind in enumerate(kinds) if kind == "synthetic"]
+        if synthetic:
+            severities[synthetic] = floor + (1 - floor) * torch.rand(len(synthetic), generator=generator)
+            photos = None
+            if self.natural is not None:
+                picks = torch.randint(len(self.natural), (TEXTURES,), generator=generator).tolist()
+                photos = torch.stack([random_resized_crop(self.natural[i], self.size, s.crop_min, generator) for i in picks])
+            for f, family in enumerate(self.families):
+                rows = synthetic[f :: len(self.families)]
+                if rows:
+                    images[rows], masks[rows], _ = synthesize(family, images[rows], generator, photos, severities[rows])
+            touched = (images[synthetic] != targets[synthetic]).any(1, keepdim=True)  # a warp or a blob fades out
+            masks[synthetic] = torch.where(touched & (masks[synthetic] == 0), TOUCHED, masks[synthetic])
+        return Negatives(images, masks, severities)
 
     def natural_crops(self, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random-resized natural crops colour-mapped onto ``targets`` with ρ ~ U[rho_min, 1]."""

@@ -15,7 +15,7 @@ from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, GMMSettings
 from ..schema import Settings, setting
 
 MODES = ("backbone", "adaptor")
-IMAGE_NEGATIVES = ("photos", "pasted", "cutpaste")
+IMAGE_NEGATIVES = ("photos", "pasted", "cutpaste", "synthetic")
 NEGATIVES = IMAGE_NEGATIVES + ("noise",)
 
 
@@ -36,8 +36,9 @@ class FinetuneSettings(Settings):
     )
     guide: DetectorSettings = setting(
         factory=lambda: GMMSettings(n_components=16, normalize=False),
-        help="Guiding density model: gmm, glad or padim (a detector with log_density and "
-        "online_update); its settings with --set KEY=VALUE. It takes --seed as its seed.",
+        help="Guiding density model: gmm, glad, padim or patchcore (a soft k-NN density on its bank; "
+        "--set coreset_ratio=0.01 keeps it fast), so that the loss pulls towards what your detector "
+        "measures; its settings with --set KEY=VALUE. It takes --seed as its seed.",
         flag="guide",
         aliases=("model",),
     )
@@ -68,12 +69,24 @@ class FinetuneSettings(Settings):
     filter_fraction: float = setting(0.1, "Share of each batch's negative patches kept by filter=fraction.", interval="(0, 1]")
     # negatives
     negative_mode: str = setting(
-        "pasted",
+        "synthetic",
         "Negatives, one kind or several joined by '+': photos (whole colour-mapped natural "
         "images, the paper), pasted (ours: pasted into good images), cutpaste (ours: boxes of "
-        "the product's own images) or noise (ours: good features moved along the guide space's "
-        "low-variance directions).",
+        "the product's own images), synthetic (ours: near negatives, the validation's anomaly "
+        "families drawn from the fine-tuning's own seeds and photos) or noise (ours: good features "
+        "moved along the guide space's low-variance directions).",
         metavar="KINDS",
+    )
+    curriculum: float = setting(
+        0.5,
+        "Share of the steps over which the synthetic negatives go from obvious to subtle: the lowest severity "
+        "falls from 1 to 0 over it (0: every severity from the first step).",
+        interval="[0, 1]",
+    )
+    context_positives: bool = setting(
+        True,
+        "The patches of a negative image that no negative pixel touches count as good (in L_pos): the contrast "
+        "then sits where the anomaly is, not between two images (ours).",
     )
     noise_scale: float = setting(
         1.0, "Size of the noise negatives, in standard deviations of the guide space's features.", interval="(0, inf)"
@@ -137,6 +150,12 @@ class FinetuneSettings(Settings):
     @property
     def negative_kinds(self) -> list[str]:
         return self.negative_mode.split("+")
+
+    def severity_floor(self, step: int) -> float:
+        """The lowest severity of the synthetic negatives at ``step`` (the curriculum)."""
+        if not self.curriculum:
+            return 0.0
+        return max(0.0, 1.0 - step / (self.curriculum * self.steps))
 
     def check(self) -> list[str]:
         problems = []

@@ -29,7 +29,8 @@ from .ddp import ProcessGroup, StageFeatures
 from .negatives import NegativeSampler
 from .settings import FinetuneSettings
 
-NEGATIVE_POOL = 64  # negative images whose stage features mode=adaptor computes once
+NEGATIVE_POOL = 96  # negative images whose stage features mode=adaptor computes once
+MIN_ELIGIBLE = 8  # pool negatives a step may draw from, at least, however high the curriculum's floor
 STEM = ("conv_stem", "bn1", "patch_embed", "cls_token", "pos_embed", "reg_token")  # CNN and ViT names of a backbone's stem
 
 
@@ -84,20 +85,25 @@ class AdaptorStrategy:
     def prepare(self, good_stage: torch.Tensor, fit_index: torch.Tensor, sampler: NegativeSampler) -> None:
         """Keep the good images' stage features ``good_stage`` and draw the pool of image negatives (from a seed of their
         own, so a resumed run draws the same) with their stage features and masks."""
-        negatives, masks = sampler.sample(NEGATIVE_POOL, torch.Generator().manual_seed(self.settings.seed + 3))
+        pool = sampler.sample(NEGATIVE_POOL, torch.Generator().manual_seed(self.settings.seed + 3))
         self.cache["good"], self.cache["fit"] = good_stage, good_stage[fit_index]
-        self.cache["negatives"] = frozen_stage_features(self.extractor, negatives, "negative features")
-        self.cache["negative_masks"] = masks
+        self.cache["negatives"] = frozen_stage_features(self.extractor, pool.images, "negative features")
+        self.cache["negative_masks"], self.cache["negative_severities"] = pool.masks, pool.severities
 
     def resume(self, good: torch.Tensor, fit_index: torch.Tensor, sampler: NegativeSampler) -> None:
         """The stage features computed once are computed again, identically."""
         self.prepare(frozen_stage_features(self.extractor, good, "frozen features"), fit_index, sampler)
 
-    def batch(self, good: torch.Tensor, sampler: NegativeSampler, n_images: int, generator: torch.Generator) -> StepBatch:
+    def batch(
+        self, good: torch.Tensor, sampler: NegativeSampler, n_images: int, generator: torch.Generator, floor: float
+    ) -> StepBatch:
+        """Cached good features, and pool negatives of severity at least ``floor`` (at least the most severe few)."""
         s = self.settings
-        cached = self.cache["good"]
+        cached, severities = self.cache["good"], self.cache["negative_severities"]
         positives = flip(cached[torch.randint(len(cached), (s.batch_pos,), generator=generator)], s.flip, generator)
-        picks = torch.randint(NEGATIVE_POOL, (n_images,), generator=generator)
+        floor = min(floor, torch.topk(severities, min(MIN_ELIGIBLE, len(severities))).values[-1].item())
+        eligible = torch.nonzero(severities >= floor).flatten()
+        picks = eligible[torch.randint(len(eligible), (n_images,), generator=generator)]
         stage = torch.cat([positives, self.cache["negatives"][picks]]).to(self.device)
         return StepBatch(stage, self.cache["negative_masks"][picks], stage[: s.batch_pos])
 
@@ -146,11 +152,14 @@ class BackboneStrategy:
     def resume(self, good: torch.Tensor, fit_index: torch.Tensor, sampler: NegativeSampler) -> None:
         """Nothing to recompute."""
 
-    def batch(self, good: torch.Tensor, sampler: NegativeSampler, n_images: int, generator: torch.Generator) -> StepBatch:
-        """The global batch drawn as on one process; this process computes its share."""
+    def batch(
+        self, good: torch.Tensor, sampler: NegativeSampler, n_images: int, generator: torch.Generator, floor: float
+    ) -> StepBatch:
+        """The global batch drawn as on one process (synthetic negatives of severity at least ``floor``); this process
+        computes its share."""
         s, group = self.settings, self.group
         positives = flip(good[torch.randint(len(good), (s.batch_pos,), generator=generator)], s.flip, generator)
-        negatives, masks = sampler.sample(n_images, generator)
+        negatives, masks, _ = sampler.sample(n_images, generator, floor=floor)
         mine = group.share(n_images)
         positives, negatives, masks = positives[group.share(s.batch_pos)], negatives[mine], masks[mine]
         self.extractor.train()

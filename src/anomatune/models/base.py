@@ -8,7 +8,7 @@ post-processing: one path for every detector.
 Settings live in a frozen dataclass (``detector.settings``, see ``models.settings``);
 fitted parameters are attributes with a trailing underscore (scikit-learn's convention:
 ``means_``, ``grid_``), saved by ``state_dict`` as tensors (safetensors, never pickled).
-Density models (GMM, GLAD, PaDiM) also follow :class:`DensityModel`: what the
+Density models (GMM, GLAD, PaDiM, and PatchCore by a soft k-NN density) also follow :class:`DensityModel`: what the
 fine-tuning needs of its guide.
 """
 

@@ -1,7 +1,8 @@
-"""PatchCore: nearest-neighbour distance to a greedy coreset of training patches."""
+"""PatchCore: nearest-neighbour distance to a greedy coreset of training patches; as a guide, a soft k-NN density."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -56,10 +57,15 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
     return torch.cat(dists), torch.cat(idxs)
 
 
+BANDWIDTH_ROWS = 1024  # bank rows whose nearest-neighbour distances set the soft k-NN bandwidth
+
+
 class PatchCore(Detector):
     """PatchCore (Roth et al., CVPR 2022): patch score = distance to the nearest coreset patch.
 
-    Settings: :class:`PatchCoreSettings`. Fitted: ``memory_bank_`` (M, D).
+    Settings: :class:`PatchCoreSettings`. Fitted: ``memory_bank_`` (M, D). It is also a
+    :class:`~anomatune.models.base.DensityModel`, so it can guide the fine-tuning towards
+    what it measures: a soft k-NN density on its bank (see :meth:`log_density`).
     """
 
     Settings = PatchCoreSettings
@@ -105,6 +111,38 @@ class PatchCore(Detector):
     @torch.no_grad()
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self._nearest_patches(features)[0]
+
+    @torch.no_grad()
+    def bandwidth(self) -> float:
+        """The soft k-NN kernel's width h: the median distance of (the first rows of) the bank to their nearest other
+        bank patch, the scale at which the bank is dense. A function of the bank alone, so a resumed guide agrees."""
+        bank = self.memory_bank_
+        if len(bank) < 2:
+            return 1.0
+        dist, _ = nearest(bank[:BANDWIDTH_ROWS], bank, k=2)
+        return max(dist[:, 1].median().item(), 1e-6)
+
+    def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """log (1/M) Σ_j exp(−‖u − m_j‖² / 2h²) over the bank's M patches: a smooth nearest-neighbour distance
+        (−d²/2h² for the nearest when h is small), differentiable in ``u``; ``positions`` are not used."""
+        self.check_is_fitted()
+        bank = self.memory_bank_.to(u.dtype)
+        h = self.bandwidth()
+        d2 = ((u**2).sum(1, keepdim=True) - 2 * u @ bank.T + (bank**2).sum(1)).clamp_min(0)
+        return torch.logsumexp(-d2 / (2 * h**2), dim=1) - math.log(len(bank))
+
+    @torch.no_grad()
+    def online_update(self, u: torch.Tensor, positions: torch.Tensor | None, decay: float) -> None:
+        """Each bank patch that is the nearest of some of the patches ``u`` moves towards their mean by ``1 − decay``
+        (an online k-means step); the others stay."""
+        self.check_is_fitted()
+        bank = self.memory_bank_
+        _, idx = nearest(u.detach().float(), bank)
+        idx = idx[:, 0]
+        counts = torch.bincount(idx, minlength=len(bank)).float()
+        sums = torch.zeros_like(bank).index_add_(0, idx, u.detach().float())
+        seen = counts > 0
+        bank[seen] += (1 - decay) * (sums[seen] / counts[seen, None] - bank[seen])
 
     @torch.no_grad()
     def detect(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

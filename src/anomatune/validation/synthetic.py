@@ -195,16 +195,19 @@ def synthesize(
     images: torch.Tensor,
     generator: torch.Generator,
     photos: torch.Tensor | None = None,
+    severities: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One anomaly of ``family`` in each image, severities spread evenly from subtle to obvious (in a seeded order).
 
-    ``photos``: ``(M, 3, H, W)`` textures for ``texture`` (procedural ones without). Returns the
-    images, masks ``(N, 1, H, W)`` and severities ``(N,)``.
+    ``photos``: ``(M, 3, H, W)`` textures for ``texture`` (procedural ones without); ``severities``:
+    ``(N,)`` in [0, 1] to use instead (the fine-tuning's curriculum). Returns the images, masks
+    ``(N, 1, H, W)`` and severities ``(N,)``.
     """
     if family not in MAKERS:
         raise ValueError(f"unknown anomaly family {family!r}: use one of {', '.join(FAMILIES)}")
     n = len(images)
-    severities = ((torch.arange(n) + torch.rand(n, generator=generator)) / max(n, 1))[torch.randperm(n, generator=generator)]
+    if severities is None:
+        severities = ((torch.arange(n) + torch.rand(n, generator=generator)) / max(n, 1))[torch.randperm(n, generator=generator)]
     out, masks = images.clone(), torch.zeros(n, 1, *images.shape[-2:])
     for i in range(n):
         extra = {}
