@@ -104,7 +104,10 @@ def test_detectors_lists_their_settings():
             ["finetune", "--good", ".", "--negatives", ".", "--guide", "glad", "--set", "floor=2"],
             "detector.floor: must be in (0, 1)",
         ),
-        (["finetune", "--good", ".", "--negative-mode", "pasted+glitter"], "use one or more of photos, pasted, cutpaste, noise"),
+        (
+            ["finetune", "--good", ".", "--negative-mode", "pasted+glitter"],
+            "use one or more of photos, pasted, cutpaste, synthetic, noise",
+        ),
         (["predict", "RUN", "x.png", "--threshold", "nan"], "predict.threshold: expected a finite number, got 'nan'"),
         (["export", "RUN", "--batch-size", "0"], "export.batch_size: must be in [1, 4096], not 0"),
         (["export", "RUN", "--format", "tflite"], "export.format: must be one of onnx, torchscript"),
@@ -305,7 +308,7 @@ def test_finetune_an_adaptor_with_validation_from_the_command_line(mvtec_tree, t
     )
     assert code == 0, err
     assert "(step " in out and (tmp_path / "ft" / "backbone_last.safetensors").is_file()
-    code, _, err = cli(*common, "--out", tmp_path / "no-photos")  # pasted negatives need photos
+    code, _, err = cli(*common, "--negative-mode", "pasted", "--out", tmp_path / "no-photos")  # pasted negatives need photos
     assert code == 2 and "needs a folder of natural photos: pass --negatives DIR" in err and len(err.strip().splitlines()) == 1
 
 

@@ -13,7 +13,7 @@ TINY_GUIDE = {"name": "gmm", "n_components": 2, "normalize": False}
 
 def tiny_settings(**changes) -> FinetuneSettings:
     """A fine-tuning that runs in seconds on the tiny data: the fast backbone, 4 steps of 2 good and 2 negative images
-    (pasted ones: on 40x30 px images a synthetic defect may cover no whole feature patch)."""
+    (pasted ones: on 40x30 px images a synthetic defect covers no whole feature patch, so L_neg would stay 0)."""
     base = dict(
         FAST,
         mode="backbone",

@@ -1,5 +1,7 @@
 """Early stopping and the fallback on the label-free validation, the adaptor mode and the new negatives."""
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -174,5 +176,6 @@ def test_the_loss_sits_where_the_anomaly_is(train, natural_dir, tmp_path, monkey
         monkeypatch.setattr(MixtureLoss, "positive", spy)
         tuner.step(tuner.optimizer())
     assert counts[True] > counts[False]  # the negatives' untouched patches join the good ones
-    with pytest.raises(AnomatuneError, match="covers a whole feature patch .* --negative-mode pasted"):
-        Finetuner(train, natural_dir, tmp_path / "subtle", _tiny(negative_mode="synthetic"), device="cpu").setup()
+    tiny = Finetuner(train, natural_dir, tmp_path / "subtle", _tiny(negative_mode="synthetic"), device="cpu")
+    tiny.setup()  # on 40x30 px images no synthetic defect covers a whole patch: each one's most covered patch calibrates
+    assert math.isfinite(tiny.loss.temperature) and math.isfinite(tiny.loss.log_volume)

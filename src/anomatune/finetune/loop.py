@@ -49,7 +49,7 @@ from ..validation.settings import ValidationSettings
 from . import diagnostics
 from .ddp import ProcessGroup
 from .loss import MixtureLoss, auto_temperature, boundary_log_density, keep_negatives
-from .negatives import NegativeSampler, clean_mask, patch_mask
+from .negatives import NegativeSampler, clean_mask, most_covered, patch_mask
 from .outputs import FinetuneOutputs
 from .settings import FinetuneSettings
 from .state import TrainingState
@@ -179,12 +179,13 @@ class Finetuner:
             self.state.noise_basis = (low * values.clamp_min(0).mean().sqrt()).float().to(self.device)
         good_ld = diagnostics.log_densities(self.guide, u, grid)
         _, neg_u, _ = diagnostics.patch_features(self.extractor, self.diag_negatives, diagnostics.FEATURE_BATCH)
-        neg_ld = diagnostics.log_densities(self.guide, neg_u, grid)[patch_mask(self.diag_masks, grid)]
-        if not len(neg_ld):
-            raise AnomatuneError(
-                f"no negative ({s.negative_mode}) covers a whole feature patch of these {tuple(self.size)} px images: "
-                "fine-tune at a larger --image-size or with --negative-mode pasted"
+        inside = patch_mask(self.diag_masks, grid)
+        if not inside.any():  # negatives smaller than a patch (tiny images): each one's most covered patch calibrates
+            log.warning(
+                "no negative covers most of a feature patch at %s px: calibrating on their most covered patches", self.size
             )
+            inside = most_covered(self.diag_masks, grid)
+        neg_ld = diagnostics.log_densities(self.guide, neg_u, grid)[inside]
         if s.temperature == 0:
             self.loss.temperature = auto_temperature(good_ld, neg_ld)
             log.info("temperature (auto): %.3g", self.loss.temperature)

@@ -50,6 +50,14 @@ def patch_mask(masks: torch.Tensor, grid) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks, tuple(grid)).flatten() > 0.5
 
 
+def most_covered(masks: torch.Tensor, grid) -> torch.Tensor:
+    """Each image's most covered patch, as a flat mask like :func:`patch_mask`'s."""
+    coverage = F.adaptive_avg_pool2d(masks, tuple(grid)).flatten(1)
+    chosen = torch.zeros_like(coverage, dtype=torch.bool)
+    chosen[torch.arange(len(coverage)), coverage.argmax(1)] = True
+    return chosen.flatten()
+
+
 def clean_mask(masks: torch.Tensor, grid) -> torch.Tensor:
     """Which patches of a ``(B, 1, H, W)`` mask batch hold no changed pixel (the good context of a near negative)."""
     return F.adaptive_max_pool2d(masks, tuple(grid)).flatten() == 0
