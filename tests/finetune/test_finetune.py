@@ -220,8 +220,12 @@ def test_pasted_negatives_only_count_the_pasted_patches(train, natural_dir, tmp_
 def test_dry_run_guides_and_refusals(train, natural_dir, tmp_path):
     summary = dry_run(train, natural_dir, tmp_path / "dry", _tiny(guide="padim"), device="cpu")
     assert 0 <= summary["negative_visible_share"] <= 1 and (tmp_path / "dry" / "dry_run_weights.png").is_file()
-    summary = dry_run(train, natural_dir, tmp_path / "knn", _tiny(guide="patchcore"), device="cpu")  # a soft k-NN guide
+    tuner = Finetuner(train, natural_dir, tmp_path / "knn", _tiny(guide="patchcore", mode="adaptor"), device="cpu")
+    summary = tuner.setup()  # PatchCore guides by its soft k-NN density, and follows the good features
     assert 0 <= summary["negative_visible_share"] <= 1
+    bank = tuner.guide.memory_bank_.clone()
+    record = tuner.step(tuner.optimizer())
+    assert math.isfinite(record["loss"]) and not torch.equal(bank, tuner.guide.memory_bank_)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(RunFolderError, match="holds files anomatune did not write"):
