@@ -24,6 +24,7 @@ default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
     python benchmarks/finetune.py --configs default --seeds 0 1 2 --explore issue21_default near+pasted --name finetune
     python benchmarks/finetune.py --configs adaptor adaptor_cutpaste --seeds 0 --then-best-seeds 1 2 --budget 540
     python benchmarks/finetune.py --table finetune_gpu.json finetune_cpu.json --name finetune
+    python benchmarks/finetune.py --configs default --set backbone=dinov2_vits14 --name finetune_dinov2
 """
 
 from __future__ import annotations
@@ -99,11 +100,11 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
 class Category:
     """A category's test images and masks and its training set, loaded once; features per weights file."""
 
-    def __init__(self, name: str, device: torch.device, workers: int):
+    def __init__(self, name: str, device: torch.device, workers: int, features: FeatureSettings):
         root, category = dataset_path(name)
-        self.name, self.device = name, device
+        self.name, self.device, self.feature_settings = name, device, features
         self.train = open_dataset(data=root, category=category, split="train")
-        self.size = self.train.size_for(FeatureSettings().image_size)
+        self.size = self.train.size_for(features.image_size)
         test = open_dataset(data=root, category=category, split="test").at_size(self.size)
         loader = lambda data: DataLoader(data, batch_size=32, collate_fn=collate, num_workers=workers)  # noqa: E731
         self.train_images = torch.cat([b["image"] for b in loader(self.train.at_size(self.size))])
@@ -115,7 +116,7 @@ class Category:
     def features(self, weights: str | None = None, adaptor_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and test features with ``weights``; ``adaptor_only``: the weights are the frozen backbone plus an
         adaptor, which is then applied to the frozen features computed once (the same arithmetic, minutes sooner)."""
-        extractor = FeatureExtractor(FeatureSettings(backbone_weights=weights)).to(self.device).eval()
+        extractor = FeatureExtractor(self.feature_settings.updated(backbone_weights=weights)).to(self.device).eval()
         if adaptor_only:
             with torch.no_grad():
                 return tuple(
@@ -375,6 +376,8 @@ def main() -> None:
     start, device = time.perf_counter(), resolve_device(args.device)
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     common = parse_pairs(args.changes)
+    # the detectors' features: the pipeline's defaults, with the fine-tuning's backbone when --set changes it
+    features = FeatureSettings().updated(**{k: v for k, v in common.items() if k in ("backbone", "image_size")})
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     header = {
@@ -395,7 +398,7 @@ def main() -> None:
 
     def run_category(name: str, plan: list[tuple[str, int]]) -> None:
         """Load a category, score its frozen baseline (once), then fine-tune and score each (configuration, seed) of ``plan``."""
-        cat = Category(name, device, workers)
+        cat = Category(name, device, workers, features)
         header.setdefault("labels", {})[name] = cat.labels.astype(int).tolist()
         frozen = cat.features(None)
         for model in sorted(set(args.models) | set(args.last_models)):
