@@ -272,7 +272,7 @@ def write_table(files: list[Path], out: Path) -> None:
         "",
         "Each Δ: the mean over the categories of fine-tuned minus frozen, per seed, then mean ± std over the seeds (one "
         "seed: the number alone); the categories are listed per configuration below. Validation gain: the validation "
-        "score (mean of the image and pixel AUROC on held-out good images with synthetic defects) of the kept "
+        "score (issue 21: the mean image AUROC over the anomaly families of the validation set) of the kept "
         "checkpoint minus the frozen features', mean ± std over runs. Fallbacks: runs that kept the frozen backbone.",
         "",
         "| configuration | runs | fallbacks | validation gain | "

@@ -85,7 +85,7 @@ class FinetuneSettings(Settings):
     )
     context_positives: bool = setting(
         True,
-        "The patches of a negative image that no negative pixel touches count as good (in L_pos): the contrast "
+        "The patches of a negative image that no changed pixel touches count as good (in L_pos): the contrast "
         "then sits where the anomaly is, not between two images (ours).",
     )
     noise_scale: float = setting(
