@@ -367,6 +367,7 @@ def main() -> None:
             merged = {
                 "commands": [c for p in parts for c in p.get("commands", [p.get("command")])],
                 "device": sorted({p["device"] for p in parts}),
+                "labels": {name: v for p in parts for name, v in p.get("labels", {}).items()},
                 "rows": [r for p in parts for r in p["rows"]],
             }
             return (RESULTS / f"{args.name}.json").write_text(json.dumps(merged, indent=1) + "\n")
