@@ -92,6 +92,8 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
     "near_padim_guide": ADAPTOR | {"negative_mode": "synthetic", "guide": "padim", "validator": "padim"},
     "near_knn_guide": ADAPTOR
     | {"negative_mode": "synthetic", "guide": {"name": "patchcore", "coreset_ratio": 0.01}, "validator": "patchcore"},
+    "near_split": ADAPTOR  # train and validate on different families (validation_families goes to the validation)
+    | {"negative_families": "cutpaste,texture,color", "validation_families": "scar,blend,deform"},
     "backbone_near": BACKBONE | {"negative_mode": "synthetic"},
     "backbone_near_trust_late": BACKBONE | {"negative_mode": "synthetic", "trust": 1.0, "frozen_blocks": 3},
 }
@@ -424,7 +426,9 @@ def main() -> None:
                 run(cat, config, seed)
 
     def run(cat: Category, config: str, seed: int) -> None:
-        settings = FinetuneSettings().updated(**(CONFIGS[config] | common | {"seed": seed}))
+        changes = CONFIGS[config] | common | {"seed": seed}
+        families = {k: changes.pop(k) for k in ("validation_families",) if k in changes}  # the validation's setting
+        settings = FinetuneSettings().updated(**changes)
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             report = finetune(
@@ -432,7 +436,7 @@ def main() -> None:
                 NEGATIVES,
                 tmp,
                 settings,
-                validation=ValidationSettings(photos=str(VALIDATION_NEGATIVES)),
+                validation=ValidationSettings(photos=str(VALIDATION_NEGATIVES)).updated(**families),
                 device=device,
             )
             seconds = round(time.perf_counter() - t, 1)

@@ -157,6 +157,16 @@ def test_near_negatives_follow_the_curriculum_from_obvious_to_subtle():
     assert (masks[1::2] == TOUCHED).any() and set(masks.unique().tolist()) <= {0.0, TOUCHED, 1.0}
     again = sampler.sample(6, torch.Generator().manual_seed(0), targets=good[[0, 1, 2, 3, 0, 1]], floor=0.8)
     assert torch.equal(again.images, images)  # seeded
+    assert settings.updated(negative_families="scar, blend").negative_families == ("scar", "blend")
+    with pytest.raises(SettingsError, match="expected distinct anomaly families"):
+        settings.updated(negative_families="scar,glitter")
+
+
+def test_the_negatives_may_use_other_families_than_the_validation(train, natural_dir, tmp_path):
+    validation = ValidationSettings(families=("scar", "deform"))
+    tuner = Finetuner(train, natural_dir, tmp_path / "ft", _tiny(negative_families="cutpaste,color"), validation)
+    assert tuner.sampler.families == ("cutpaste", "color") and tuner.valset.families == ["scar", "deform"]
+    assert Finetuner(train, natural_dir, tmp_path / "ft2", _tiny(), validation).sampler.families == ("scar", "deform")
 
 
 def test_the_loss_sits_where_the_anomaly_is(train, natural_dir, tmp_path, monkeypatch):

@@ -124,7 +124,7 @@ class Finetuner:
         self.good, self.valset = self.hold_out(load_images(train.at_size(self.size), desc="load good images"))
         self.fit_index = torch.linspace(0, len(self.good) - 1, min(s.validation_fit_images, len(self.good))).long()
         natural = None if negatives is None else NaturalImages(negatives, image_size=self.size)
-        self.sampler = NegativeSampler(natural, self.good, s, validation.families)
+        self.sampler = NegativeSampler(natural, self.good, s, s.negative_families or validation.families)
         self.n_noise = sum(s.negative_kinds[i % len(s.negative_kinds)] == "noise" for i in range(s.batch_neg))
         backbone = create_backbone(s.features.backbone, weights=s.features.backbone_weights)
         self.extractor = FeatureExtractor(s.features, backbone=backbone, seed=s.seed).to(self.device)

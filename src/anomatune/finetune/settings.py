@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..features.settings import FeatureSettings
 from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, GMMSettings
 from ..schema import Settings, setting
+from ..validation.settings import parse_families
 
 MODES = ("backbone", "adaptor")
 IMAGE_NEGATIVES = ("photos", "pasted", "cutpaste", "synthetic")
@@ -76,6 +77,13 @@ class FinetuneSettings(Settings):
         "families drawn from the fine-tuning's own seeds and photos) or noise (ours: good features "
         "moved along the guide space's low-variance directions).",
         metavar="KINDS",
+    )
+    negative_families: tuple[str, ...] | None = setting(
+        None,
+        "Anomaly families of the synthetic negatives, comma-separated; default: the validation's "
+        "(--validation-families). Families the validation does not use make its gain a gain on "
+        "defects the training never made.",
+        parse=parse_families,
     )
     curriculum: float = setting(
         0.5,

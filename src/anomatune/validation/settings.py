@@ -10,7 +10,7 @@ AUTO_DETECTOR = "auto"  # --detector auto: the detector search of validation.sea
 FAMILIES = ("cutpaste", "scar", "texture", "blend", "deform", "color")  # the anomaly families of validation.synthetic
 
 
-def _families(value) -> tuple[str, ...]:
+def parse_families(value) -> tuple[str, ...]:
     names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip())
     unknown = [n for n in names if n not in FAMILIES]
     if not names or unknown or len(set(names)) < len(names):
@@ -31,7 +31,7 @@ class ValidationSettings(Settings):
     families: tuple[str, ...] = setting(
         FAMILIES,
         f"Synthetic anomaly families, comma-separated ({', '.join(FAMILIES)}).",
-        parse=_families,
+        parse=parse_families,
     )
     photos: str | None = setting(
         None,
