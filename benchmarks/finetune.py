@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
 from anomatune import open_dataset
@@ -50,7 +49,7 @@ from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
 from anomatune.folders.kinds import FinetuneFolder, RunFolder
-from anomatune.metrics import pixel_curves, split_metrics
+from anomatune.metrics import image_auroc, pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
 from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM
@@ -174,13 +173,6 @@ def _spearman(x, y) -> float:
 BOOTSTRAP = 2000  # resamples of the paired bootstrap
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Image AUROC by the rank-sum (ties averaged)."""
-    ranks = rankdata(scores)
-    n_pos = labels.sum()
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(labels) - n_pos)))
-
-
 def bootstrap_deltas(labels: np.ndarray, frozen: np.ndarray, tuned: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """``BOOTSTRAP`` resamples of the mean over seeds of fine-tuned minus frozen image AUROC: the test images
     (good and defective ones resampled apart) and the seeds drawn with replacement, paired."""
@@ -189,8 +181,8 @@ def bootstrap_deltas(labels: np.ndarray, frozen: np.ndarray, tuned: list[np.ndar
     for b in range(BOOTSTRAP):
         idx = np.concatenate([rng.choice(good, len(good)), rng.choice(bad, len(bad))])
         seeds = rng.integers(len(tuned), size=len(tuned))
-        base = _auroc(labels[idx], frozen[idx])
-        out[b] = np.mean([_auroc(labels[idx], tuned[k][idx]) - base for k in seeds])
+        base = image_auroc(labels[idx], frozen[idx])
+        out[b] = np.mean([image_auroc(labels[idx], tuned[k][idx]) - base for k in seeds])
     return out
 
 
@@ -233,7 +225,7 @@ def bootstrap_table(parts: list[dict], config: str = "default") -> list[str]:
                 continue
             scores = [np.asarray(r["image_scores"]) for r in group]
             base = frozen[(d, model)]
-            delta = np.mean([_auroc(labels[d], t) - _auroc(labels[d], base) for t in scores])
+            delta = np.mean([image_auroc(labels[d], t) - image_auroc(labels[d], base) for t in scores])
             resampled = bootstrap_deltas(labels[d], base, scores, rng)
             draws.append(resampled)
             cells.append(f"{delta:+.4f} {_interval(resampled)}")

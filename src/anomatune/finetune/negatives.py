@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data.color import transfer
 from ..data.datasets import NaturalImages
+from ..validation.settings import FAMILIES
 from ..validation.synthetic import synthesize
 from .settings import IMAGE_NEGATIVES, FinetuneSettings
 
@@ -107,7 +108,7 @@ class NegativeSampler:
         natural: NaturalImages | None,
         good_images: torch.Tensor,
         settings: FinetuneSettings,
-        families: tuple[str, ...] = (),
+        families: tuple[str, ...] = FAMILIES,
     ):
         self.natural, self.good_images, self.settings, self.families = natural, good_images, settings, families
         self.size = tuple(good_images.shape[-2:])

@@ -44,13 +44,19 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int) -> torch.T
     return torch.tensor(selected)
 
 
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """‖q − b‖² of every query and bank row, as |q|² − 2 q·b + |b|² (one matrix product; ``bank_sq``: |b|² if known)."""
+    bank_sq = (bank**2).sum(1) if bank_sq is None else bank_sq
+    return (queries**2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank_sq
+
+
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory)."""
     dists, idxs = [], []
     bank_sq = (bank**2).sum(1)
     chunks = [queries] if torch.jit.is_tracing() else (queries[i : i + chunk] for i in range(0, len(queries), chunk))
     for q in chunks:  # one piece while traced for export: a traced loop would freeze the batch size
-        d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        d2 = squared_distances(q, bank, bank_sq)
         d, i = torch.topk(d2, k, dim=1, largest=False)
         dists.append(d.clamp_min(0).sqrt())
         idxs.append(i)
@@ -128,7 +134,7 @@ class PatchCore(Detector):
         self.check_is_fitted()
         bank = self.memory_bank_.to(u.dtype)
         h = self.bandwidth()
-        d2 = ((u**2).sum(1, keepdim=True) - 2 * u @ bank.T + (bank**2).sum(1)).clamp_min(0)
+        d2 = squared_distances(u, bank).clamp_min(0)
         return torch.logsumexp(-d2 / (2 * h**2), dim=1) - math.log(len(bank))
 
     @torch.no_grad()
