@@ -157,7 +157,7 @@ def test_own_folders_fit_evaluate_predict_report_export(own_folders, tmp_path):
 
     code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)  # refit: one new set, nothing stale
     assert code == 0, err
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "detector.safetensors"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "detector.safetensors", "calibration.json"}
     one_line_error(*cli("report", run)[::2], "is not evaluated: run 'anomatune evaluate")
 
 

@@ -102,7 +102,7 @@ def test_padim_online_update_follows_each_position():
     for _ in range(300):
         batch = torch.randn(5, 4, 2, generator=g) + shift
         padim.online_update(batch.reshape(-1, 2), torch.arange(4).repeat(5), decay=0.95)
-    assert torch.allclose(padim.means_, shift, atol=0.3)
+    assert torch.allclose(padim.means_.float(), shift, atol=0.3)  # means are float64 (exact updates)
 
 
 # -- the loop on a tiny dataset (the fast random-weight backbone) -------------------------------------

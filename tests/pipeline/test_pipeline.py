@@ -69,9 +69,12 @@ def test_save_and_load_give_the_same_predictions(tmp_path, brick):
     fitted = Pipeline(detector=GLADSettings(n_components=2), proj_dim=8, proj="pca", device="cpu", **FAST)
     fitted.fit(open_dataset(data=brick, category="brick"))
     fitted.save(tmp_path / "run")
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.yaml", "detector.safetensors", "projection.safetensors"}
+    saved = {"config.yaml", "detector.safetensors", "projection.safetensors", "calibration.json"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == saved
     images = sorted((brick / "brick" / "test").rglob("*.png"))[:3]
-    before, after = fitted.predict(images), Pipeline.load(tmp_path / "run", device="cpu").predict(images)
+    loaded = Pipeline.load(tmp_path / "run", device="cpu")
+    before, after = fitted.predict(images), loaded.predict(images)
+    assert loaded.calibration_ == fitted.calibration_ and len(fitted.calibration_["scores"]) == fitted.fit_record_.holdout_images
     assert np.array_equal(before.scores, after.scores) and all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps))
 
 
@@ -99,7 +102,7 @@ def _edit(run, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 3: refit"),
+        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 4: refit"),
         (
             lambda c: c["settings"]["features"].update(pool="three"),
             r"config.yaml: features.pool: expected a whole number, got 'three'",
@@ -129,7 +132,7 @@ def test_truncated_or_foreign_detector_state_is_one_line(run_copy):
     from safetensors.torch import save_file
 
     save_file({"means": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(AnomatuneError, match="does not fit a padim detector with these settings .*missing grid"):
+    with pytest.raises(AnomatuneError, match="does not fit a padim detector with these settings .*missing count, grid"):
         Pipeline.load(run_copy)
 
 

@@ -66,12 +66,14 @@ def test_models_describe_what_is_loaded_and_say_when_the_run_changed(fast_run, t
 
 
 def test_the_image_cache_is_bounded_in_bytes():
-    from anomatune.serve.app import ImageCache
+    from anomatune.serve.app import ApiError, BoundedCache
 
-    cache = ImageCache(capacity=100)
-    urls = [cache.put(b"x" * 40) for _ in range(5)]
+    cache = BoundedCache(capacity=100)
+    keys = [cache.put(b"x" * 40, 40) for _ in range(5)]
     assert cache.used <= 100 and len(cache.items) == 2
-    assert cache.get(urls[-1].rsplit("/", 1)[1]) == b"x" * 40
+    assert cache.get(keys[-1], "gone") == b"x" * 40
+    with pytest.raises(ApiError, match="gone"):
+        cache.get(keys[0], "gone")
 
 
 def test_two_runs_of_one_name_are_refused(fast_run, tmp_path):

@@ -1,10 +1,12 @@
-"""The operator page in headless Chromium: upload a good and a defective image, see both decisions and overlays."""
+"""The operator page in headless Chromium: upload a good and a defective image, see both decisions and overlays,
+overrule one (feedback stored beside the run) and see the drift line."""
 
 import shutil
 
 import pytest
 
 from anomatune import Pipeline
+from anomatune.folders.feedback import FeedbackStore
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) drives the page")
 
@@ -14,6 +16,7 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
     if browser_path is None:
         pytest.skip("chromium is not installed (make test installs Debian's chromium when apt-get can): the page was not tested")
     expected = Pipeline.load(fast_run, device="cpu").predict(list(images.values()))
+    uploaded = list(images.values())
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         try:
@@ -37,9 +40,19 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
                 "items => items.map(i => [i.querySelector('.name').textContent, "
                 "i.dataset.decision, i.querySelector('img').naturalWidth])",
             )
+            before = len(FeedbackStore(fast_run).records())
+            newest = page.locator("#results li").first  # the last image inspected comes first
+            newest.get_by_role("button", name=f"Good part (false alarm): {uploaded[-1].name}").click()  # the operator overrules
+            page.wait_for_selector(".feedback[data-saved='good']", timeout=30000)
+            page.wait_for_function("document.getElementById('drift-line').textContent.includes('Last')", timeout=30000)
+            drift_line = page.text_content("#drift-line")
         finally:
             browser.close()
     shown = {name: (decision, width) for name, decision, width in decisions}
+    records = FeedbackStore(fast_run).records()
+    assert len(records) == before + 1 and records[-1]["verdict"] == "good"
+    assert FeedbackStore(fast_run).file(records[-1]["image"]).read_bytes() == uploaded[-1].read_bytes()
+    assert "above the threshold" in drift_line
     for path, label in zip(images.values(), expected.labels):
         assert shown[path.name][0] == ("defective" if label else "good")
         assert shown[path.name][1] > 0  # the overlay loaded

@@ -24,6 +24,7 @@ from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
 from ..finetune.settings import FinetuneSettings
 from ..inference.settings import ExportSettings, PredictSettings
+from ..models.settings import UpdateSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..serve.settings import API_KEY_ENV, ServeSettings
 from ..validation.settings import AUTO_DETECTOR, ValidationSettings
@@ -312,6 +313,58 @@ def predict_cmd(run, inputs, out, **values):
     click.echo(f"{scored} images scored, {defective} defective, {failed} failed; {out}/{results}")
     if failed:
         sys.exit(1)
+
+
+@app.command("update")
+@click.argument("run", type=click.Path())
+@click.option("--good", type=click.Path(), default=None, help="Folder of new good images (every image in it is used).")
+@click.option(
+    "--feedback",
+    is_flag=True,
+    help="Also the operator's feedback beside RUN (RUN.feedback/, from the server's POST /feedback): images marked good "
+    "join the training images, once; confirmed defects go to OUT/defects/ (a validation set), never into training.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Run folder to write, replaced as one set; RUN itself makes a new version in place (serve --watch picks it up).",
+)
+@click.option(
+    "--evaluate",
+    "then_evaluate",
+    is_flag=True,
+    help="Score both versions on the test split of the data RUN was fitted on; OUT/lineage.json keeps both.",
+)
+@options.options(UpdateSettings)
+@options.options(RuntimeSettings)
+def update_cmd(run, good, feedback, out, then_evaluate, **values):
+    """A new version of RUN that has also learnt the good images of --good, without re-reading RUN's training images.
+
+    PaDiM equals a refit on all the images; PatchCore's bank takes the new patches its streamed fit would keep;
+    GMM and GLAD take online-EM steps (--em-steps, --new-weight). The threshold is learnt again on the held-out
+    images of the fit and a share of the new ones (a run fitted with --threshold-holdout 0 stays without one).
+    OUT/lineage.json records the parent, the images added and, with --evaluate, both versions' metrics.
+    """
+    from ..pipeline.update import update_run
+
+    result = update_run(
+        run,
+        good,
+        out,
+        feedback=feedback,
+        evaluate=then_evaluate,
+        settings=options.build(UpdateSettings, values),
+        runtime=options.build(RuntimeSettings, values),
+    )
+    click.echo(
+        f"{result['model']} (parent {result['parent']}): {len(result['added_images'])} images added in "
+        f"{result['update_seconds']} s; run saved in {out}"
+    )
+    metrics = result["metrics"]
+    if metrics:
+        for version in ("parent", "updated"):
+            click.echo(f"{version}: " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics[version].items()))
 
 
 @app.command("report")

@@ -157,16 +157,34 @@ def seeded_split(n: int, n_held: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[n_held:]), sorted(order[:n_held])
 
 
+KEY_SCALE = 2.0**-53  # a 64-bit hash's top 53 bits, as a uniform float64 in [0, 1)
+
+
+def row_keys(seed: int, start: int, count: int) -> torch.Tensor:
+    """Seeded uniform keys in [0, 1) of rows ``start`` … ``start + count − 1``, each a function of (seed, row) alone
+    (the splitmix64 hash): a sample of the rows with the smallest keys, extended by later rows, is still the sample
+    a single pass over all of them draws (what ``PatchCore.partial_fit`` relies on)."""
+    mask = 2**64 - 1
+    rows = np.arange(start, start + count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = rows + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & mask)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * KEY_SCALE)
+
+
 class RowSample:
     """A seeded sample of at most ``cap`` of ``total`` rows that arrive batch by batch (all of them when
     ``total <= cap`` or ``cap`` is None): what PatchCore and the PCA keep, drawn before any row is copied.
-    The rows kept are the first ``cap`` of one seeded permutation, in their arrival order."""
+    The rows kept are the ``cap`` with the smallest :func:`row_keys` (rows ``offset`` … of the stream), in their
+    arrival order; ``keys`` are the kept rows' keys."""
 
-    def __init__(self, total: int, cap: int | None, seed: int):
+    def __init__(self, total: int, cap: int | None, seed: int, offset: int = 0):
+        keys = row_keys(seed, offset, total)
         keep_all = cap is None or total <= cap
-        self.chosen = (
-            None if keep_all else torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
-        )
+        self.chosen = None if keep_all else torch.topk(keys, cap, largest=False).indices.sort().values
+        self.keys = keys if keep_all else keys[self.chosen]
         self.start = 0
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .base import PNG_COMPRESSION, Folder, atomic_write, json_text
+    from .feedback import FeedbackStore
     from .kinds import EvaluationFolder, FinetuneFolder, PredictionsFolder, RunFolder
 
 _EXPORTS = {
@@ -19,6 +20,7 @@ _EXPORTS = {
     "atomic_write": "base",
     "json_text": "base",
     "PNG_COMPRESSION": "base",
+    "FeedbackStore": "feedback",
     "RunFolder": "kinds",
     "EvaluationFolder": "kinds",
     "FinetuneFolder": "kinds",

@@ -1,7 +1,9 @@
 """The four kinds of folder, each with its own file names.
 
-- a **run** (``anomatune fit``): ``config.yaml``, ``detector.safetensors``,
-  ``projection.safetensors``; then ``evaluation/``, ``report.html`` and exported models;
+- a **run** (``anomatune fit``, ``anomatune update``): ``config.yaml``, ``detector.safetensors``,
+  ``projection.safetensors``, ``calibration.json``, ``lineage.json`` after an update; then
+  ``evaluation/``, ``report.html`` and exported models (operator feedback lies beside it,
+  see ``feedback``);
 - its **evaluation** (``anomatune evaluate``): metrics, curves, heatmaps, the gallery;
 - a **fine-tuning** (``anomatune finetune``): ``checkpoint.pt`` while it trains, then
   ``backbone.safetensors``, ``finetune.yaml``, ``diagnostics.json`` and figures;
@@ -43,6 +45,8 @@ class RunFolder(Folder):
     DETECTOR = "detector.safetensors"
     PROJECTION = "projection.safetensors"
     SELECTION = "selection.json"  # --detector auto: the candidates' validation table
+    CALIBRATION = "calibration.json"  # the held-out good images and their scores: the threshold's and drift's reference
+    LINEAGE = "lineage.json"  # anomatune update: the parent version, the images added, both versions' metrics
     EVALUATION = "evaluation"
     REPORT = "report.html"
     MODELS = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}
@@ -64,7 +68,7 @@ class RunFolder(Folder):
     def stamp(self) -> tuple:
         """Size and modification time of the run's files and of its metrics: changes when the run is refit or
         evaluated again (cheap, unlike :meth:`fingerprint`)."""
-        files = (self.CONFIG, self.DETECTOR, self.PROJECTION, f"{self.EVALUATION}/{EvaluationFolder.METRICS}")
+        files = (self.CONFIG, self.DETECTOR, self.PROJECTION, self.LINEAGE, f"{self.EVALUATION}/{EvaluationFolder.METRICS}")
         stats = [(self.path / name).stat() if (self.path / name).is_file() else None for name in files]
         return tuple(None if s is None else (s.st_size, s.st_mtime_ns) for s in stats)
 

@@ -1,4 +1,4 @@
-"""One self-contained HTML page per run: metrics, curves, fine-tuning diagnostics, heatmap gallery.
+"""One self-contained HTML page per run: metrics, curves, lineage, fine-tuning diagnostics, heatmap gallery.
 
 Every image is inlined (base64), so the page can be mailed or archived on its own. The
 page counts its images that failed to load into ``data-broken-images`` on the body (the
@@ -133,6 +133,46 @@ def _selection_section(run: RunFolder) -> str:
     )
 
 
+def _lineage_section(run: RunFolder) -> str:
+    """``anomatune update``: this version, its parent and their ancestors, newest first, with what each added."""
+    if not (run / RunFolder.LINEAGE).is_file():
+        return ""
+    lineage = run.read_json(RunFolder.LINEAGE)
+    rows = []
+    for entry in [lineage, *lineage.get("ancestors", [])]:
+        metrics = entry.get("metrics") or {}
+        before, after = metrics.get("parent") or {}, metrics.get("updated") or {}
+        rows.append(
+            (
+                entry["parent"],
+                entry["time"],
+                len(entry["added_images"]),
+                len(entry.get("feedback_good", [])),
+                len(entry.get("feedback_defects", [])),
+                entry["n_train"],
+                before.get("image_auroc"),
+                after.get("image_auroc"),
+                entry["update_seconds"],
+            )
+        )
+    header = (
+        "updated from",
+        "time",
+        "images added",
+        "of them feedback",
+        "defects kept",
+        "images in all",
+        "parent image AUROC",
+        "new image AUROC",
+        "seconds",
+    )
+    return (
+        "<h2>Lineage (anomatune update)</h2><p class='note'>Each row is one update, newest first: the version it started "
+        "from and what it learnt; image AUROC on the test split when the update was run with --evaluate.</p>"
+        + _table(rows, header)
+    )
+
+
 def build_report(run_dir, out=None) -> Path:
     """Write ``report.html`` (or ``out``, outside the run) for an evaluated run and return its path."""
     run = RunFolder(run_dir).require()
@@ -154,6 +194,7 @@ def build_report(run_dir, out=None) -> Path:
         _figure(evaluation / EvaluationFolder.ROC, "Image-level ROC"),
         _figure(evaluation / EvaluationFolder.PRO, "Per-region overlap (PRO) curve"),
         _selection_section(run),
+        _lineage_section(run),
         _finetune_section(config.settings.features.backbone_weights),
     ]
     if (evaluation / EvaluationFolder.GALLERY_INDEX).is_file():

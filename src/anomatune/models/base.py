@@ -20,7 +20,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 from ..errors import AnomatuneError, check_is_fitted
-from .settings import DetectorSettings
+from .settings import DetectorSettings, UpdateSettings
 
 CHUNK = 8192  # patches per step of the per-patch computations: bounds their memory
 
@@ -186,6 +186,30 @@ class Detector:
         them, so memory grows with the training set; PaDiM keeps running sums and PatchCore a
         bounded sample instead."""
         return self.fit(torch.cat(list(batches)))
+
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> None:
+        raise AnomatuneError(f"{self.name} cannot be updated with new images: refit it on all of them")
+
+    def partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings | None = None) -> Detector:
+        """Learn from more good patch features ``(N, D, h, w)`` without the ``n_before`` images fitted on
+        (scikit-learn's ``partial_fit``): exact for PaDiM, a sample merge for PatchCore, online EM for the mixtures.
+
+        With ``normalize``, the per-position score statistics pool the fit's with the new images' scores
+        (the old images are not scored again: their statistics are the old model's)."""
+        self._check_input(features)
+        self._partial_fit(features, n_before, settings or UpdateSettings())
+        if self.normalized:
+            self._check_grid(features)
+            with torch.no_grad():
+                scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
+            n_a, n_b = float(n_before), float(len(scores))
+            mean_a, var_a = self.score_mean_.double(), self.score_std_.double() ** 2
+            mean_b, var_b = scores.mean(0), scores.var(0) if n_b > 1 else torch.zeros_like(mean_a)
+            n = n_a + n_b
+            mean = (n_a * mean_a + n_b * mean_b) / n
+            var = ((n_a - 1) * var_a + (n_b - 1) * var_b + n_a * n_b / n * (mean_a - mean_b) ** 2) / max(n - 1, 1)
+            self.score_mean_, self.score_std_ = mean, var.sqrt().clamp_min(1e-6 * float(var.sqrt().mean()) + 1e-12)
+        return self
 
     def anomaly_map(self, features: torch.Tensor) -> torch.Tensor:
         """Patch anomaly scores ``(B, h, w)``, higher = more anomalous."""

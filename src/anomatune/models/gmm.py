@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AnomatuneError
 from .base import Detector, flatten_patches, in_chunks
-from .settings import GLADSettings, GMMSettings
+from .settings import GLADSettings, GMMSettings, UpdateSettings
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,28 @@ class GMM(Detector):
 
     # -- online EM -------------------------------------------------------------------------
 
+    def _fitted_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-patch sufficient statistics (Σ r_k, Σ r_k u, Σ r_k u uᵀ, over N) of the fitted parameters."""
+        d = self.means_.shape[1]
+        plain = self.covariances_ - self.reg_ * torch.eye(d, dtype=self.means_.dtype, device=self.means_.device)
+        s0 = self.weights_.clone()
+        return s0, s0[:, None] * self.means_, s0[:, None, None] * (plain + torch.einsum("kd,ke->kde", self.means_, self.means_))
+
+    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The E-step's per-patch sufficient statistics of patches ``x`` (N, D, float64) under the current parameters."""
+        n, d = x.shape
+        resp = torch.softmax(in_chunks(self.component_log_prob, x), dim=1)
+        k = resp.shape[1]
+        second = ((resp[:, :, None] * x[:, None, :]).reshape(n, k * d).T @ x).view(k, d, d)
+        return resp.mean(0), (resp.T @ x) / n, second / n
+
+    def _set_statistics(self, s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
+        """The M-step from sufficient statistics."""
+        means = s1 / s0[:, None]
+        cov = s2 / s0[:, None, None] - torch.einsum("kd,ke->kde", means, means)
+        eye = torch.eye(means.shape[1], dtype=means.dtype, device=means.device)
+        self._set_parameters(s0 / s0.sum(), means, cov + self.reg_ * eye)
+
     @torch.no_grad()
     def online_update(self, u: torch.Tensor, positions: torch.Tensor | None, decay: float) -> None:
         """One online-EM step on patches ``u`` (N, D), detached; ``positions`` is ignored.
@@ -181,23 +203,29 @@ class GMM(Detector):
         GLAD's per-position weights stay as fitted: only the shared components move.
         """
         self.check_is_fitted()
-        x = u.detach().double()
-        n, d = x.shape
         if not hasattr(self, "s0_"):  # start from the fitted parameters
-            plain = self.covariances_ - self.reg_ * torch.eye(d, dtype=x.dtype, device=x.device)
-            self.s0_ = self.weights_.clone()
-            self.s1_ = self.weights_[:, None] * self.means_
-            self.s2_ = self.weights_[:, None, None] * (plain + torch.einsum("kd,ke->kde", self.means_, self.means_))
-        resp = torch.softmax(in_chunks(self.component_log_prob, x), dim=1)
-        k = resp.shape[1]
-        second = ((resp[:, :, None] * x[:, None, :]).reshape(n, k * d).T @ x).view(k, d, d)
-        self.s0_ = decay * self.s0_ + (1 - decay) * resp.mean(0)
-        self.s1_ = decay * self.s1_ + (1 - decay) * (resp.T @ x) / n
-        self.s2_ = decay * self.s2_ + (1 - decay) * second / n
-        means = self.s1_ / self.s0_[:, None]
-        cov = self.s2_ / self.s0_[:, None, None] - torch.einsum("kd,ke->kde", means, means)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        self._set_parameters(self.s0_ / self.s0_.sum(), means, cov + self.reg_ * eye)
+            self.s0_, self.s1_, self.s2_ = self._fitted_statistics()
+        batch = self._batch_statistics(u.detach().double())
+        self.s0_, self.s1_, self.s2_ = (
+            decay * old + (1 - decay) * new for old, new in zip((self.s0_, self.s1_, self.s2_), batch)
+        )
+        self._set_statistics(self.s0_, self.s1_, self.s2_)
+
+    def new_weight(self, n_new: int, n_before: int, settings: UpdateSettings) -> float:
+        """The share of the new images in the update: the setting, else their share of all images."""
+        return settings.new_weight if settings.new_weight is not None else n_new / (n_new + n_before)
+
+    @torch.no_grad()
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> None:
+        """The paper's online GMM, in ``em_steps`` steps: the fit's sufficient statistics stay fixed, the new
+        patches' are recomputed under the current parameters at every step, and the two are mixed by the new
+        images' weight (a subsample of ``max_patches`` new patches, seeded)."""
+        weight = self.new_weight(len(features), n_before, settings)
+        x = self._subsample(features, torch.Generator().manual_seed(self.settings.seed)).double()
+        fitted = self._fitted_statistics()
+        for _ in tqdm(range(settings.em_steps), desc=f"online EM ({self.name})", leave=False, mininterval=1.0):
+            batch = self._batch_statistics(x)
+            self._set_statistics(*((1 - weight) * old + weight * new for old, new in zip(fitted, batch)))
 
 
 class GLAD(GMM):
@@ -213,12 +241,26 @@ class GLAD(GMM):
     state = GMM.state + ("position_weights",)
 
     @torch.no_grad()
-    def _finish_fit(self, features: torch.Tensor) -> None:
+    def _position_shares(self, features: torch.Tensor) -> torch.Tensor:
+        """Per position, the share of the images whose patch there is most likely under each component (h*w, K)."""
         n, _, h, w = features.shape
         best = in_chunks(lambda chunk: self.component_log_prob(chunk.double()).argmax(1), flatten_patches(features))
-        counts = torch.nn.functional.one_hot(best.view(n, h * w), self.settings.n_components).double().sum(0)
-        weights = torch.clamp(counts / n, min=self.settings.floor)
+        return torch.nn.functional.one_hot(best.view(n, h * w), self.settings.n_components).double().sum(0) / n
+
+    def _set_position_weights(self, shares: torch.Tensor) -> None:
+        weights = torch.clamp(shares, min=self.settings.floor)
         self.position_weights_ = weights / weights.sum(1, keepdim=True)
+
+    def _finish_fit(self, features: torch.Tensor) -> None:
+        self._set_position_weights(self._position_shares(features))
+
+    @torch.no_grad()
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> None:
+        """The mixture's online EM, then each position's weights mixed with the new images' shares by the same weight."""
+        self._check_grid(features)
+        super()._partial_fit(features, n_before, settings)
+        weight = self.new_weight(len(features), n_before, settings)
+        self._set_position_weights((1 - weight) * self.position_weights_ + weight * self._position_shares(features))
 
     def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """log Σ_k π_k(x, y) N(u | μ_k, Σ_k); ``positions`` are flat grid indices (y*w + x), one per patch."""

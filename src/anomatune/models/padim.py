@@ -16,17 +16,19 @@ from .settings import PaDiMSettings
 class PaDiM(Detector):
     """One Gaussian per position (x, y): score = Mahalanobis distance to it. Settings: :class:`PaDiMSettings`.
 
-    Fitted: ``means_`` (h*w, D) and ``prec_chol_`` (h*w, D, D); ``online_update`` keeps the
-    running moments ``s1_``, ``s2_`` of each position.
+    Fitted: ``means_`` (h*w, D, float64), ``prec_chol_`` (h*w, D, D), and the sums they come from,
+    ``count_`` (images) and ``scatter_`` (h*w, D, D, float64: Σ (u − μ)(u − μ)ᵀ), so that
+    :meth:`partial_fit` equals a fit on all the images; ``online_update`` keeps the running
+    moments ``s1_``, ``s2_`` of each position.
     """
 
     Settings = PaDiMSettings
-    state = ("means", "prec_chol")
+    state = ("means", "prec_chol", "count", "scatter")
     online_state = ("s1", "s2")
 
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
-        self._fit_sums(torch.split(features, 16))
+        self._set_gaussians(*self._moments(torch.split(features, 16))[:3])
 
     @torch.no_grad()
     def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> PaDiM:
@@ -35,13 +37,26 @@ class PaDiM(Detector):
         if self.normalized:  # the normalisation scores every training image: that needs them all
             return super().fit_batches(batches, n_images)
         self._reset()
-        features = self._fit_sums(batches)
+        *moments, features = self._moments(batches)
+        self._set_gaussians(*moments)
         self._record_shape(features)
         return self
 
-    def _fit_sums(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Each position's mean and precision from sums over the batches, shifted by the first
-        batch's mean (numerically stable in float64); returns the last batch."""
+    @torch.no_grad()
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings) -> None:
+        """Chan et al.'s pairwise update of each position's count, mean and scatter: the Gaussians of a fit on
+        the old and the new images together, to float64 rounding."""
+        n_b, mean_b, scatter_b, _ = self._moments(torch.split(features, 16), minimum=1)
+        n_a, mean_a = float(self.count_), self.means_.double()
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (n_b / n)
+        scatter = self.scatter_ + scatter_b + (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :]
+        self._set_gaussians(n, mean, scatter)
+
+    def _moments(self, batches: Iterable[torch.Tensor], minimum: int = 2) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, each position's mean (P, D) and scatter (P, D, D) over the batches, in float64 from sums
+        shifted by the first batch's mean (numerically stable); and the last batch."""
         n, shift, s1, s2, features = 0, None, 0.0, 0.0, None
         for features in batches:
             self._check_features(features)
@@ -49,15 +64,18 @@ class PaDiM(Detector):
             shift = x.mean(1, keepdim=True) if shift is None else shift
             centred = x - shift
             s1, s2, n = s1 + centred.sum(1), s2 + centred.transpose(1, 2) @ centred, n + len(features)
-        if n < 2:
-            raise AnomatuneError("PaDiM needs at least 2 training images")
+        if n < minimum:
+            raise AnomatuneError(f"PaDiM needs at least {minimum} training image{'s' if minimum > 1 else ''}")
         mean = s1 / n
-        d = features.shape[1]
-        eye = torch.eye(d, dtype=torch.float64, device=features.device)
-        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1) + self.settings.ridge * eye
-        self.means_ = (shift[:, 0] + mean).float()
+        return n, shift[:, 0] + mean, s2 - n * mean[:, :, None] * mean[:, None, :], features
+
+    def _set_gaussians(self, n: float, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        d = mean.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=mean.device)
+        cov = scatter / (n - 1) + self.settings.ridge * eye
+        self.count_ = torch.tensor(float(n), dtype=torch.float64)
+        self.means_, self.scatter_ = mean, scatter
         self.prec_chol_ = torch.cat([precision_cholesky(c).float() for c in torch.split(cov, 64)])
-        return features
 
     @torch.no_grad()
     def online_update(self, u: torch.Tensor, positions: torch.Tensor, decay: float) -> None:
@@ -86,7 +104,7 @@ class PaDiM(Detector):
         self.s1_ = self.s1_ + rate[:, None] * (first / counts.clamp_min(1)[:, None] - self.s1_)
         self.s2_ = self.s2_ + rate[:, None, None] * (second / counts.clamp_min(1)[:, None, None] - self.s2_)
         cov = self.s2_ - torch.einsum("pd,pe->pde", self.s1_, self.s1_) + ridge * eye
-        self.means_ = self.s1_.float()
+        self.means_ = self.s1_.clone()
         self.prec_chol_ = precision_cholesky(cov).float()
 
     def _mahalanobis_sq(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..data.datasets import RowSample
+from ..data.datasets import RowSample, row_keys
 from ..errors import AnomatuneError
 from .base import Detector, flatten_patches
 from .settings import PatchCoreSettings
@@ -75,22 +75,30 @@ class PatchCore(Detector):
     """
 
     Settings = PatchCoreSettings
-    state = ("memory_bank",)
+    state = ("memory_bank", "bank_keys", "sample_keys", "n_seen")
 
-    def _sample(self, total: int) -> RowSample:
-        """The seeded sample of at most ``max_patches`` of the ``total`` training patches."""
-        return RowSample(total, self.settings.max_patches, self.settings.seed)
+    def _sample(self, total: int, offset: int = 0) -> RowSample:
+        """The seeded sample of at most ``max_patches`` of the ``total`` training patches (rows ``offset`` … of all
+        the patches the bank has seen)."""
+        return RowSample(total, self.settings.max_patches, self.settings.seed, offset)
 
-    def _select(self, patches: torch.Tensor) -> None:
+    def _coreset(self, patches: torch.Tensor) -> torch.Tensor:
+        """Indices of the coreset of ``patches`` (all of them at ``coreset_ratio`` 1)."""
         s = self.settings
         n = max(1, int(len(patches) * s.coreset_ratio))
-        bank = patches if n >= len(patches) else patches[greedy_coreset(patches, n, s.proj_dim, s.seed)]
-        self.memory_bank_ = bank.float().contiguous()
+        return torch.arange(len(patches)) if n >= len(patches) else greedy_coreset(patches, n, s.proj_dim, s.seed)
+
+    def _select(self, patches: torch.Tensor, sample: RowSample, total: int) -> None:
+        chosen = self._coreset(patches)
+        self.memory_bank_ = patches[chosen].float().contiguous()
+        self.bank_keys_, self.sample_keys_ = sample.keys[chosen], sample.keys
+        self.n_seen_ = torch.tensor(total)
 
     @torch.no_grad()
     def _fit(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        self._select(self._sample(len(patches)).take(patches))
+        sample = self._sample(len(patches))
+        self._select(sample.take(patches), sample, len(patches))
 
     @torch.no_grad()
     def fit_batches(self, batches: Iterable[torch.Tensor], n_images: int) -> PatchCore:
@@ -99,14 +107,36 @@ class PatchCore(Detector):
         kept, sample, features = [], None, None
         for features in batches:
             self._check_features(features)
-            sample = sample or self._sample(n_images * features.shape[2] * features.shape[3])
+            total = n_images * features.shape[2] * features.shape[3]
+            sample = sample or self._sample(total)
             kept.append(sample.take(flatten_patches(features)))
         if features is None:
             raise AnomatuneError("no features to fit on")
         self._reset()
-        self._select(torch.cat(kept))
+        self._select(torch.cat(kept), sample, total)
         self._record_shape(features)
         return self
+
+    @torch.no_grad()
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings) -> None:
+        """The new patches join the bank as a streamed fit over the old and new images would sample them: every patch
+        has a seeded key, and the sample is the ``max_patches`` smallest keys of all (the old sample's keys are kept).
+        Bank patches whose key falls out of the sample leave; the new sampled patches join through their own coreset
+        (at ``coreset_ratio`` 1 the bank is the streamed fit's, exactly)."""
+        bank = self.memory_bank_
+        new = flatten_patches(features).float().to(bank.device)
+        start = int(self.n_seen_)
+        new_keys = row_keys(self.settings.seed, start, len(new))
+        keys = torch.cat([self.sample_keys_, new_keys])
+        cap = self.settings.max_patches
+        bound = keys.kthvalue(cap).values if cap is not None and len(keys) > cap else torch.tensor(float("inf"))
+        joining, staying = new_keys <= bound, self.bank_keys_ <= bound
+        chosen = self._coreset(new[joining.to(bank.device)]) if joining.any() else torch.zeros(0, dtype=torch.long)
+        joining_rows = new[joining.to(bank.device)]
+        self.memory_bank_ = torch.cat([bank[staying.to(bank.device)], joining_rows[chosen.to(bank.device)]]).contiguous()
+        self.bank_keys_ = torch.cat([self.bank_keys_[staying], new_keys[joining][chosen]])
+        self.sample_keys_ = keys[keys <= bound]
+        self.n_seen_ = torch.tensor(start + len(new))
 
     def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""

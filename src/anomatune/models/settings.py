@@ -134,6 +134,24 @@ class PatchCoreSettings(DetectorSettings):
     seed: int = setting(0, "Seed of the projection, of the patch sample and of the first coreset patch.")
 
 
+@dataclass(frozen=True)
+class UpdateSettings(Settings):
+    """How ``anomatune update`` moves a fitted detector to new good images without the old ones.
+
+    PaDiM's update is exact (its running sums) and PatchCore's bank takes the new patches its
+    streamed fit would sample; these settings are the mixtures' online EM (GMM, GLAD).
+    """
+
+    section = "update"
+    em_steps: int = setting(5, "Online-EM steps over the new images' patches (GMM, GLAD).", interval="[1, 1000]")
+    new_weight: float | None = setting(
+        None,
+        "Weight of the new images in the online EM (GMM, GLAD), in (0, 1]; default: their share of all the images "
+        "the run has been fitted on.",
+        interval="(0, 1]",
+    )
+
+
 def detector_settings(value: Any = DEFAULT_DETECTOR, **changes: Any) -> DetectorSettings:
     """A detector's settings from a name, a mapping or an instance, with ``changes`` applied."""
     try:

@@ -11,8 +11,9 @@ predicting, reporting and exporting all use this one object, so they cannot disa
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..data.datasets import AnomalyDataset, collate, seeded_split
+from ..data.datasets import GOOD, AnomalyDataset, Record, collate, seeded_split
 from ..data.images import check_pixels, image_to_tensor, read_image
 from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError, check_is_fitted, is_fitted
@@ -34,6 +35,7 @@ from ..features.settings import AUTO, RANDOM
 from ..folders.base import refuse_inside
 from ..folders.kinds import RunFolder
 from ..models.registry import create_detector
+from ..models.settings import UpdateSettings
 from ..schema import flat_settings
 from .postprocess import PostProcessor, defect_mask, resize_map
 from .scoring import score_dataset
@@ -41,7 +43,12 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 3  # 3: features.normalization (issue 21)
+RUN_FORMAT = 4  # 3: features.normalization (issue 21); 4: PaDiM's sums, PatchCore's sample keys, calibration.json
+JSON_ATTRIBUTES = (  # a run's JSON files and the fitted attributes they hold, when present
+    (RunFolder.SELECTION, "selection_"),
+    (RunFolder.CALIBRATION, "calibration_"),
+    (RunFolder.LINEAGE, "lineage_"),
+)
 FEW_THRESHOLD_IMAGES = 10  # a threshold learnt from fewer held-out good images is said to be a rough guess
 
 
@@ -105,7 +112,8 @@ class Pipeline:
 
     Fitted attributes: ``extractor_``, ``detector_``, ``postprocessor_``, ``fit_record_``
     (input size, threshold, ...), ``data_`` (the data settings of the training set),
-    ``selection_`` when ``--detector auto`` chose it (the candidates' validation table) and,
+    ``selection_`` when ``--detector auto`` chose it (the candidates' validation table),
+    ``calibration_`` (the held-out good images and their scores), ``lineage_`` after an update and,
     once saved or loaded, ``model_id_`` (the run folder's name and files' hash).
     """
 
@@ -173,6 +181,9 @@ class Pipeline:
             "data_",
             "model_id_",
             "selection_",
+            "calibration_",
+            "lineage_",
+            "update_seconds_",
         ):  # a failed fit leaves it unfitted
             self.__dict__.pop(name, None)
         weights = s.features.backbone_weights
@@ -195,12 +206,7 @@ class Pipeline:
             detector.fit_batches((f.to(device) for f in extractor.stream(self._loader(train), desc="train features")), len(train))
         self.extractor_, self.detector_ = extractor, detector
         self.postprocessor_ = PostProcessor(s.postprocess, size)
-        threshold = good_median = None
-        if held_out is not None:
-            maps, scores = zip(*(self._forward(batch["image"]) for batch in self._loader(held_out)))
-            maps, scores = torch.cat(maps), torch.cat(scores)
-            threshold = float(torch.quantile(scores.double(), s.threshold.quantile))
-            good_median = float(maps.flatten()[::97].double().median())
+        threshold, good_median = self._calibrate(held_out)
         self.fit_record_ = FitRecord(
             input_size=size,
             weights_id=extractor.weights_id,
@@ -220,6 +226,61 @@ class Pipeline:
             size[0],
             self.fit_record_.fit_seconds,
         )
+        return self
+
+    def _calibrate(self, held_out: AnomalyDataset | None, also: Sequence[str] = ()) -> tuple[float | None, float | None]:
+        """Score the held-out good images (and the files ``also``): the ``threshold_quantile`` of their scores is the
+        threshold, the median of their maps the blue end of overlays; the files and scores are kept in ``calibration_``
+        (the reference of an update's threshold and of the server's drift statistic)."""
+        self.__dict__.pop("calibration_", None)
+        if also:
+            extra = AnomalyDataset([Record(Path(p), 0, GOOD) for p in also], False, name="calibration images")
+            held_out = extra.at_size(self.input_size) if held_out is None else _joined(held_out, extra)
+        if held_out is None:
+            return None, None
+        maps, scores, files = [], [], []
+        for batch in self._loader(held_out):
+            batch_maps, batch_scores = self._forward(batch["image"])
+            maps.append(batch_maps), scores.append(batch_scores), files.extend(str(p) for p in batch["path"])
+        maps, scores = torch.cat(maps), torch.cat(scores).double()
+        self.calibration_ = {"files": files, "scores": scores.tolist()}
+        return float(torch.quantile(scores, self.settings.threshold.quantile)), float(maps.flatten()[::97].double().median())
+
+    def update(self, dataset: AnomalyDataset, settings: UpdateSettings | None = None) -> Pipeline:
+        """Learn from more good images without the ones fitted on (``anomatune update``): the detector's
+        ``partial_fit`` on their features (PaDiM exactly as a refit on all the images; see
+        :class:`~anomatune.models.settings.UpdateSettings`), then, if the run learnt a threshold, a new one
+        from the held-out good images of the fit (scored again) and the same share held out of the new ones.
+        The input size, features and projection stay the fit's. Returns ``self``; records ``update_seconds_``."""
+        self.check_is_fitted()
+        start = time.perf_counter()
+        record = self.fit_record_
+        dataset = dataset.within(self.runtime.max_pixels)
+        dataset.check_readable()
+        share = self.settings.threshold.holdout if record.holdout_images else 0.0
+        train, held_out = split_holdout(dataset.at_size(self.input_size), share, self.settings.seed)
+        features = self.extractor_.extract(self._loader(train), desc="new features").to(self.device)
+        self.detector_.partial_fit(features, record.n_train, settings)
+        del features
+        threshold, good_median = record.threshold, record.good_map_median
+        if record.holdout_images:
+            before = [f for f in getattr(self, "calibration_", {}).get("files", []) if Path(f).is_file()]
+            if len(before) < record.holdout_images:
+                log.warning(
+                    "%d of the %d held-out images of the fit are no longer readable: the new threshold is learnt without them",
+                    record.holdout_images - len(before),
+                    record.holdout_images,
+                )
+            threshold, good_median = self._calibrate(held_out, also=before)
+        self.fit_record_ = replace(
+            record,
+            threshold=threshold,
+            good_map_median=good_median,
+            holdout_images=len(self.calibration_["files"]) if record.holdout_images else 0,
+            n_train=record.n_train + len(train),
+        )
+        self.update_seconds_ = round(time.perf_counter() - start, 2)
+        log.info("updated %s with %d new images in %.1f s", self.settings.detector.name, len(train), self.update_seconds_)
         return self
 
     # -- predicting ----------------------------------------------------------------------------
@@ -301,9 +362,9 @@ class Pipeline:
             fitted=self.fit_record_,
         )
 
-    def save(self, folder: str | Path) -> RunFolder:
+    def save(self, folder: str | Path, extra: Mapping[str, Path] | None = None) -> RunFolder:
         """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there (never inside the
-        training data's folders)."""
+        training data's folders); ``extra``: more files copied into it, by their name in the run."""
         self.check_is_fitted()
         data = getattr(self, "data_", None)
         refuse_inside(folder, data.folders if data is not None else ())
@@ -314,8 +375,11 @@ class Pipeline:
                 stage.write_tensors(
                     RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
                 )
-            if getattr(self, "selection_", None) is not None:
-                stage.write_json(RunFolder.SELECTION, self.selection_)
+            for name, attribute in JSON_ATTRIBUTES:
+                if getattr(self, attribute, None) is not None:
+                    stage.write_json(name, getattr(self, attribute))
+            for name, source in (extra or {}).items():
+                stage.write_with(name, lambda tmp, source=source: shutil.copyfile(source, tmp))
             stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
         self.model_id_ = run.fingerprint()
         return run
@@ -340,8 +404,9 @@ class Pipeline:
         pipeline.extractor_, pipeline.detector_ = extractor, detector
         pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size)
         pipeline.fit_record_, pipeline.data_ = fitted, config.data
-        if (run / RunFolder.SELECTION).is_file():
-            pipeline.selection_ = run.read_json(RunFolder.SELECTION)
+        for name, attribute in JSON_ATTRIBUTES:
+            if (run / name).is_file():
+                setattr(pipeline, attribute, run.read_json(name))
         pipeline.model_id_ = run.fingerprint()
         return pipeline
 
@@ -358,6 +423,13 @@ def read_run_config(run: RunFolder) -> RunConfig:
             f"{RUN_FORMAT}: refit the run with this version"
         )
     return RunConfig.from_dict(raw, source=str(path), complete=True)
+
+
+def _joined(first: AnomalyDataset, second: AnomalyDataset) -> AnomalyDataset:
+    """The images of both, at the first's input size."""
+    joined = first.subset(range(len(first)))
+    joined.records = first.records + second.records
+    return joined
 
 
 def _as_pil(image) -> Image.Image:

@@ -1,10 +1,19 @@
 """The HTTP API and the operator page (FastAPI).
 
 Routes: ``POST /predict`` (multipart: one or more ``file`` fields, optional ``model``;
-``?images=base64|url|none``), ``GET /health``, ``GET /models``, ``GET /images/{name}``
-(overlays and masks of ``?images=url``), ``GET /`` (the page), ``/docs`` (OpenAPI).
+``?images=base64|url|none``; each result has an ``id``), ``POST /feedback`` (the operator's
+verdict on a result's ``id`` or on a ``file``, stored beside the run), ``POST
+/models/{name}/reload`` (swap in the run folder's new version), ``GET /health``, ``GET
+/models`` (with each model's version, parent and drift), ``GET /metrics`` (Prometheus),
+``GET /images/{name}`` (overlays and masks of ``?images=url``), ``GET /`` (the page),
+``/docs`` (OpenAPI).
 Every error is a 4xx (or 500) JSON body ``{"error": "one line"}``; the server keeps
 answering. With an API key, POST routes need it in the ``X-API-Key`` header.
+
+A new version of a run (``anomatune update --out RUN``, a refit) is loaded beside the one
+served, then swapped in: a request in flight finishes on the version it started with, and
+none fails. A run folder is replaced as one set, and a load during the swap is refused and
+tried again, so a half-written version is never served.
 
 Memory is bounded by settings, whatever the requests carry: a request's bytes
 (``--max-request-mb``: refused without reading the rest), each image's pixels
@@ -16,27 +25,35 @@ request (the same bound), a forward pass (``--max-batch``) and the overlays kept
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import secrets
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import BinaryIO, Literal
 
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..data.images import ImageTooLarge, header_size, read_image
-from ..errors import DataError
+from ..errors import AnomatuneError, DataError
+from ..folders.feedback import VERDICTS, FeedbackStore
+from ..folders.kinds import RunFolder
 from .batching import Batcher
-from .models import ServedModel, check_run_names, encode
+from .drift import DriftMonitor, MetricsCollector
+from .models import ServedModel, check_run_names, encode, png_bytes
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -54,24 +71,35 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
 
 
-class ImageCache:
-    """The PNGs of ``?images=url`` answers, the newest kept within ``capacity`` bytes."""
+class BoundedCache:
+    """Values by key, the newest kept within ``capacity`` bytes (``size`` of each given when put)."""
 
     def __init__(self, capacity: int):
         self.capacity, self.used, self.items = capacity, 0, OrderedDict()
 
-    def put(self, png: bytes) -> str:
-        name = f"{uuid.uuid4().hex}.png"
-        self.items[name] = png
-        self.used += len(png)
+    def put(self, value, size: int, key: str | None = None) -> str:
+        key = key or uuid.uuid4().hex
+        self.items[key] = (value, size)
+        self.used += size
         while self.used > self.capacity and self.items:
-            self.used -= len(self.items.popitem(last=False)[1])
-        return f"/images/{name}"
+            self.used -= self.items.popitem(last=False)[1][1]
+        return key
 
-    def get(self, name: str) -> bytes:
-        if name not in self.items:
-            raise ApiError(404, f"image {name} is not (or no longer) kept: ask again, or use ?images=base64")
-        return self.items[name]
+    def get(self, key: str, missing: str):
+        if key not in self.items:
+            raise ApiError(404, missing)
+        return self.items[key][0]
+
+
+@dataclass
+class Scored:
+    """An uploaded image as it was scored: what feedback on its ``id`` stores."""
+
+    data: bytes
+    suffix: str
+    model: ServedModel
+    score: float
+    decision: str
 
 
 class RequestBudget:
@@ -121,6 +149,65 @@ class PixelBudget:
                 self.changed.notify_all()
 
 
+class Registry:
+    """The served models by run name, each with its drift monitor and feedback store; :meth:`swap` puts a new
+    version in whole (a request holds the :class:`ServedModel` it started with)."""
+
+    def __init__(self, models: list[ServedModel], settings: ServeSettings):
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        self.monitors: dict[str, DriftMonitor] = {}
+        self.stores = {m.name: FeedbackStore(m.run_dir) for m in models}
+        self.reloading: dict[str, asyncio.Lock] = {m.name: asyncio.Lock() for m in models}
+        for m in models:
+            self.swap(m)
+
+    def swap(self, model: ServedModel) -> None:
+        s = self.settings
+        self.models[model.name] = model
+        self.monitors[model.name] = DriftMonitor(
+            model.id, model.calibration_scores, model.threshold, s.drift_window, s.drift_bound
+        )
+
+    def find(self, model: str | None) -> ServedModel:
+        """By id or run name; an older id of a served run (``NAME@version``) finds its current version."""
+        if model is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise ApiError(400, f"several models are served: pass model (one of {', '.join(self.ids())})")
+        found = self.models.get(model.partition("@")[0])
+        if found is None:
+            raise ApiError(404, f"no model {model!r}: served are {', '.join(self.ids())} (GET /models)")
+        return found
+
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models.values()]
+
+    def info(self) -> list[dict]:
+        return [m.info() | {"drift": self.monitors[name].stats()} for name, m in self.models.items()]
+
+    async def reload(self, name: str) -> ServedModel:
+        """Load the run folder's current version beside the served one, then swap it in (one reload per run at once)."""
+        current = self.find(name)
+        async with self.reloading[current.name]:
+            loaded = await run_in_threadpool(self.find(name).reloaded)
+            self.swap(loaded)
+        log.info("%s: now serving %s (was %s)", loaded.name, loaded.id, current.id)
+        return loaded
+
+    async def watch(self) -> None:
+        """Every ``watch`` seconds, reload each run whose folder changed; a failed load is logged and tried again."""
+        while True:
+            await asyncio.sleep(self.settings.watch)
+            for name, model in list(self.models.items()):
+                if RunFolder(model.run_dir).stamp() == model.stamp or not (model.run_dir / RunFolder.CONFIG).is_file():
+                    continue
+                try:
+                    await self.reload(name)
+                except Exception as exc:  # the served version stays; the next check tries again
+                    log.warning("%s changed but could not be loaded (%s): still serving %s", model.run_dir, exc, model.id)
+
+
 def image_size(upload: BinaryIO, name: str, size: int | None, settings: ServeSettings, max_pixels: int) -> tuple[int, int]:
     """An upload's (width, height) from its header, refused in one line when empty, not an image, or too large."""
     if not size:
@@ -144,20 +231,56 @@ def decode(upload: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(400, str(exc)) from None
 
 
+def read_all(upload: BinaryIO) -> bytes:
+    upload.seek(0)
+    return upload.read()
+
+
+def image_url(cache: BoundedCache, png: bytes) -> str:
+    return f"/images/{cache.put(png, len(png), f'{uuid.uuid4().hex}.png')}"
+
+
+def binary_mask(upload: UploadFile, image: bytes) -> bytes:
+    """A feedback mask as a 0/255 PNG, refused in one line unless it is a binary image of the image's size."""
+    name = upload.filename or "mask"
+    try:
+        with Image.open(io.BytesIO(image)) as picture:
+            expected = picture.size
+        with Image.open(upload.file) as drawn:
+            drawn.load()
+            values = np.asarray(drawn.convert("L"))
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"{name}: not a readable image ({exc})") from None
+    if values.shape[::-1] != expected:
+        width, height = expected
+        raise ApiError(
+            400, f"{name}: the mask is {values.shape[1]}x{values.shape[0]} px, its image {width}x{height}: draw it on the image"
+        )
+    if not np.isin(np.unique(values), (0, 1, 255)).all() or values.max(initial=0) == 1 and (values == 255).any():
+        raise ApiError(400, f"{name}: the mask is not binary: use 0 for good pixels and 255 (or 1) for the defect")
+    return png_bytes(Image.fromarray(((values > 0) * 255).astype(np.uint8)))
+
+
 def create_app(models: list[ServedModel], settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``models`` (their ids must differ)."""
     settings = settings or ServeSettings()
     check_run_names([m.run_dir for m in models])
-    by_id = {m.id: m for m in models}
+    registry = Registry(models, settings)
     batcher = Batcher(settings.max_batch, settings.max_wait_ms)
-    cache = ImageCache(int(settings.image_cache_mb * 2**20))
+    cache = BoundedCache(int(settings.image_cache_mb * 2**20))  # overlays and masks of ?images=url
+    uploads = BoundedCache(int(settings.image_cache_mb * 2**20))  # scored uploads, for feedback on their id
     budget = PixelBudget(max(m.max_pixels for m in models))
     request_limit = int(settings.max_request_mb * 2**20)
+    metrics = CollectorRegistry(auto_describe=True)
+    metrics.register(MetricsCollector(lambda: dict(registry.monitors), batcher.counters.to_dict))
 
     @asynccontextmanager
     async def lifespan(_app):
         await batcher.start()
+        watcher = asyncio.create_task(registry.watch()) if settings.watch > 0 else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         await batcher.stop()
 
     app = FastAPI(
@@ -201,16 +324,6 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send it in the X-API-Key header")
 
-    def chosen(model: str | None) -> ServedModel:
-        if model is None:
-            if len(by_id) == 1:
-                return next(iter(by_id.values()))
-            raise ApiError(400, f"several models are served: pass model (one of {', '.join(by_id)})")
-        found = by_id.get(model) or next((m for m in models if m.run_dir.name == model), None)  # names are unique
-        if found is None:
-            raise ApiError(404, f"no model {model!r}: served are {', '.join(by_id)} (GET /models)")
-        return found
-
     @app.post("/predict", dependencies=[Depends(authorised)])
     async def predict(
         file: list[UploadFile] = File(..., description="The image(s); repeat the field for a batch."),
@@ -220,7 +333,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         ),
     ):
         """Score images: per image its score, decision (against the run's threshold), heatmap overlay and defect mask."""
-        served = chosen(model)
+        served = registry.find(model)
         batcher.counters.requests += 1
         names = [upload.filename or f"file {i + 1}" for i, upload in enumerate(file)]
         sizes = [
@@ -234,20 +347,72 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
                 return (await batcher.score(served, [picture], drawn=images != "none"))[0]
 
         results = await asyncio.gather(*(score(upload, name, size) for upload, name, size in zip(file, names, sizes)))
+        registry.monitors[served.name].add(r["score"] for r in results)
         answers = []
-        for name, result in zip(names, results):
-            answer = {"file": name, "score": result["score"], "decision": result["decision"]}
+        for name, upload, result in zip(names, file, results):
+            data = await run_in_threadpool(read_all, upload.file)
+            kept = Scored(data, Path(name).suffix, served, result["score"], result["decision"])
+            answer = {"file": name, "id": uploads.put(kept, len(data)), "score": result["score"], "decision": result["decision"]}
             if images == "base64":
                 answer |= {"overlay": encode(result["overlay"]), "mask": encode(result["mask"])}
             elif images == "url":
-                answer |= {"overlay": cache.put(result["overlay"]), "mask": cache.put(result["mask"])}
+                answer |= {"overlay": image_url(cache, result["overlay"]), "mask": image_url(cache, result["mask"])}
             answers.append(answer)
         return {"model": served.id, "anomatune_version": __version__, "threshold": served.threshold, "results": answers}
+
+    @app.post("/feedback", dependencies=[Depends(authorised)])
+    async def feedback(
+        verdict: Literal[VERDICTS] = Form(..., description="good: a false alarm (the part is good); defect: a defect."),
+        id: str | None = Form(None, description="The id of a result of /predict (kept while --image-cache-mb allows)."),
+        file: UploadFile | None = File(None, description="The image, when not given by its id (it is scored first)."),
+        mask: UploadFile | None = File(None, description="Where the defect is: a binary PNG of the image's size."),
+        note: str | None = Form(None, max_length=2000, description="Anything the operator wants to say."),
+        model: str | None = Form(None, description="With file: a model id or run name, when several are served."),
+    ):
+        """Store the operator's verdict on an image beside the run (append-only; kept across restarts and updates):
+        ``anomatune update RUN --feedback`` learns from the good ones and keeps the defects for validation."""
+        if id is not None:
+            kept = uploads.get(id, f"no scored image {id!r} is kept (any more): send the image as 'file' instead")
+            served = registry.find(kept.model.name)
+        elif file is not None:
+            served = registry.find(model)
+            name = file.filename or "file"
+            size = await run_in_threadpool(image_size, file.file, name, file.size, settings, served.max_pixels)
+            async with budget.hold(size[0] * size[1]):
+                picture = await run_in_threadpool(decode, file.file, name, served.max_pixels)
+                result = (await batcher.score(served, [picture], drawn=False))[0]
+            data = await run_in_threadpool(read_all, file.file)
+            kept = Scored(data, Path(name).suffix, served, result["score"], result["decision"])
+        else:
+            raise ApiError(400, "no image: send the 'id' of a result of /predict, or the image as 'file'")
+        mask_png = None if mask is None else await run_in_threadpool(binary_mask, mask, kept.data)
+        record = {
+            "verdict": verdict,
+            "model": kept.model.id,
+            "score": kept.score,
+            "threshold": kept.model.threshold,
+            "decision": kept.decision,
+            "note": note,
+        }
+        entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, record, mask_png)
+        return {"id": entry["id"], "verdict": verdict, "model": kept.model.id, "stored": str(registry.stores[served.name].path)}
+
+    @app.post("/models/{name}/reload", dependencies=[Depends(authorised)])
+    async def reload(name: str):
+        """Load the run folder's current version (after 'anomatune update --out RUN' or a refit) and swap it in;
+        requests in flight finish on the version they started with. The answer is the model as /models shows it."""
+        try:
+            loaded = await registry.reload(name)
+        except AnomatuneError as exc:
+            raise ApiError(409, f"{exc}; still serving {registry.find(name).id}") from None
+        return loaded.info() | {"drift": registry.monitors[loaded.name].stats()}
 
     @app.get("/images/{name}", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def image(name: str):
         """An overlay or mask of an answer to ``?images=url``."""
-        return Response(cache.get(name), media_type="image/png")
+        return Response(
+            cache.get(name, f"image {name} is not (or no longer) kept: ask again, or use ?images=base64"), media_type="image/png"
+        )
 
     @app.get("/health")
     async def health():
@@ -255,7 +420,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         return {
             "status": "ok",
             "anomatune_version": __version__,
-            "models": len(by_id),
+            "models": len(registry.models),
             "runtime": settings.runtime,
             "max_batch": settings.max_batch,
             **batcher.counters.to_dict(),
@@ -263,8 +428,14 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
 
     @app.get("/models")
     async def list_models():
-        """Each served run: id, backbone, detector, threshold, input size and its evaluation's metrics (null if not evaluated)."""
-        return [m.info() for m in models]
+        """Each served run: id, version and parent, backbone, detector, threshold, input size, its evaluation's metrics
+        (null if not evaluated) and the drift of its recent scores."""
+        return registry.info()
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics():
+        """Counters and, per model, the drift window's alarm share, score quantiles and KS statistic (Prometheus)."""
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     static = resources.files(__package__) / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

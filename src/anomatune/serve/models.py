@@ -77,6 +77,7 @@ class ServedModel:
     runtime: str
     stamp: tuple = ()  # the run's files when it was loaded (see RunFolder.stamp)
     metrics: dict | None = None  # its evaluation's metrics when it was loaded
+    options: dict = field(default_factory=dict)  # how it was loaded (device, max_batch, limits): a reload loads alike
     _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # the exported model, removed with the object
 
     @classmethod
@@ -86,9 +87,12 @@ class ServedModel:
         run_dir = Path(run_dir)
         stamp = RunFolder(run_dir).stamp()  # before the load: a change during it shows as stale
         pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch, **limits)
+        if RunFolder(run_dir).stamp() != stamp:  # a new version was swapped in while these files were read
+            raise AnomatuneError(f"{run_dir} changed while it was being loaded: load it again")
         if pipeline.threshold is None:
             raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with threshold_holdout=0): refit it to serve decisions")
-        snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir)}
+        options = {"device": device, "max_batch": max_batch, **limits}
+        snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir), "options": options}
         if runtime == "torch":
             return cls(run_dir, pipeline, pipeline.forward, runtime, **snapshot)
         folder = tempfile.TemporaryDirectory(prefix="anomatune-serve-")
@@ -107,8 +111,26 @@ class ServedModel:
         return self.pipeline.model_id_
 
     @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
     def threshold(self) -> float:
         return self.pipeline.threshold
+
+    @property
+    def calibration_scores(self) -> list[float]:
+        """The held-out good images' scores the threshold was learnt on: the drift statistic's reference."""
+        return (getattr(self.pipeline, "calibration_", None) or {}).get("scores", [])
+
+    @property
+    def parent(self) -> str | None:
+        """The model id this version was updated from (``anomatune update``), if any."""
+        return (getattr(self.pipeline, "lineage_", None) or {}).get("parent")
+
+    def reloaded(self) -> ServedModel:
+        """The run folder's current version, loaded as this one was."""
+        return type(self).load(self.run_dir, self.runtime, **self.options)
 
     @property
     def max_pixels(self) -> int:
@@ -116,11 +138,13 @@ class ServedModel:
 
     def info(self) -> dict:
         """What ``GET /models`` says of the model it serves: the run as it was loaded, with its evaluation's metrics
-        then; ``stale`` when the run on disk has changed since (refit or evaluated again: restart to serve that)."""
+        then; ``stale`` when the run on disk has changed since (refit, updated or evaluated again: reload it)."""
         config = self.pipeline.config()
         return {
             "id": self.id,
-            "name": self.run_dir.name,
+            "name": self.name,
+            "version": self.id.rpartition("@")[2],
+            "parent": self.parent,
             "backbone": config.settings.features.backbone,
             "detector": config.settings.detector.name,
             "threshold": self.threshold,

@@ -44,3 +44,19 @@ class ServeSettings(Settings):
     image_cache_mb: float = setting(
         256.0, "Memory for the overlays and masks of ?images=url, in MB (the oldest are dropped).", interval="[0, 1000000]"
     )
+    watch: float = setting(
+        0.0,
+        "Seconds between checks of every served run folder for a new version (refit, or 'anomatune update --out RUN'), "
+        "loaded and swapped in without dropping a request; 0: never (POST /models/NAME/reload still does it).",
+        interval="[0, 86400]",
+    )
+    drift_window: int = setting(
+        500,
+        "Recent scores per model whose drift from the calibration scores /metrics and /models report.",
+        interval="[1, 1000000]",
+    )
+    drift_bound: float = setting(
+        0.5,
+        "KS statistic (0 to 1) of the recent scores against the calibration scores over which a warning is logged.",
+        interval="(0, 1]",
+    )

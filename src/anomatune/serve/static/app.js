@@ -1,13 +1,24 @@
-// The operator page: pick or drop images, see each one's overlay, score and decision. No external code.
+// The operator page: pick or drop images, see each one's overlay, score and decision, say when it is wrong
+// (feedback stored beside the run), and see how the recent scores drift. No external code.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let models = [];
 
 function showModel() {
-  const chosen = models.find((m) => m.id === $("model").value);
+  const chosen = models.find((m) => m.name === $("model").value);
   if (!chosen) return;
   const metrics = chosen.metrics && chosen.metrics.image_auroc != null ? `, image AUROC ${chosen.metrics.image_auroc}` : "";
-  $("model-line").textContent = `${chosen.name}: ${chosen.detector} on ${chosen.backbone}, threshold ${chosen.threshold.toPrecision(4)}${metrics}`;
+  const parent = chosen.parent ? `, updated from ${chosen.parent}` : "";
+  $("model-line").textContent = `${chosen.name} (version ${chosen.version}${parent}): ${chosen.detector} on ${chosen.backbone}, threshold ${chosen.threshold.toPrecision(4)}${metrics}`;
+  const d = chosen.drift;
+  const share = d.alarm_share == null ? "no image scored yet" : `${(100 * d.alarm_share).toFixed(1)} % above the threshold`;
+  const ks = d.drift == null ? "drift: not enough scores yet" : `drift (KS) ${d.drift.toFixed(3)}${d.drift > d.drift_bound ? " — over the bound: check the line" : ""}`;
+  $("drift-line").textContent = `Last ${d.window} images: ${share}; ${ks}.`;
+}
+
+async function refreshModels() {
+  models = await (await fetch("/models")).json();
+  showModel();
 }
 
 async function loadModels() {
@@ -15,7 +26,7 @@ async function loadModels() {
   models = await answer.json();
   for (const m of models) {
     const option = document.createElement("option");
-    option.value = m.id;
+    option.value = m.name;
     option.textContent = m.name;
     $("model").append(option);
   }
@@ -51,11 +62,42 @@ async function inspect(file) {
     overlay.alt = `Heatmap of ${file.name}: red where it looks defective`;
     overlay.src = `data:image/png;base64,${result.overlay}`;
     item.append(overlay);
+    item.append(feedbackControl(result.id, file.name));
+    refreshModels().catch(() => {});
   } catch (problem) {
     item.dataset.decision = "error";
     item.querySelector(".decision").textContent = "error";
     item.querySelector(".score").textContent = problem.message;
     item.querySelector(".score").classList.add("error");
+  }
+}
+
+function feedbackControl(id, name) {
+  const control = document.createElement("p");
+  control.className = "feedback";
+  control.innerHTML = '<button type="button" data-verdict="good">Good part (false alarm)</button> '
+    + '<button type="button" data-verdict="defect">Defect</button> <span class="saved" role="status"></span>';
+  for (const button of control.querySelectorAll("button")) {
+    button.setAttribute("aria-label", `${button.textContent}: ${name}`);
+    button.addEventListener("click", () => sendFeedback(id, button.dataset.verdict, control));
+  }
+  return control;
+}
+
+async function sendFeedback(id, verdict, control) {
+  const form = new FormData();
+  form.append("id", id);
+  form.append("verdict", verdict);
+  const headers = $("api-key").value ? { "X-API-Key": $("api-key").value } : {};
+  const saved = control.querySelector(".saved");
+  try {
+    const answer = await fetch("/feedback", { method: "POST", body: form, headers });
+    const body = await answer.json();
+    if (!answer.ok) throw new Error(body.error || answer.statusText);
+    control.dataset.saved = verdict;
+    saved.textContent = `Saved: ${verdict === "good" ? "good part" : "defect"}.`;
+  } catch (problem) {
+    saved.textContent = `Not saved: ${problem.message}`;
   }
 }
 

@@ -1,0 +1,181 @@
+"""anomatune update: a new version from the old one and new good images, without the old training images."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from anomatune import Pipeline, open_dataset
+from anomatune.apps.cli import app
+from anomatune.folders.feedback import FeedbackStore
+from anomatune.models.registry import create_detector
+from anomatune.models.settings import UpdateSettings, detector_settings
+from anomatune.pipeline.update import DEFECTS, update_run
+from tests.apps.test_cli import cli
+from tests.conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def split_folders(brick, tmp_path_factory):
+    """The brick training images as old/ (8), new/ (4) and both/ (all 12, old ones first by name)."""
+    root = tmp_path_factory.mktemp("split")
+    images = sorted((brick / "brick" / "train" / "good").glob("*.png"))
+    for name in ("old", "new", "both"):
+        (root / name).mkdir()
+    for i, path in enumerate(images):
+        part = "old" if i < 8 else "new"
+        shutil.copy(path, root / part / f"{i:03d}.png")
+        shutil.copy(path, root / "both" / f"{i:03d}.png")
+    return root
+
+
+def fitted(folder, detector, holdout=0.0, **changes):
+    pipeline = Pipeline(detector=detector, device="cpu", threshold_holdout=holdout, **FAST, **changes)
+    return pipeline.fit(open_dataset(good=str(folder), test_split=0.0))
+
+
+def test_padim_update_equals_a_refit_on_the_union(split_folders):
+    updated = fitted(split_folders / "old", "padim").update(open_dataset(good=str(split_folders / "new"), test_split=0.0))
+    refit = fitted(split_folders / "both", "padim")
+    a, b = updated.detector_.state_dict(), refit.detector_.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key].double(), b[key].double(), rtol=1e-6, atol=1e-6, msg=key)
+    images = open_dataset(good=str(split_folders / "both"), test_split=0.0).at_size(refit.input_size)
+    batch = torch.stack([images[i]["image"] for i in range(len(images))])
+    torch.testing.assert_close(updated.forward(batch)[1], refit.forward(batch)[1], rtol=1e-6, atol=1e-6)
+    assert updated.fit_record_.n_train == refit.fit_record_.n_train == 12
+
+
+def test_patchcore_update_keeps_what_a_streamed_fit_over_the_union_keeps(split_folders):
+    settings = {"coreset_ratio": 1.0, "max_patches": 100}  # of 12 x 16 patches; the bank is the sample, row by row
+    old = open_dataset(good=str(split_folders / "old"), test_split=0.0)
+    pipeline = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_holdout=0.0, **FAST)
+    updated = pipeline.fit(old).update(open_dataset(good=str(split_folders / "new"), test_split=0.0))
+    refit = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_holdout=0.0, **FAST)
+    refit.fit(open_dataset(good=str(split_folders / "both"), test_split=0.0))
+    assert len(refit.detector_.memory_bank_) == 100
+    torch.testing.assert_close(updated.detector_.memory_bank_, refit.detector_.memory_bank_)
+    torch.testing.assert_close(updated.detector_.sample_keys_.sort().values, refit.detector_.sample_keys_.sort().values)
+
+
+def test_patchcore_update_below_the_cap_adds_a_coreset_of_the_new_patches():
+    torch.manual_seed(0)
+    old, new = torch.randn(6, 8, 4, 4), torch.randn(3, 8, 4, 4)
+    detector = create_detector(detector_settings("patchcore", coreset_ratio=0.25)).fit(old)
+    before = detector.memory_bank_.clone()
+    detector.partial_fit(new, len(old))
+    assert len(detector.memory_bank_) == len(before) + int(3 * 16 * 0.25)
+    torch.testing.assert_close(detector.memory_bank_[: len(before)], before)  # under the cap every old patch stays
+    assert int(detector.n_seen_) == 9 * 16
+
+
+@pytest.mark.parametrize("name", ["gmm", "glad"])
+def test_the_online_em_moves_the_mixture_by_the_weight_of_the_new_images(name):
+    torch.manual_seed(0)
+    old, new = torch.randn(20, 4, 3, 3), torch.randn(20, 4, 3, 3) + 2.0
+    settings = detector_settings(name, n_components=2, normalize=False)
+    detector = create_detector(settings).fit(old)
+    means = detector.means_.clone()
+    frozen = create_detector(settings).fit(old).partial_fit(new, 20, UpdateSettings(new_weight=1e-9))
+    torch.testing.assert_close(frozen.means_, means, rtol=1e-6, atol=1e-6)  # a negligible weight changes nothing
+    half = detector.partial_fit(new, 20)  # default weight: 20 new of 40 images
+    patches = new.permute(0, 2, 3, 1).reshape(-1, 4)
+    positions = torch.arange(9).repeat(20)
+    gain = half.log_density(patches.double(), positions).mean() - frozen.log_density(patches.double(), positions).mean()
+    assert gain > 1.0  # the new images are now likely
+    assert half.weights_.sum().item() == pytest.approx(1.0)
+    if name == "glad":
+        assert torch.allclose(half.position_weights_.sum(1), torch.ones(9, dtype=torch.float64))
+
+
+def test_a_detector_without_an_update_says_refit():
+    from anomatune.errors import AnomatuneError
+    from anomatune.models.base import Detector
+
+    class Frozen(Detector):
+        Settings = type(detector_settings("padim"))
+
+    detector = Frozen()
+    detector.grid_, detector.n_features_ = torch.tensor([2, 2]), torch.tensor(3)
+    with pytest.raises(AnomatuneError, match="refit"):
+        detector.partial_fit(torch.zeros(2, 3, 2, 2), 4)
+
+
+def test_the_threshold_is_learnt_again_on_old_and_new_held_out_images(split_folders):
+    pipeline = fitted(split_folders / "old", "padim", holdout=0.25)
+    before = list(pipeline.calibration_["files"])
+    assert pipeline.fit_record_.holdout_images == len(before) == 2
+    pipeline.update(open_dataset(good=str(split_folders / "new"), test_split=0.0))
+    files, scores = pipeline.calibration_["files"], pipeline.calibration_["scores"]
+    assert set(before) <= set(files) and len(files) == 3  # 2 of the fit's, 1 of the 4 new ones
+    assert pipeline.fit_record_.holdout_images == 3 and pipeline.fit_record_.n_train == 6 + 3
+    assert pipeline.threshold == pytest.approx(float(np.quantile(scores, 0.99)))
+
+
+def test_update_writes_a_version_with_its_lineage_and_learns_feedback_once(split_folders, tmp_path, caplog):
+    run = tmp_path / "run"
+    fitted(split_folders / "old", "padim").save(run)
+    store = FeedbackStore(run)
+    new_images = sorted((split_folders / "new").glob("*.png"))
+    good = store.add(new_images[0].read_bytes(), ".png", {"verdict": "good", "model": "x", "score": 1.0})
+    defect = store.add(new_images[1].read_bytes(), ".png", {"verdict": "defect", "model": "x", "score": 9.0})
+    result = CliRunner().invoke(
+        app,
+        [
+            "update",
+            str(run),
+            "--good",
+            str(split_folders / "new"),
+            "--feedback",
+            "--out",
+            str(tmp_path / "v2"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    parent = Pipeline.load(run, device="cpu")
+    child = Pipeline.load(tmp_path / "v2", device="cpu")
+    lineage = child.lineage_
+    assert lineage["parent"] == parent.model_id_ and lineage["feedback_good"] == [good["id"]]
+    assert lineage["feedback_defects"] == [defect["id"]] and len(lineage["added_images"]) == 5
+    assert child.fit_record_.n_train == 8 + 5
+    assert (tmp_path / "v2" / DEFECTS / (defect["image"].split("/")[1])).is_file()  # kept for validation, not trained on
+    assert f"(parent {parent.model_id_})" in result.output
+    # in place, again: the feedback already learnt is not learnt twice; the defects and ancestors stay
+    update_run(tmp_path / "v2", split_folders / "new", tmp_path / "v2", feedback=True)
+    again = Pipeline.load(tmp_path / "v2", device="cpu")
+    assert again.lineage_["feedback_good"] == [] and again.lineage_["parent"] == child.model_id_
+    assert [a["parent"] for a in again.lineage_["ancestors"]] == [parent.model_id_]
+    assert (tmp_path / "v2" / DEFECTS / (defect["image"].split("/")[1])).is_file()
+    assert again.fit_record_.n_train == 13 + 4
+
+
+def test_update_without_images_and_on_a_run_from_another_version_is_one_line(split_folders, tmp_path, fast_run):
+    run = tmp_path / "run"
+    shutil.copytree(fast_run, run)
+    code, _, err = cli("update", run, "--out", tmp_path / "v2")
+    assert code == 2 and err.count("\n") == 1 and "no new good images: pass --good DIR or --feedback" in err
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("run_format: 4", "run_format: 3"))
+    code, _, err = cli("update", run, "--good", split_folders / "new", "--out", tmp_path / "v2")
+    assert code == 2 and err.count("\n") == 1 and "refit the run with this version" in err
+    assert not (tmp_path / "v2").exists()
+
+
+def test_the_report_shows_the_lineage(split_folders, tmp_path):
+    from anomatune.inference.report import build_report
+
+    run = tmp_path / "run"
+    fitted(split_folders / "old", "padim").save(run)
+    update_run(run, split_folders / "new", tmp_path / "v2")
+    metrics = tmp_path / "v2" / "evaluation"  # the report needs an evaluation; its numbers are not the point here
+    metrics.mkdir()
+    (metrics / "metrics.json").write_text('{"category": "brick", "detector": "padim", "backbone": "test", "image_auroc": 1.0}')
+    page = build_report(tmp_path / "v2").read_text()
+    assert "Lineage (anomatune update)" in page and Pipeline.load(run, device="cpu").model_id_ in page
+    assert load_file(str(tmp_path / "v2" / "detector.safetensors"))["count"].item() == 12

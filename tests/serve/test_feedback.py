@@ -1,0 +1,170 @@
+"""POST /feedback: the operator's verdicts, stored append-only beside the run, never lost or corrupted."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomatune.folders.feedback import FeedbackStore
+
+from .conftest import free_port, serve
+
+
+@pytest.fixture
+def own_run(fast_run, tmp_path):
+    """A copy of the fast run: its feedback is this test's alone."""
+    run = tmp_path / "run"
+    shutil.copytree(fast_run, run)
+    return run
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_feedback_on_a_scored_image_is_stored_beside_the_run(own_run, images):
+    with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        data = images["defective"].read_bytes()
+        (result,) = c.post("/predict?images=none", files={"file": ("part.png", data)}).json()["results"]
+        width, height = Image.open(images["defective"]).size
+        drawn = np.zeros((height, width), np.uint8)
+        drawn[2:6, 3:9] = 255
+        answer = c.post(
+            "/feedback",
+            data={"id": result["id"], "verdict": "defect", "note": "scratch near the edge"},
+            files={"mask": ("mask.png", png(drawn))},
+        )
+        assert answer.status_code == 200, answer.text
+        (model,) = c.get("/models").json()
+    store = FeedbackStore(own_run)
+    assert store.path == own_run.parent / "run.feedback"
+    (record,) = store.records()
+    assert record["id"] == answer.json()["id"] and record["verdict"] == "defect" and record["note"] == "scratch near the edge"
+    assert record["model"] == model["id"] and record["score"] == pytest.approx(result["score"])
+    assert record["threshold"] == model["threshold"] and record["decision"] == result["decision"]
+    assert store.file(record["image"]).read_bytes() == data  # the upload itself, byte for byte
+    assert (np.asarray(Image.open(store.file(record["mask"]))) == drawn).all()
+
+
+def test_bad_feedback_is_a_one_line_4xx_and_nothing_is_stored(own_run, images):
+    with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        data = images["good"].read_bytes()
+        width, height = Image.open(images["good"]).size
+        cases = [
+            ({"verdict": "good"}, {}, 400, "send the 'id' of a result of /predict, or the image as 'file'"),
+            ({"verdict": "good", "id": "0" * 32}, {}, 404, "send the image as 'file' instead"),
+            ({"verdict": "maybe"}, {"file": ("a.png", data)}, 422, "verdict"),
+            ({"verdict": "defect"}, {"file": ("a.png", data), "mask": ("m.png", png(np.zeros((3, 3), np.uint8)))}, 400, "3x3 px"),
+            (
+                {"verdict": "defect"},
+                {"file": ("a.png", data), "mask": ("m.png", png(np.full((height, width), 128, np.uint8)))},
+                400,
+                "not binary",
+            ),
+            ({"verdict": "good"}, {"file": ("a.png", b"not an image")}, 415, "a.png"),
+        ]
+        for fields, files, status, message in cases:
+            answer = c.post("/feedback", data=fields, files=files or None)
+            assert answer.status_code == status, (fields, answer.text)
+            assert message in answer.json()["error"] and "\n" not in answer.json()["error"]
+        assert c.get("/health").status_code == 200
+    assert FeedbackStore(own_run).records() == []
+    assert width and height
+
+
+def test_eight_clients_at_once_lose_nothing(own_run, images):
+    data = images["good"].read_bytes()
+    with serve([own_run]) as server:
+
+        def client(k: int) -> list[str]:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                return [
+                    c.post("/feedback", data={"verdict": "good", "note": f"{k}-{i}"}, files={"file": ("p.png", data)}).json()[
+                        "id"
+                    ]
+                    for i in range(4)
+                ]
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = [i for batch in pool.map(client, range(8)) for i in batch]
+    records = FeedbackStore(own_run).records()
+    assert sorted(r["id"] for r in records) == sorted(ids) and len(set(ids)) == 32
+    assert sorted(r["note"] for r in records) == sorted(f"{k}-{i}" for k in range(8) for i in range(4))
+    assert all(FeedbackStore(own_run).file(r["image"]).read_bytes() == data for r in records)
+
+
+def test_a_line_cut_by_a_crash_is_dropped_and_the_next_one_starts_clean(tmp_path):
+    store = FeedbackStore(tmp_path / "run")
+    first = store.add(b"image", ".png", {"verdict": "good"})
+    with open(store.log_path, "ab") as log:
+        log.write(b'{"id": "cut in the mid')  # what a kill -9 during a write can leave
+    assert [r["id"] for r in store.records()] == [first["id"]]
+    second = store.add(b"image", ".png", {"verdict": "defect"})
+    assert [r["id"] for r in store.records()] == [first["id"], second["id"]]
+    assert store.log_path.read_bytes().count(b"\n") == 2
+
+
+def test_feedback_survives_kill_9(own_run, images):
+    """A server killed mid-stream: what is stored is a prefix of what was sent, every line whole, every image there."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("anomatune")), "serve", str(own_run), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    data = images["good"].read_bytes()
+    acknowledged, stop = [], threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+
+        def send():
+            with httpx.Client(base_url=url, timeout=10) as c:
+                for i in range(10_000):
+                    if stop.is_set():
+                        return
+                    try:
+                        answer = c.post("/feedback", data={"verdict": "good", "note": str(i)}, files={"file": ("p.png", data)})
+                    except httpx.HTTPError:
+                        return
+                    if answer.status_code == 200:
+                        acknowledged.append(i)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        while len(acknowledged) < 5 and sender.is_alive():
+            time.sleep(0.01)
+        os.killpg(server.pid, signal.SIGKILL)
+        stop.set()
+        sender.join(timeout=30)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    store = FeedbackStore(own_run)
+    notes = [int(r["note"]) for r in store.records()]
+    assert notes == list(range(len(notes)))  # a prefix of what was sent, in order
+    assert len(notes) >= len(acknowledged) >= 5  # nothing acknowledged was lost
+    assert all(store.file(r["image"]).read_bytes() == data for r in store.records())
