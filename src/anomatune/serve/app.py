@@ -93,13 +93,20 @@ class BoundedCache:
 
 @dataclass
 class Scored:
-    """An uploaded image as it was scored: what feedback on its ``id`` stores."""
+    """An uploaded image as it was scored: what feedback on its ``id`` stores (the version that scored it, not a
+    reference to it: a cached upload never keeps an old version in memory)."""
 
     data: bytes
     suffix: str
-    model: ServedModel
+    run: str  # the served run's name
+    model: str  # the version's id
+    threshold: float
     score: float
     decision: str
+
+    @classmethod
+    def of(cls, data: bytes, name: str, served: ServedModel, result: dict) -> Scored:
+        return cls(data, Path(name).suffix, served.name, served.id, served.threshold, result["score"], result["decision"])
 
 
 class RequestBudget:
@@ -351,7 +358,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         answers = []
         for name, upload, result in zip(names, file, results):
             data = await run_in_threadpool(read_all, upload.file)
-            kept = Scored(data, Path(name).suffix, served, result["score"], result["decision"])
+            kept = Scored.of(data, name, served, result)
             answer = {"file": name, "id": uploads.put(kept, len(data)), "score": result["score"], "decision": result["decision"]}
             if images == "base64":
                 answer |= {"overlay": encode(result["overlay"]), "mask": encode(result["mask"])}
@@ -373,7 +380,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         ``anomatune update RUN --feedback`` learns from the good ones and keeps the defects for validation."""
         if id is not None:
             kept = uploads.get(id, f"no scored image {id!r} is kept (any more): send the image as 'file' instead")
-            served = registry.find(kept.model.name)
+            served = registry.find(kept.run)
         elif file is not None:
             served = registry.find(model)
             name = file.filename or "file"
@@ -382,20 +389,20 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
                 picture = await run_in_threadpool(decode, file.file, name, served.max_pixels)
                 result = (await batcher.score(served, [picture], drawn=False))[0]
             data = await run_in_threadpool(read_all, file.file)
-            kept = Scored(data, Path(name).suffix, served, result["score"], result["decision"])
+            kept = Scored.of(data, name, served, result)
         else:
             raise ApiError(400, "no image: send the 'id' of a result of /predict, or the image as 'file'")
         mask_png = None if mask is None else await run_in_threadpool(binary_mask, mask, kept.data)
         record = {
             "verdict": verdict,
-            "model": kept.model.id,
+            "model": kept.model,
             "score": kept.score,
-            "threshold": kept.model.threshold,
+            "threshold": kept.threshold,
             "decision": kept.decision,
             "note": note,
         }
         entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, record, mask_png)
-        return {"id": entry["id"], "verdict": verdict, "model": kept.model.id, "stored": str(registry.stores[served.name].path)}
+        return {"id": entry["id"], "verdict": verdict, "model": kept.model, "time": entry["time"]}
 
     @app.post("/models/{name}/reload", dependencies=[Depends(authorised)])
     async def reload(name: str):
