@@ -160,6 +160,8 @@ def test_update_without_images_and_on_a_run_from_another_version_is_one_line(spl
     shutil.copytree(fast_run, run)
     code, _, err = cli("update", run, "--out", tmp_path / "v2")
     assert code == 2 and err.count("\n") == 1 and "no new good images: pass --good DIR or --feedback" in err
+    code, _, err = cli("update", run, "--good", tmp_path / "nowhere", "--out", tmp_path / "v2")
+    assert code == 2 and err.count("\n") == 1 and "nowhere does not exist or is not a folder" in err
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("run_format: 4", "run_format: 3"))
     code, _, err = cli("update", run, "--good", split_folders / "new", "--out", tmp_path / "v2")

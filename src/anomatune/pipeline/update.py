@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data.datasets import GOOD, AnomalyDataset, Record
+from ..data.datasets import GOOD, AnomalyDataset, Record, require_dir
 from ..data.images import list_images
 from ..errors import AnomatuneError
 from ..folders.base import refuse_inside
@@ -63,6 +63,8 @@ def update_run(
     fresh = [r for r in store.records() if r["id"] not in used] if feedback else []
     good_feedback = [r for r in fresh if r["verdict"] == "good"]
     defects = [r for r in fresh if r["verdict"] == "defect"]
+    if good:
+        require_dir(Path(good), "folder of new good images", "pass the folder of the line's new good images (--good)")
     paths = list_images(Path(good)) if good else []
     paths += [store.file(r["image"]) for r in good_feedback]
     if not paths:
