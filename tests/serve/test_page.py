@@ -3,7 +3,9 @@ overrule one (feedback stored beside the run) and see the drift line."""
 
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from anomatune import Pipeline
 from anomatune.folders.feedback import FeedbackStore
@@ -44,14 +46,27 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             newest = page.locator("#results li").first  # the last image inspected comes first
             newest.get_by_role("button", name=f"Good part (false alarm): {uploaded[-1].name}").click()  # the operator overrules
             page.wait_for_selector(".feedback[data-saved='good']", timeout=30000)
+            oldest = page.locator("#results li").nth(1)  # the operator paints where the defect is, then says Defect
+            box = oldest.locator("canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+            page.mouse.up()
+            oldest.get_by_role("button", name=f"Defect: {uploaded[0].name}").click()
+            page.wait_for_selector(".feedback[data-saved='defect']", timeout=30000)
             page.wait_for_function("document.getElementById('drift-line').textContent.includes('Last')", timeout=30000)
             drift_line = page.text_content("#drift-line")
         finally:
             browser.close()
     shown = {name: (decision, width) for name, decision, width in decisions}
-    records = FeedbackStore(fast_run).records()
-    assert len(records) == before + 1 and records[-1]["verdict"] == "good"
-    assert FeedbackStore(fast_run).file(records[-1]["image"]).read_bytes() == uploaded[-1].read_bytes()
+    store = FeedbackStore(fast_run)
+    records = store.records()
+    assert len(records) == before + 2 and [r["verdict"] for r in records[-2:]] == ["good", "defect"]
+    assert store.file(records[-2]["image"]).read_bytes() == uploaded[-1].read_bytes()
+    assert store.file(records[-1]["image"]).read_bytes() == uploaded[0].read_bytes()
+    mask = np.asarray(Image.open(store.file(records[-1]["mask"])))
+    assert mask.shape == np.asarray(Image.open(uploaded[0])).shape[:2] and set(np.unique(mask)) == {0, 255}
+    assert 0.01 < (mask > 0).mean() < 0.6  # the painted stroke, not the whole image
     assert "above the threshold" in drift_line
     for path, label in zip(images.values(), expected.labels):
         assert shown[path.name][0] == ("defective" if label else "good")

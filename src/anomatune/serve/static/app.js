@@ -1,5 +1,6 @@
 // The operator page: pick or drop images, see each one's overlay, score and decision, say when it is wrong
-// (feedback stored beside the run), and see how the recent scores drift. No external code.
+// (feedback stored beside the run, with where the defect is painted over the heatmap), and see how the recent scores
+// drift. No external code.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let models = [];
@@ -62,7 +63,8 @@ async function inspect(file) {
     overlay.alt = `Heatmap of ${file.name}: red where it looks defective`;
     overlay.src = `data:image/png;base64,${result.overlay}`;
     item.append(overlay);
-    item.append(feedbackControl(result.id, file.name));
+    paintable(overlay);
+    item.append(feedbackControl(result.id, file.name, overlay));
     refreshModels().catch(() => {});
   } catch (problem) {
     item.dataset.decision = "error";
@@ -72,22 +74,67 @@ async function inspect(file) {
   }
 }
 
-function feedbackControl(id, name) {
+function feedbackControl(id, name, overlay) {
   const control = document.createElement("p");
   control.className = "feedback";
   control.innerHTML = '<button type="button" data-verdict="good">Good part (false alarm)</button> '
     + '<button type="button" data-verdict="defect">Defect</button> <span class="saved" role="status"></span>';
   for (const button of control.querySelectorAll("button")) {
     button.setAttribute("aria-label", `${button.textContent}: ${name}`);
-    button.addEventListener("click", () => sendFeedback(id, button.dataset.verdict, control));
+    button.addEventListener("click", () => sendFeedback(id, button.dataset.verdict, control, overlay));
   }
   return control;
 }
 
-async function sendFeedback(id, verdict, control) {
+// Where the defect is: the operator paints over the heatmap (optional); sent as a binary mask of the image's size.
+function paintable(overlay) {
+  const frame = document.createElement("div");
+  frame.className = "paint";
+  const canvas = document.createElement("canvas");
+  canvas.setAttribute("aria-label", "Paint where the defect is (optional), then press Defect");
+  overlay.replaceWith(frame);
+  frame.append(overlay, canvas);
+  const size = () => { canvas.width = overlay.naturalWidth; canvas.height = overlay.naturalHeight; };
+  if (overlay.complete) size(); else overlay.addEventListener("load", size);
+  let painting = false;
+  const paint = (event) => {
+    if (!painting) return;
+    const scale = canvas.width / canvas.clientWidth;
+    const context = canvas.getContext("2d");
+    context.fillStyle = "rgba(255, 255, 255, 0.9)";
+    context.beginPath();
+    context.arc(event.offsetX * scale, event.offsetY * scale, Math.max(3, canvas.width / 40), 0, 2 * Math.PI);
+    context.fill();
+    canvas.dataset.painted = "true";
+  };
+  canvas.addEventListener("pointerdown", (event) => { painting = true; paint(event); });
+  canvas.addEventListener("pointermove", paint);
+  for (const end of ["pointerup", "pointerleave"]) canvas.addEventListener(end, () => { painting = false; });
+  return overlay;
+}
+
+function paintedMask(overlay) {
+  const canvas = overlay.parentElement.querySelector("canvas");
+  if (!canvas || !canvas.dataset.painted) return Promise.resolve(null);
+  const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  const mask = new ImageData(canvas.width, canvas.height);
+  for (let i = 0; i < painted.data.length; i += 4) {
+    const value = painted.data[i + 3] > 0 ? 255 : 0;  // binary: painted or not, whatever the brush's soft edge
+    mask.data.set([value, value, value, 255], i);
+  }
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  out.getContext("2d").putImageData(mask, 0, 0);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+}
+
+async function sendFeedback(id, verdict, control, overlay) {
   const form = new FormData();
   form.append("id", id);
   form.append("verdict", verdict);
+  const mask = verdict === "defect" ? await paintedMask(overlay) : null;
+  if (mask) form.append("mask", mask, "mask.png");
   const headers = $("api-key").value ? { "X-API-Key": $("api-key").value } : {};
   const saved = control.querySelector(".saved");
   try {
@@ -95,7 +142,7 @@ async function sendFeedback(id, verdict, control) {
     const body = await answer.json();
     if (!answer.ok) throw new Error(body.error || answer.statusText);
     control.dataset.saved = verdict;
-    saved.textContent = `Saved: ${verdict === "good" ? "good part" : "defect"}.`;
+    saved.textContent = `Saved: ${verdict === "good" ? "good part" : mask ? "defect, with where it is" : "defect"}.`;
   } catch (problem) {
     saved.textContent = `Not saved: ${problem.message}`;
   }
