@@ -73,6 +73,25 @@ def test_patchcore_update_below_the_cap_adds_a_coreset_of_the_new_patches():
     assert int(detector.n_seen_) == 9 * 16
 
 
+def test_patchcore_update_extends_the_coreset_from_the_bank_towards_what_is_new():
+    from anomatune.models.patchcore import greedy_coreset
+
+    torch.manual_seed(0)
+    old = torch.randn(6, 8, 4, 4)
+    new = torch.randn(3, 8, 4, 4)
+    new[0, :, 0, 0] += 40.0  # one new patch far from everything seen
+    detector = create_detector(detector_settings("patchcore", coreset_ratio=0.25, max_patches=100)).fit(old)
+    before = detector.memory_bank_.clone()
+    detector.partial_fit(new, len(old))
+    torch.testing.assert_close(detector.memory_bank_[: len(before)], before)  # the centres stay, even over the cap
+    far = new[0, :, 0, 0]
+    assert (detector.memory_bank_[len(before)] - far).abs().max() < 1e-5  # the farthest new patch is the first centre
+    assert len(detector.sample_keys_) == 100 and int(detector.n_seen_) == 9 * 16
+    rows = torch.randn(50, 4)
+    picked = greedy_coreset(rows, 5, proj_dim=128, seed=0, chosen=10)
+    assert len(picked) == 5 and (picked >= 10).all() and len(set(picked.tolist())) == 5
+
+
 @pytest.mark.parametrize("name", ["gmm", "glad"])
 def test_the_online_em_moves_the_mixture_by_the_weight_of_the_new_images(name):
     torch.manual_seed(0)

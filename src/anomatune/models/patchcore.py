@@ -14,8 +14,9 @@ from .base import Detector, flatten_patches
 from .settings import PatchCoreSettings
 
 
-def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int) -> torch.Tensor:
-    """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection.
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int, chosen: int = 0) -> torch.Tensor:
+    """Indices of ``n`` rows of ``x`` chosen by greedy k-center selection; with ``chosen``, the first ``chosen`` rows
+    are centres already (a bank to extend) and the ``n`` new ones are picked among the others.
 
     Distances for the selection are computed after a Gaussian random projection to
     ``proj_dim`` dimensions (Johnson–Lindenstrauss), as in the PatchCore paper. Each
@@ -29,15 +30,19 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int, seed: int) -> torch.T
     if x.shape[1] > proj_dim:
         x = x @ (torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim**0.5).to(x)
     x = (x / torch.linalg.vector_norm(x, dim=1).max().clamp_min(1e-30)).to(torch.float16)
-    first = int(torch.randint(len(x), (1,), generator=generator))
-    selected = [first]
     sq_norms = (x.float() ** 2).sum(1)
 
     def distances_to(i: int) -> torch.Tensor:  # |x|² − 2 x·c + |c|²: one matrix-vector product, no N x D temporary
         return sq_norms - 2 * (x @ x[i]).float() + sq_norms[i]
 
-    min_dist = distances_to(first)
-    for _ in tqdm(range(n - 1), desc="coreset", leave=False, mininterval=1.0):
+    if chosen:
+        min_dist = torch.cat([squared_distances(part.float(), x[:chosen].float()).min(1).values for part in torch.split(x, 2048)])
+        min_dist[:chosen] = -1.0  # never chosen again
+        selected, steps = [], n
+    else:
+        first = int(torch.randint(len(x), (1,), generator=generator))
+        selected, steps, min_dist = [first], n - 1, distances_to(first)
+    for _ in tqdm(range(steps), desc="coreset", leave=False, mininterval=1.0):
         idx = int(torch.argmax(min_dist))
         selected.append(idx)
         min_dist = torch.minimum(min_dist, distances_to(idx))
@@ -119,10 +124,11 @@ class PatchCore(Detector):
 
     @torch.no_grad()
     def _partial_fit(self, features: torch.Tensor, n_before: int, settings) -> None:
-        """The new patches join the bank as a streamed fit over the old and new images would sample them: every patch
+        """The new patches are sampled as a streamed fit over the old and new images would sample them: every patch
         has a seeded key, and the sample is the ``max_patches`` smallest keys of all (the old sample's keys are kept).
-        Bank patches whose key falls out of the sample leave; the new sampled patches join through their own coreset
-        (at ``coreset_ratio`` 1 the bank is the streamed fit's, exactly)."""
+        At ``coreset_ratio`` 1 the bank is that sample, so it is the streamed fit's exactly: old patches whose key
+        leaves the sample go. Below 1 the bank's centres stay (they still stand for the old images) and the greedy
+        k-center selection continues from them over the new sampled patches, ``coreset_ratio`` of them."""
         bank = self.memory_bank_
         new = flatten_patches(features).float().to(bank.device)
         start = int(self.n_seen_)
@@ -130,11 +136,19 @@ class PatchCore(Detector):
         keys = torch.cat([self.sample_keys_, new_keys])
         cap = self.settings.max_patches
         bound = keys.kthvalue(cap).values if cap is not None and len(keys) > cap else torch.tensor(float("inf"))
-        joining, staying = new_keys <= bound, self.bank_keys_ <= bound
-        chosen = self._coreset(new[joining.to(bank.device)]) if joining.any() else torch.zeros(0, dtype=torch.long)
-        joining_rows = new[joining.to(bank.device)]
-        self.memory_bank_ = torch.cat([bank[staying.to(bank.device)], joining_rows[chosen.to(bank.device)]]).contiguous()
-        self.bank_keys_ = torch.cat([self.bank_keys_[staying], new_keys[joining][chosen]])
+        joining = new_keys <= bound
+        candidates, candidate_keys = new[joining.to(bank.device)], new_keys[joining]
+        s = self.settings
+        if s.coreset_ratio >= 1:
+            staying = self.bank_keys_ <= bound
+            bank, bank_keys, added = bank[staying.to(bank.device)], self.bank_keys_[staying], torch.arange(len(candidates))
+        else:
+            n = int(len(candidates) * s.coreset_ratio)
+            pool = torch.cat([bank, candidates])
+            added = greedy_coreset(pool, n, s.proj_dim, s.seed, chosen=len(bank)) - len(bank) if n else torch.zeros(0).long()
+            bank_keys = self.bank_keys_
+        self.memory_bank_ = torch.cat([bank, candidates[added.to(bank.device)]]).contiguous()
+        self.bank_keys_ = torch.cat([bank_keys, candidate_keys[added]])
         self.sample_keys_ = keys[keys <= bound]
         self.n_seen_ = torch.tensor(start + len(new))
 
