@@ -168,3 +168,10 @@ def test_feedback_survives_kill_9(own_run, images):
     assert notes == list(range(len(notes)))  # a prefix of what was sent, in order
     assert len(notes) >= len(acknowledged) >= 5  # nothing acknowledged was lost
     assert all(store.file(r["image"]).read_bytes() == data for r in store.records())
+
+
+def test_the_store_lies_beside_the_run_even_when_named_by_a_dot(tmp_path, monkeypatch):
+    run = tmp_path / "line_7"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    assert FeedbackStore(".").path == tmp_path.resolve() / "line_7.feedback"

@@ -43,7 +43,7 @@ class FeedbackStore:
     MASKS = "masks"
 
     def __init__(self, run_dir: str | Path):
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()  # "serve ." too: beside the folder, never inside it
         self.path = run_dir.parent / f"{run_dir.name}.feedback"
         self._lock = threading.Lock()
 

@@ -112,7 +112,8 @@ class ServedModel:
 
     @property
     def name(self) -> str:
-        return self.run_dir.name
+        """The run folder's name (as ``serve .`` resolves it): ``model=NAME`` and ``/models/NAME/reload``."""
+        return self.run_dir.resolve().name
 
     @property
     def threshold(self) -> float:
