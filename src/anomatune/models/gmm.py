@@ -181,10 +181,10 @@ class GMM(Detector):
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The E-step's per-patch sufficient statistics of patches ``x`` (N, D, float64) under the current parameters."""
-        n, d = x.shape
+        n = len(x)
         resp = torch.softmax(in_chunks(self.component_log_prob, x), dim=1)
-        k = resp.shape[1]
-        second = ((resp[:, :, None] * x[:, None, :]).reshape(n, k * d).T @ x).view(k, d, d)
+        x32, resp32 = x.float(), resp.float()  # as in the M-step: the O(N K D²) products in float32, the sums float64
+        second = torch.stack([((resp32[:, k : k + 1] * x32).T @ x32).double() for k in range(resp.shape[1])])
         return resp.mean(0), (resp.T @ x) / n, second / n
 
     def _set_statistics(self, s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
