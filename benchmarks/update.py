@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from anomatune import Pipeline, open_dataset
 from anomatune.data.datasets import collate, seeded_split
-from anomatune.metrics import image_auroc
+from anomatune.metrics import MAIN_METRICS, image_auroc
 from anomatune.models.settings import detector_settings
 from anomatune.serve.drift import ks_statistic
 from anomatune.validation.search import SEARCH_CORESET
@@ -43,7 +43,6 @@ DEFAULT_DATASETS = ["transistor", "kolektorsdd1", "elpv_mono"]
 MODELS = ["padim", "glad", "patchcore"]
 NEW_SHARE = 0.3
 DARKENING = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
 # PatchCore's default coreset (10 % of up to 500,000 patches) takes up to 27 min a fit on one thread: the search's budget
 DETECTOR_SETTINGS = {"patchcore": dict(SEARCH_CORESET)}
 
@@ -56,7 +55,7 @@ def timed(work):
 
 def metrics_of(pipeline: Pipeline, test) -> dict:
     found = pipeline.score(test)
-    return {k: None if found.get(k) is None else round(float(found[k]), 4) for k in METRICS}
+    return {k: None if found.get(k) is None else round(float(found[k]), 4) for k in MAIN_METRICS}
 
 
 def update_vs_refit(name: str, models: list[str], seed: int, device: str) -> list[dict]:

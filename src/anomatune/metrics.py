@@ -18,6 +18,9 @@ from scipy import ndimage
 log = logging.getLogger(__name__)
 
 
+MAIN_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the three every table, lineage and /models shows
+
+
 def ranked(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The scores' descending order, and the position in it of the last of each run of equal scores.
 

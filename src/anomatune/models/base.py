@@ -170,11 +170,15 @@ class Detector:
         self._fit(features)
         self._record_shape(features)
         if self.normalized:
-            with torch.no_grad():
-                scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
+            scores = self._raw_scores(features)
             self.score_mean_ = scores.mean(0)
             self.score_std_ = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
         return self
+
+    @torch.no_grad()
+    def _raw_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch scores of good features before the normalisation (float64): what ``normalize`` learns from."""
+        return torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
 
     def _record_shape(self, features: torch.Tensor) -> None:
         """The grid and feature dimension fitted on: what scoring checks its inputs against."""
@@ -200,8 +204,7 @@ class Detector:
         self._partial_fit(features, n_before, settings or UpdateSettings())
         if self.normalized:
             self._check_grid(features)
-            with torch.no_grad():
-                scores = torch.cat([self._patch_scores(chunk) for chunk in torch.split(features, 16)]).double()
+            scores = self._raw_scores(features)
             n_a, n_b = float(n_before), float(len(scores))
             mean_a, var_a = self.score_mean_.double(), self.score_std_.double() ** 2
             mean_b, var_b = scores.mean(0), scores.var(0) if n_b > 1 else torch.zeros_like(mean_a)

@@ -234,8 +234,9 @@ class Pipeline:
         (the reference of an update's threshold and of the server's drift statistic)."""
         self.__dict__.pop("calibration_", None)
         if also:
-            extra = AnomalyDataset([Record(Path(p), 0, GOOD) for p in also], False, name="calibration images")
-            held_out = extra.at_size(self.input_size) if held_out is None else _joined(held_out, extra)
+            records = (held_out.records if held_out is not None else []) + [Record(Path(p), 0, GOOD) for p in also]
+            calibration = AnomalyDataset(records, False, name="calibration images").at_size(self.input_size)
+            held_out = calibration.within(self.runtime.max_pixels)
         if held_out is None:
             return None, None
         maps, scores, files = [], [], []
@@ -423,13 +424,6 @@ def read_run_config(run: RunFolder) -> RunConfig:
             f"{RUN_FORMAT}: refit the run with this version"
         )
     return RunConfig.from_dict(raw, source=str(path), complete=True)
-
-
-def _joined(first: AnomalyDataset, second: AnomalyDataset) -> AnomalyDataset:
-    """The images of both, at the first's input size."""
-    joined = first.subset(range(len(first)))
-    joined.records = first.records + second.records
-    return joined
 
 
 def _as_pil(image) -> Image.Image:

@@ -22,6 +22,7 @@ from ..errors import AnomatuneError
 from ..folders.base import refuse_inside
 from ..folders.feedback import FeedbackStore
 from ..folders.kinds import RunFolder
+from ..metrics import MAIN_METRICS
 from ..models.settings import UpdateSettings
 from .pipeline import Pipeline
 from .settings import RuntimeSettings
@@ -115,7 +116,7 @@ def _test_split(pipeline: Pipeline) -> AnomalyDataset:
 
 
 def _main_metrics(metrics: dict) -> dict:
-    return {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+    return {k: metrics.get(k) for k in MAIN_METRICS}
 
 
 def _defect_files(run: Path, store: FeedbackStore, defects: list[dict]) -> dict[str, Path]:

@@ -190,8 +190,12 @@ class Registry:
     def ids(self) -> list[str]:
         return [m.id for m in self.models.values()]
 
+    def describe(self, model: ServedModel) -> dict:
+        """What ``/models`` says of a served model: its run, version and parent, and its drift."""
+        return model.info() | {"drift": self.monitors[model.name].stats()}
+
     def info(self) -> list[dict]:
-        return [m.info() | {"drift": self.monitors[name].stats()} for name, m in self.models.items()]
+        return [self.describe(m) for m in self.models.values()]
 
     async def reload(self, name: str) -> ServedModel:
         """Load the run folder's current version beside the served one, then swap it in (one reload per run at once)."""
@@ -331,6 +335,12 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send it in the X-API-Key header")
 
+    async def score_upload(served: ServedModel, upload: UploadFile, name: str, size: tuple[int, int], drawn: bool) -> dict:
+        """One checked upload decoded within the pixel budget and scored in a shared forward pass."""
+        async with budget.hold(size[0] * size[1]):
+            picture = await run_in_threadpool(decode, upload.file, name, served.max_pixels)
+            return (await batcher.score(served, [picture], drawn=drawn))[0]
+
     @app.post("/predict", dependencies=[Depends(authorised)])
     async def predict(
         file: list[UploadFile] = File(..., description="The image(s); repeat the field for a batch."),
@@ -348,12 +358,10 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             for name, upload in zip(names, file)
         ]  # every file is checked before any is decoded
 
-        async def score(upload: UploadFile, name: str, size: tuple[int, int]) -> dict:
-            async with budget.hold(size[0] * size[1]):
-                picture = await run_in_threadpool(decode, upload.file, name, served.max_pixels)
-                return (await batcher.score(served, [picture], drawn=images != "none"))[0]
-
-        results = await asyncio.gather(*(score(upload, name, size) for upload, name, size in zip(file, names, sizes)))
+        drawn = images != "none"
+        results = await asyncio.gather(
+            *(score_upload(served, upload, name, size, drawn) for upload, name, size in zip(file, names, sizes))
+        )
         registry.monitors[served.name].add(r["score"] for r in results)
         answers = []
         for name, upload, result in zip(names, file, results):
@@ -385,9 +393,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             served = registry.find(model)
             name = file.filename or "file"
             size = await run_in_threadpool(image_size, file.file, name, file.size, settings, served.max_pixels)
-            async with budget.hold(size[0] * size[1]):
-                picture = await run_in_threadpool(decode, file.file, name, served.max_pixels)
-                result = (await batcher.score(served, [picture], drawn=False))[0]
+            result = await score_upload(served, file, name, size, drawn=False)
             data = await run_in_threadpool(read_all, file.file)
             kept = Scored.of(data, name, served, result)
         else:
@@ -412,7 +418,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             loaded = await registry.reload(name)
         except AnomatuneError as exc:
             raise ApiError(409, f"{exc}; still serving {registry.find(name).id}") from None
-        return loaded.info() | {"drift": registry.monitors[loaded.name].stats()}
+        return registry.describe(loaded)
 
     @app.get("/images/{name}", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def image(name: str):

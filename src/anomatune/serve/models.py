@@ -24,6 +24,7 @@ from ..errors import AnomatuneError
 from ..folders.base import PNG_COMPRESSION
 from ..folders.kinds import EvaluationFolder, RunFolder
 from ..inference.predict import draw
+from ..metrics import MAIN_METRICS
 from ..pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def read_metrics(run_dir: Path) -> dict | None:
     if not (evaluation / EvaluationFolder.METRICS).is_file():
         return None
     found = evaluation.read_json(EvaluationFolder.METRICS)
-    return {k: found.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "category", "n_test")}
+    return {k: found.get(k) for k in (*MAIN_METRICS, "category", "n_test")}
 
 
 def encode(png: bytes) -> str:
