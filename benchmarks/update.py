@@ -14,6 +14,7 @@
 
     python benchmarks/update.py                                   # transistor, kolektorsdd1, elpv_mono
     python benchmarks/update.py --datasets transistor --models padim --no-drift
+    python benchmarks/update.py --table update.json              # the Markdown again from the results
 
 Writes ``results/update.json`` and ``.md``. Every detector at its default settings but
 PatchCore's coreset (the detector search's: 1 % of at most 100,000 patches, so the cap and
@@ -24,7 +25,9 @@ the update's sample merge both come into play), input size 256 (short side), on
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -37,7 +40,7 @@ from anomatune.metrics import MAIN_METRICS, image_auroc
 from anomatune.models.settings import detector_settings
 from anomatune.serve.drift import ks_statistic
 from anomatune.validation.search import SEARCH_CORESET
-from common import DATASETS, dataset, write_results
+from common import DATASETS, RESULTS, dataset, write_results
 
 DEFAULT_DATASETS = ["transistor", "kolektorsdd1", "elpv_mono"]
 MODELS = ["padim", "glad", "patchcore"]
@@ -111,12 +114,20 @@ def drift_case(device: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], drift: list[dict]) -> str:
+def shown(value: float | None) -> str:
+    """A metric, or n/a where it does not apply (no masks: null in the JSON, NaN in memory)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def markdown(data: dict) -> str:
+    rows, drift = data["rows"], data["drift"]
     lines = [
         "# anomatune update vs a refit",
         "",
         f"{int(NEW_SHARE * 100)} % of each category's good training images held back as new; fit on the rest, then "
         "refit on all or update with the new ones. Seconds on this machine, features included; metrics on the test split.",
+        "",
+        f"    {data['command']}    [{data['threads']} threads]",
         "",
         "| dataset | detector | old / new images | refit s | update s | update / refit | image AUROC 70 % | refit | update "
         "| Δ update − refit | pixel AUROC refit / update | AUPRO refit / update |",
@@ -127,7 +138,8 @@ def markdown(rows: list[dict], drift: list[dict]) -> str:
             f"| {r['dataset']} | {r['model']} | {r['n_old']} / {r['n_new']} | {r['refit_seconds']:.1f} | {r['update_seconds']:.1f} "
             f"| {r['time_ratio']:.2f} | {r['fit_70']['image_auroc']:.4f} | {r['refit']['image_auroc']:.4f} "
             f"| {r['update']['image_auroc']:.4f} | {r['delta_image_auroc']:+.4f} "
-            f"| {r['refit']['pixel_auroc']:.4f} / {r['update']['pixel_auroc']:.4f} | {r['refit']['aupro']:.4f} / {r['update']['aupro']:.4f} |"
+            f"| {shown(r['refit']['pixel_auroc'])} / {shown(r['update']['pixel_auroc'])} "
+            f"| {shown(r['refit']['aupro'])} / {shown(r['update']['aupro'])} |"
         )
     if drift:
         lines += [
@@ -155,12 +167,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default="update", help="Results file stem.")
+    parser.add_argument("--table", metavar="JSON", help="Only write <name>.md from this results file.")
     args = parser.parse_args()
+    if args.table:
+        data = json.loads((RESULTS / args.table).read_text())
+        return write_results(args.name, data, markdown(data))
     torch.set_num_threads(args.threads)
     rows = [row for name in args.datasets for row in update_vs_refit(name, args.models, args.seed, args.device)]
     drift = [] if args.no_drift else drift_case(args.device)
-    data = {"new_share": NEW_SHARE, "seed": args.seed, "threads": args.threads, "rows": rows, "drift": drift}
-    write_results(args.name, data, markdown(rows, drift))
+    command = "python benchmarks/update.py " + " ".join(sys.argv[1:])
+    data = {
+        "command": command.strip(),
+        "new_share": NEW_SHARE,
+        "seed": args.seed,
+        "threads": args.threads,
+        "rows": rows,
+        "drift": drift,
+    }
+    write_results(args.name, data, markdown(data))
 
 
 if __name__ == "__main__":
