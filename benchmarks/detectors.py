@@ -49,7 +49,7 @@ def main() -> None:
                 backbone=args.backbone,
                 image_size=args.image_size,
                 normalization=args.normalization,
-                threshold_holdout=0,
+                threshold_folds=0,
                 device=args.device,
             )  # MVTec protocol: every training image in the fit
             pipeline.fit(open_dataset(data=root, category=category))
@@ -62,7 +62,7 @@ def main() -> None:
                 "model": model,
                 "settings": settings,
                 **{k: round(evaluation.metrics[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")},
-                "fit_seconds": pipeline.fit_record_.fit_seconds,
+                "fit_seconds": pipeline.fit_seconds_,
                 "test_images_per_s": round(len(evaluation.scores) / evaluation.seconds, 2),
                 "model_mib": round(size / 2**20, 1),
             }

@@ -16,7 +16,7 @@ so a run on a lent GPU returns whatever it finished; rows are written as they co
 
 Each fine-tuned row carries the validation gain of its checkpoint over the frozen
 features: the agreement of validation and test gains is computed from these rows.
-Detectors are fitted on every training image (``threshold_holdout=0``, the MVTec
+Detectors are fitted on every training image (``threshold_folds=0``: no threshold, the MVTec
 protocol), at the default input size (short side 256, aspect ratio kept), with their
 default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
 ``benchmarks/results/<name>.json``; ``--table`` turns result files into ``<name>.md``.

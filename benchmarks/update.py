@@ -2,7 +2,7 @@
 
 1. Update vs refit: on each category, 30 % of the good training images (a seeded draw)
    are held back as "the line's new good images". Each detector is fitted on the other
-   70 % (``threshold_holdout=0``, the MVTec protocol), then (a) refit from scratch on all of
+   70 % (``threshold_folds=0``: no threshold, the MVTec protocol), then (a) refit from scratch on all of
    them (the 70 % first, then the 30 %: the order a streamed fit sees) and (b) updated with
    the 30 % (``Pipeline.update``: the old images are not read again). Seconds (features
    included) and the test metrics of the 70 % fit, the refit and the update.
@@ -72,7 +72,7 @@ def update_vs_refit(name: str, models: list[str], seed: int, device: str) -> lis
 
         def pipeline(model=model):
             detector = detector_settings(model, **DETECTOR_SETTINGS.get(model, {}))
-            return Pipeline(detector=detector, threshold_holdout=0.0, device=device, seed=seed)
+            return Pipeline(detector=detector, threshold_folds=0, device=device, seed=seed)
 
         base, fit_seconds = timed(lambda: pipeline().fit(old))
         row = {"dataset": name, "model": model, "n_old": len(old), "n_new": len(new), "fit_70_seconds": fit_seconds}

@@ -94,7 +94,14 @@ def test_detectors_are_chosen_by_name_and_refuse_other_settings():
 
 def test_flat_names_are_unique_and_reach_nested_groups():
     keys = [flat.key for flat in flat_settings(PipelineSettings)]
-    assert len(keys) == len(set(keys)) and {"image_size", "detector", "sigma", "threshold_holdout", "seed"} <= set(keys)
+    assert len(keys) == len(set(keys)) and {
+        "image_size",
+        "detector",
+        "sigma",
+        "threshold_folds",
+        "false_alarm_rate",
+        "seed",
+    } <= set(keys)
     assert PipelineSettings().updated(sigma=2).postprocess.sigma == 2.0
     finetune = FinetuneSettings()
     assert finetune.features.proj_dim == 32 and finetune.guide.name == "gmm" and finetune.guide.n_components == 16

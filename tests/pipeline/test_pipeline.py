@@ -18,8 +18,12 @@ from ..data.test_images import phone_jpeg
 def test_fit_learns_the_input_size_and_a_threshold_from_good_images(fast_run):
     pipeline = Pipeline.load(fast_run, device="cpu")
     record = pipeline.fit_record_
-    assert record.input_size == (32, 32) and record.holdout_images == 1 and record.n_train == 11
+    assert record.input_size == (32, 32) and record.calibration_images == record.n_train == 12  # every image fits
     assert record.threshold > record.good_map_median and record.weights_id == "random:0"
+    assert (
+        pipeline.image_calibration.threshold == record.threshold
+        and pipeline.pixel_calibration.threshold == record.pixel_threshold
+    )
     assert pipeline.data_.category == "brick"
 
 
@@ -29,6 +33,8 @@ def test_predictions_agree_with_themselves(fast_run, brick):
     result = pipeline.predict(paths)
     assert len(result) == len(paths) and result.threshold == pipeline.threshold
     assert np.array_equal(result.labels, (result.scores > result.threshold).astype(int))
+    assert np.array_equal(result.labels, (result.normalized > 0.5).astype(int))  # the same decision on the common scale
+    assert np.all((result.false_alarm_rates > 0) & (result.false_alarm_rates < 1))
     for heat, mask, label in zip(result.maps, result.masks, result.labels):
         assert heat.shape == mask.shape == (64, 64)  # each image's own size, not the 32 px input size
         assert mask.any() == bool(label)
@@ -74,7 +80,9 @@ def test_save_and_load_give_the_same_predictions(tmp_path, brick):
     images = sorted((brick / "brick" / "test").rglob("*.png"))[:3]
     loaded = Pipeline.load(tmp_path / "run", device="cpu")
     before, after = fitted.predict(images), loaded.predict(images)
-    assert loaded.calibration_ == fitted.calibration_ and len(fitted.calibration_["scores"]) == fitted.fit_record_.holdout_images
+    assert (
+        loaded.calibration_ == fitted.calibration_ and len(fitted.calibration_["scores"]) == fitted.fit_record_.calibration_images
+    )
     assert np.array_equal(before.scores, after.scores) and all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps))
 
 
@@ -102,7 +110,7 @@ def _edit(run, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 4: refit"),
+        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 5: refit"),
         (
             lambda c: c["settings"]["features"].update(pool="three"),
             r"config.yaml: features.pool: expected a whole number, got 'three'",

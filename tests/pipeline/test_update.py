@@ -13,6 +13,7 @@ from anomatune.apps.cli import app
 from anomatune.folders.feedback import FeedbackStore
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import UpdateSettings, detector_settings
+from anomatune.pipeline.pipeline import RUN_FORMAT
 from anomatune.pipeline.update import DEFECTS, update_run
 from tests.apps.test_cli import cli
 from tests.conftest import FAST
@@ -32,8 +33,8 @@ def split_folders(brick, tmp_path_factory):
     return root
 
 
-def fitted(folder, detector, holdout=0.0, **changes):
-    pipeline = Pipeline(detector=detector, device="cpu", threshold_holdout=holdout, **FAST, **changes)
+def fitted(folder, detector, folds=0, **changes):
+    pipeline = Pipeline(detector=detector, device="cpu", threshold_folds=folds, **FAST, **changes)
     return pipeline.fit(open_dataset(good=str(folder), test_split=0.0))
 
 
@@ -53,9 +54,9 @@ def test_padim_update_equals_a_refit_on_the_union(split_folders):
 def test_patchcore_update_keeps_what_a_streamed_fit_over_the_union_keeps(split_folders):
     settings = {"coreset_ratio": 1.0, "max_patches": 100}  # of 12 x 16 patches; the bank is the sample, row by row
     old = open_dataset(good=str(split_folders / "old"), test_split=0.0)
-    pipeline = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_holdout=0.0, **FAST)
+    pipeline = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_folds=0, **FAST)
     updated = pipeline.fit(old).update(open_dataset(good=str(split_folders / "new"), test_split=0.0))
-    refit = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_holdout=0.0, **FAST)
+    refit = Pipeline(detector=detector_settings("patchcore", **settings), device="cpu", threshold_folds=0, **FAST)
     refit.fit(open_dataset(good=str(split_folders / "both"), test_split=0.0))
     assert len(refit.detector_.memory_bank_) == 100
     torch.testing.assert_close(updated.detector_.memory_bank_, refit.detector_.memory_bank_)
@@ -124,15 +125,19 @@ def test_a_detector_without_an_update_says_refit():
         detector.partial_fit(torch.zeros(2, 3, 2, 2), 4)
 
 
-def test_the_threshold_is_learnt_again_on_old_and_new_held_out_images(split_folders):
-    pipeline = fitted(split_folders / "old", "padim", holdout=0.25)
+def test_the_threshold_is_learnt_again_with_the_new_images_scored_before_they_are_learnt(split_folders):
+    pipeline = fitted(split_folders / "old", "padim", folds=4)
     before = list(pipeline.calibration_["files"])
-    assert pipeline.fit_record_.holdout_images == len(before) == 2
-    pipeline.update(open_dataset(good=str(split_folders / "new"), test_split=0.0))
+    assert pipeline.fit_record_.calibration_images == len(before) == 8  # every fitted image, scored out of fold
+    new = open_dataset(good=str(split_folders / "new"), test_split=0.0)
+    expected = pipeline.predict([r.path for r in new.records]).scores  # the parent's scores of the unseen images
+    pipeline.update(new)
     files, scores = pipeline.calibration_["files"], pipeline.calibration_["scores"]
-    assert set(before) <= set(files) and len(files) == 3  # 2 of the fit's, 1 of the 4 new ones
-    assert pipeline.fit_record_.holdout_images == 3 and pipeline.fit_record_.n_train == 6 + 3
-    assert pipeline.threshold == pytest.approx(float(np.quantile(scores, 0.99)))
+    assert files[:8] == before and len(files) == 12 and pipeline.calibration_["folds"][8:] == [4] * 4
+    np.testing.assert_allclose(scores[8:], expected, rtol=1e-5)
+    assert pipeline.fit_record_.calibration_images == 12 and pipeline.fit_record_.n_train == 12
+    assert pipeline.threshold == pipeline.image_calibration.threshold
+    assert pipeline.image_calibration.n_images == 12
 
 
 def test_update_writes_a_version_with_its_lineage_and_learns_feedback_once(split_folders, tmp_path, caplog):
@@ -182,7 +187,7 @@ def test_update_without_images_and_on_a_run_from_another_version_is_one_line(spl
     code, _, err = cli("update", run, "--good", tmp_path / "nowhere", "--out", tmp_path / "v2")
     assert code == 2 and err.count("\n") == 1 and "nowhere does not exist or is not a folder" in err
     config = run / "config.yaml"
-    config.write_text(config.read_text().replace("run_format: 4", "run_format: 3"))
+    config.write_text(config.read_text().replace(f"run_format: {RUN_FORMAT}", "run_format: 3"))
     code, _, err = cli("update", run, "--good", split_folders / "new", "--out", tmp_path / "v2")
     assert code == 2 and err.count("\n") == 1 and "refit the run with this version" in err
     assert not (tmp_path / "v2").exists()

@@ -31,7 +31,7 @@ def test_the_best_candidate_on_validation_is_refit_and_its_table_saved(brick, tm
     assert search.best_candidate_ == TWO[scores.index(max(scores))]
     best = search.best_
     assert best.settings.detector.name == search.best_candidate_.detector
-    assert best.fit_record_.n_train == 11  # every training image but the threshold's
+    assert best.fit_record_.n_train == 12  # every training image
     assert best.selection_["winner"] == search.best_candidate_.name and "highest validation score" in best.selection_["why"]
     assert set(best.selection_["candidates"][0]["families"]) == set(ValidationSettings().families)
     run = search.save(tmp_path / "run")

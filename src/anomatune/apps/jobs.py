@@ -63,7 +63,7 @@ def fit(
             search = DetectorSearch(settings, validation, cache=RunFolder(out), **runtime.to_dict())
             search.fit(open_dataset(data, "train")).save(out)
             pipeline = search.best_
-    seconds = pipeline.fit_record_.fit_seconds if validation is None else round(time.perf_counter() - start, 2)
+    seconds = pipeline.fit_seconds_ if validation is None else round(time.perf_counter() - start, 2)
     result = {"run": str(out), "fit_seconds": seconds}
     if validation is not None:
         result["detector"] = pipeline.selection_["winner"]

@@ -178,13 +178,14 @@ class RowSample:
     """A seeded sample of at most ``cap`` of ``total`` rows that arrive batch by batch (all of them when
     ``total <= cap`` or ``cap`` is None): what PatchCore and the PCA keep, drawn before any row is copied.
     The rows kept are the ``cap`` with the smallest :func:`row_keys` (rows ``offset`` … of the stream), in their
-    arrival order; ``keys`` are the kept rows' keys."""
+    arrival order; ``keys`` are the kept rows' keys and ``rows`` their positions in the stream."""
 
     def __init__(self, total: int, cap: int | None, seed: int, offset: int = 0):
         keys = row_keys(seed, offset, total)
         keep_all = cap is None or total <= cap
         self.chosen = None if keep_all else torch.topk(keys, cap, largest=False).indices.sort().values
         self.keys = keys if keep_all else keys[self.chosen]
+        self.rows = torch.arange(offset, offset + total) if keep_all else self.chosen + offset  # the kept rows' positions
         self.start = 0
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:

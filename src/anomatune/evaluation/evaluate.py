@@ -54,7 +54,7 @@ def evaluate(
         "n_test": len(test),
         **{k: round(v, 4) for k, v in evaluation.metrics.items()},
         "test_images_per_s": round(len(test) / evaluation.seconds, 2),
-        "fit_seconds": pipeline.fit_record_.fit_seconds,
+        "fit_seconds": getattr(pipeline, "fit_seconds_", None),  # known in the process that fitted it
     }
     with run.lock(), run.evaluation.staged(lock=False) as stage:
         stage.write_json(EvaluationFolder.METRICS, result)

@@ -139,7 +139,7 @@ def load_for_predict(run_dir: str | Path, threshold: float | None, **runtime) ->
     pipeline = Pipeline.load(run_dir, **runtime)
     threshold = pipeline.threshold if threshold is None else check_threshold(threshold)
     if threshold is None:
-        raise AnomatuneError("this run learnt no threshold (fitted with threshold_holdout=0 or too few images): pass --threshold")
+        raise AnomatuneError("this run learnt no threshold (fitted with --threshold-folds 0 or from one image): pass --threshold")
     return pipeline, threshold
 
 

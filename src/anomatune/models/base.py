@@ -157,17 +157,17 @@ class Detector:
 
     # -- fitting and scoring -------------------------------------------------------------
 
-    def _fit(self, features: torch.Tensor) -> None:
+    def _fit(self, features: torch.Tensor, **options) -> None:
         raise NotImplementedError
 
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, features: torch.Tensor) -> Detector:
-        """Fit on good patch features ``(N, D, h, w)``."""
+    def fit(self, features: torch.Tensor, **options) -> Detector:
+        """Fit on good patch features ``(N, D, h, w)`` (``options``: a detector's own, e.g. the mixtures' warm start)."""
         self._check_features(features)
         self._reset()
-        self._fit(features)
+        self._fit(features, **options)
         self._record_shape(features)
         if self.normalized:
             scores = self._raw_scores(features)
@@ -222,6 +222,29 @@ class Detector:
             self._check_grid(features)
             scores = ((scores - self.score_mean_) / self.score_std_).to(scores.dtype)
         return scores
+
+    def _fold_model(self, rest: torch.Tensor) -> Detector:
+        """A model of these settings fitted on ``rest``, the fitted images less one fold."""
+        return type(self)(self.settings).fit(rest)
+
+    @torch.no_grad()
+    def held_out_detect(self, features: torch.Tensor, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`detect` of every image fitted on (``features``, in the fit's order) by a model fitted without its
+        fold (``folds``: a fold index per image): the cross-fitting behind the threshold, so that each good image is
+        scored as an unseen one. This default refits a model per fold; PaDiM removes the fold from its sums, PatchCore
+        leaves each image's own patches out of the search, and the mixtures warm-start EM from the fit."""
+        self._check_input(features)
+        folds = folds.to(features.device)
+        maps = features.new_empty((len(features), *features.shape[-2:]))
+        scores = None
+        for fold in folds.unique().tolist():
+            inside = folds == fold
+            fold_maps, fold_scores = self._fold_model(features[~inside]).detect(features[inside])
+            maps[inside] = fold_maps.to(maps.dtype)
+            if fold_scores is not None:
+                scores = features.new_zeros(len(features)) if scores is None else scores
+                scores[inside] = fold_scores.to(scores.dtype)
+        return maps, scores
 
     @torch.no_grad()
     def detect(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

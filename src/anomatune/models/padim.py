@@ -27,7 +27,7 @@ class PaDiM(Detector):
     online_state = ("s1", "s2")
 
     @torch.no_grad()
-    def _fit(self, features: torch.Tensor) -> None:
+    def _fit(self, features: torch.Tensor, **options) -> None:
         self._set_gaussians(*self._moments(torch.split(features, 16))[:3])
 
     @torch.no_grad()
@@ -53,6 +53,32 @@ class PaDiM(Detector):
         mean = mean_a + delta * (n_b / n)
         scatter = self.scatter_ + scatter_b + (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :]
         self._set_gaussians(n, mean, scatter)
+
+    @torch.no_grad()
+    def held_out_detect(self, features: torch.Tensor, folds: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Each fold scored by the Gaussians of the fit less that fold, removed from the fit's count, mean and scatter
+        (Chan's pairwise update run backwards): a refit without the fold, to float64 rounding, for one Cholesky
+        factorisation per fold. ``features`` must be the images fitted on."""
+        if self.normalized:  # the normalisation's statistics need each fold's model to score the rest: refit
+            return super().held_out_detect(features, folds)
+        self._check_input(features)
+        self._check_grid(features)
+        folds = folds.to(features.device)
+        n, mean, scatter = float(self.count_), self.means_.double(), self.scatter_
+        maps = features.new_empty((len(features), *features.shape[-2:]))
+        for fold in folds.unique().tolist():
+            inside = folds == fold
+            n_b, mean_b, scatter_b, _ = self._moments(torch.split(features[inside], 16), minimum=1)
+            n_a = n - n_b
+            if n_a < 2:
+                raise AnomatuneError("PaDiM's cross-fitting leaves fewer than 2 images in a fold's fit: use fewer folds")
+            mean_a = (n * mean - n_b * mean_b) / n_a
+            delta = mean_a - mean_b
+            fold_model = PaDiM(self.settings)
+            fold_model._set_gaussians(n_a, mean_a, scatter - scatter_b - (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :])
+            fold_model._record_shape(features)
+            maps[inside] = fold_model.anomaly_map(features[inside]).to(maps.dtype)
+        return maps, None
 
     def _moments(self, batches: Iterable[torch.Tensor], minimum: int = 2) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images, each position's mean (P, D) and scatter (P, D, D) over the batches, in float64 from sums

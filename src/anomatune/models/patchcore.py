@@ -55,13 +55,25 @@ def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return (queries**2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank_sq
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory)."""
+def nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    chunk: int = 2048,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices of the ``k`` nearest bank rows of every query, in chunks (bounded memory).
+
+    ``exclude``: a group per query and per bank row; a query never finds a bank row of its own group."""
     dists, idxs = [], []
     bank_sq = (bank**2).sum(1)
-    chunks = [queries] if torch.jit.is_tracing() else (queries[i : i + chunk] for i in range(0, len(queries), chunk))
-    for q in chunks:  # one piece while traced for export: a traced loop would freeze the batch size
+    starts = [0] if torch.jit.is_tracing() else range(0, len(queries), chunk)
+    for start in starts:  # one piece while traced for export: a traced loop would freeze the batch size
+        q = queries if torch.jit.is_tracing() else queries[start : start + chunk]
         d2 = squared_distances(q, bank, bank_sq)
+        if exclude is not None:
+            query_groups, bank_groups = exclude
+            d2 = d2.masked_fill(query_groups[start : start + len(q), None] == bank_groups[None, :], float("inf"))
         d, i = torch.topk(d2, k, dim=1, largest=False)
         dists.append(d.clamp_min(0).sqrt())
         idxs.append(i)
@@ -80,7 +92,7 @@ class PatchCore(Detector):
     """
 
     Settings = PatchCoreSettings
-    state = ("memory_bank", "bank_keys", "sample_keys", "n_seen")
+    state = ("memory_bank", "bank_keys", "bank_rows", "sample_keys", "n_seen")
 
     def _sample(self, total: int, offset: int = 0) -> RowSample:
         """The seeded sample of at most ``max_patches`` of the ``total`` training patches (rows ``offset`` … of all
@@ -96,11 +108,11 @@ class PatchCore(Detector):
     def _select(self, patches: torch.Tensor, sample: RowSample, total: int) -> None:
         chosen = self._coreset(patches)
         self.memory_bank_ = patches[chosen].float().contiguous()
-        self.bank_keys_, self.sample_keys_ = sample.keys[chosen], sample.keys
+        self.bank_keys_, self.bank_rows_, self.sample_keys_ = sample.keys[chosen], sample.rows[chosen], sample.keys
         self.n_seen_ = torch.tensor(total)
 
     @torch.no_grad()
-    def _fit(self, features: torch.Tensor) -> None:
+    def _fit(self, features: torch.Tensor, **options) -> None:
         patches = flatten_patches(features)
         sample = self._sample(len(patches))
         self._select(sample.take(patches), sample, len(patches))
@@ -138,25 +150,35 @@ class PatchCore(Detector):
         bound = keys.kthvalue(cap).values if cap is not None and len(keys) > cap else torch.tensor(float("inf"))
         joining = new_keys <= bound
         candidates, candidate_keys = new[joining.to(bank.device)], new_keys[joining]
+        candidate_rows = torch.arange(start, start + len(new))[joining]
         s = self.settings
+        bank_keys, bank_rows = self.bank_keys_, self.bank_rows_
         if s.coreset_ratio >= 1:
-            staying = self.bank_keys_ <= bound
-            bank, bank_keys, added = bank[staying.to(bank.device)], self.bank_keys_[staying], torch.arange(len(candidates))
+            staying = bank_keys <= bound
+            bank, bank_keys, bank_rows = bank[staying.to(bank.device)], bank_keys[staying], bank_rows[staying]
+            added = torch.arange(len(candidates))
         else:
             n = int(len(candidates) * s.coreset_ratio)
             pool = torch.cat([bank, candidates])
             added = greedy_coreset(pool, n, s.proj_dim, s.seed, chosen=len(bank)) - len(bank) if n else torch.zeros(0).long()
-            bank_keys = self.bank_keys_
         self.memory_bank_ = torch.cat([bank, candidates[added.to(bank.device)]]).contiguous()
         self.bank_keys_ = torch.cat([bank_keys, candidate_keys[added]])
+        self.bank_rows_ = torch.cat([bank_rows, candidate_rows[added]])
         self.sample_keys_ = keys[keys <= bound]
         self.n_seen_ = torch.tensor(start + len(new))
 
-    def _nearest_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch."""
+    def _nearest_patches(self, features: torch.Tensor, owners: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance (B, h, w) and index (B, h*w) of every patch's nearest bank patch (with ``owners``, an image index
+        per row of ``features``: never a bank patch of the same image)."""
         b, _, h, w = features.shape
-        dist, idx = nearest(flatten_patches(features).float(), self.memory_bank_)
+        exclude = None if owners is None else (owners.repeat_interleave(h * w), self._bank_images())
+        dist, idx = nearest(flatten_patches(features).float(), self.memory_bank_, exclude=exclude)
         return dist.view(b, h, w), idx.view(b, h * w)
+
+    def _bank_images(self) -> torch.Tensor:
+        """The index of the image (in the order fitted on, updates after) each bank patch comes from."""
+        h, w = self.grid_.tolist()
+        return (self.bank_rows_ // (h * w)).to(self.memory_bank_.device)
 
     @torch.no_grad()
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -195,19 +217,36 @@ class PatchCore(Detector):
         bank[seen] += (1 - decay) * (sums[seen] / counts[seen, None] - bank[seen])
 
     @torch.no_grad()
+    def held_out_detect(self, features: torch.Tensor, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image fitted on (``features``, in the fit's order) scored with its own patches left out of the bank:
+        each image is its own fold (``folds`` is not used), exactly a bank built without it at ``coreset_ratio`` 1,
+        for the cost of scoring the training images once."""
+        self._check_input(features)
+        owners = torch.arange(len(features), device=self.memory_bank_.device)
+        maps, scores = zip(
+            *(self._detect(part, owned) for part, owned in zip(torch.split(features, 16), torch.split(owners, 16)))
+        )
+        return torch.cat(maps), torch.cat(scores)
+
+    @torch.no_grad()
     def detect(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch maps as for every detector; image scores by the paper's reweighting: the most
         anomalous patch's distance, scaled by how isolated its nearest bank patch is among
         that patch's own neighbours. One nearest-neighbour search serves both."""
         self._check_input(features)
-        dist, idx = self._nearest_patches(features)
+        return self._detect(features)
+
+    def _detect(self, features: torch.Tensor, owners: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`detect`, with ``owners`` (an image index per row) leaving each image's own bank patches out."""
+        dist, idx = self._nearest_patches(features, owners)
         bank = self.memory_bank_
         patches = flatten_patches(features).float().view(features.shape[0], -1, bank.shape[1])  # (B, P, D)
         flat = dist.flatten(1)
         worst = flat.argmax(1)
         rows = torch.arange(features.shape[0])
         score, anchor = flat[rows, worst], idx[rows, worst]
-        _, support = nearest(bank[anchor], bank, k=min(self.settings.num_neighbors, len(bank)))  # the anchor itself first
+        exclude = None if owners is None else (owners, self._bank_images())
+        _, support = nearest(bank[anchor], bank, k=min(self.settings.num_neighbors, len(bank)), exclude=exclude)  # anchor first
         d_support = torch.linalg.vector_norm(patches[rows, worst][:, None] - bank[support], dim=-1)
         weight = 1 - torch.softmax(d_support, dim=1)[:, 0]
         return dist, weight * score

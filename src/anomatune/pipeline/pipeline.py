@@ -25,7 +25,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..data.datasets import GOOD, AnomalyDataset, Record, collate, seeded_split
+from ..calibration import ScoreCalibration
+from ..data.datasets import AnomalyDataset, collate
 from ..data.images import check_pixels, image_to_tensor, read_image
 from ..device import resolve_device
 from ..errors import AnomatuneError, RunFolderError, check_is_fitted, is_fitted
@@ -43,13 +44,13 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 4  # 3: features.normalization (issue 21); 4: PaDiM's sums, PatchCore's sample keys, calibration.json
+RUN_FORMAT = 5  # the history of the format is in the changelog
 JSON_ATTRIBUTES = (  # a run's JSON files and the fitted attributes they hold, when present
     (RunFolder.SELECTION, "selection_"),
     (RunFolder.CALIBRATION, "calibration_"),
     (RunFolder.LINEAGE, "lineage_"),
 )
-FEW_THRESHOLD_IMAGES = 10  # a threshold learnt from fewer held-out good images is said to be a rough guess
+MEDIAN_STRIDE = 97  # every 97th pixel of the good images' out-of-fold maps gives the overlays' blue end
 
 
 @dataclass
@@ -57,7 +58,9 @@ class Predictions:
     """What a pipeline says of some images, each map and mask at its image's own size.
 
     ``labels`` (1 defective, 0 good) and ``masks`` are ``None`` when there is no threshold.
-    An image is labelled defective exactly when its mask is not empty.
+    An image is labelled defective exactly when its mask is not empty. ``normalized`` (in [0, 1], 0.5 at the run's
+    threshold) and ``false_alarm_rates`` (the share of good parts scoring higher) are the calibrated scores,
+    ``None`` for a run without a calibration.
     """
 
     scores: np.ndarray
@@ -65,29 +68,19 @@ class Predictions:
     maps: list[np.ndarray]
     masks: list[np.ndarray] | None
     threshold: float | None
+    normalized: np.ndarray | None = None
+    false_alarm_rates: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
 
-def split_holdout(dataset: AnomalyDataset, share: float, seed: int) -> tuple[AnomalyDataset, AnomalyDataset | None]:
-    """Split off ``share`` of the training images (at least 1, seeded) to learn the threshold on."""
-    n_held = round(share * len(dataset)) if share > 0 else 0
-    if share > 0 and n_held == 0:
-        n_held = 1
-    if n_held and len(dataset) - n_held < 2:
-        log.warning("only %d training images: no threshold is learnt (pass --threshold to predict)", len(dataset))
-        n_held = 0
-    if not n_held:
-        return dataset, None
-    if n_held < FEW_THRESHOLD_IMAGES:
-        log.warning(
-            "the threshold is learnt from %d held-out good image(s) only, a rough guess: give more good images "
-            "(or a larger --threshold-holdout), or pass --threshold to predict",
-            n_held,
-        )
-    kept, held = seeded_split(len(dataset), n_held, seed)
-    return dataset.subset(kept), dataset.subset(held)
+def fold_indices(n: int, folds: int, seed: int) -> torch.Tensor:
+    """A fold index per image: a seeded permutation dealt round-robin, so fold sizes differ by one at most."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    indices = torch.empty(n, dtype=torch.long)
+    indices[order] = torch.arange(n) % min(folds, n)
+    return indices
 
 
 def check_threshold(value: Any) -> float:
@@ -166,9 +159,9 @@ class Pipeline:
     def fit(self, dataset: AnomalyDataset) -> Pipeline:
         """Fit on the good images of ``dataset`` (a training split).
 
-        The input size follows the images' median aspect ratio (or ``WxH``); a
-        ``threshold_holdout`` share (seeded) is kept out of the fit, and the
-        ``threshold_quantile`` of their image scores becomes the decision threshold.
+        The input size follows the images' median aspect ratio (or ``WxH``). Every image is fitted on; each is also
+        scored by a model fitted without its fold (``threshold.folds``), and those out-of-fold scores set the decision
+        threshold at the ``false_alarm_rate`` asked (see :attr:`image_calibration`).
         """
         s = self.settings
         device = self.device
@@ -192,94 +185,146 @@ class Pipeline:
         dataset = dataset.within(self.runtime.max_pixels)
         dataset.check_readable()  # every unusable file named at once, before the input size is read from the headers
         size = dataset.size_for(s.features.image_size)
-        train, held_out = split_holdout(dataset.at_size(size), s.threshold.holdout, s.seed)
+        train = dataset.at_size(size)
         extractor = self._extractor()
         detector = create_detector(s.detector)
+        cross_fit = s.threshold.folds >= 2 and len(train) >= 2
         if extractor.proj_dim is not None and extractor.proj == "pca":  # one pass over the images: fit the PCA, then project
             raw = list(extractor.stream(self._loader(train), desc="train features", raw=True))
             extractor.fit_projection_on(raw, seed=s.seed)
             projected = []
             while raw:  # each raw batch is freed once projected: at most the raw features and the projected ones at once
                 projected.append(extractor.project(raw.pop(0).to(device)))
-            detector.fit(torch.cat(projected))
-        else:  # streamed: a detector that keeps a bounded sample (PatchCore) never holds every feature
-            detector.fit_batches((f.to(device) for f in extractor.stream(self._loader(train), desc="train features")), len(train))
+            features = torch.cat(projected)
+            del projected
+            detector.fit(features)
+        else:  # streamed: a detector that keeps a bounded sample (PatchCore) never holds every feature unless cross-fitted
+            kept = []
+            streamed = (f.to(device) for f in extractor.stream(self._loader(train), desc="train features"))
+            detector.fit_batches((kept.append(f) or f if cross_fit else f for f in streamed), len(train))
+            features = torch.cat(kept) if kept else None
         self.extractor_, self.detector_ = extractor, detector
         self.postprocessor_ = PostProcessor(s.postprocess, size)
-        threshold, good_median = self._calibrate(held_out)
         self.fit_record_ = FitRecord(
             input_size=size,
             weights_id=extractor.weights_id,
             layers=extractor.layers,
-            threshold=threshold,
-            good_map_median=good_median,
-            holdout_images=0 if held_out is None else len(held_out),
+            threshold=None,
+            pixel_threshold=None,
+            good_map_median=None,
+            calibration_images=0,
             n_train=len(train),
-            fit_seconds=round(time.perf_counter() - start, 2),
         )
+        if cross_fit:
+            folds = fold_indices(len(train), s.threshold.folds, s.seed)
+            scores, peaks, median = self._outputs(*detector.held_out_detect(features, folds))
+            del features
+            self._calibrate([str(r.path.resolve()) for r in train.records], scores, peaks, median, folds.tolist())
+        else:
+            log.warning("no threshold is learnt (%s): pass --threshold to predict", "0 folds" if len(train) >= 2 else "1 image")
+        self.fit_seconds_ = round(time.perf_counter() - start, 2)
         self.data_ = getattr(dataset, "source", None)
-        log.info(
-            "fitted %s on %d images (%dx%d px) in %.1f s",
-            s.detector.name,
-            len(train),
-            size[1],
-            size[0],
-            self.fit_record_.fit_seconds,
-        )
+        log.info("fitted %s on %d images (%dx%d px) in %.1f s", s.detector.name, len(train), size[1], size[0], self.fit_seconds_)
         return self
 
-    def _calibrate(self, held_out: AnomalyDataset | None, also: Sequence[str] = ()) -> tuple[float | None, float | None]:
-        """Score the held-out good images (and the files ``also``): the ``threshold_quantile`` of their scores is the
-        threshold, the median of their maps the blue end of overlays; the files and scores are kept in ``calibration_``
-        (the reference of an update's threshold and of the server's drift statistic)."""
-        self.__dict__.pop("calibration_", None)
-        if also:
-            records = (held_out.records if held_out is not None else []) + [Record(Path(p), 0, GOOD) for p in also]
-            calibration = AnomalyDataset(records, False, name="calibration images").at_size(self.input_size)
-            held_out = calibration.within(self.runtime.max_pixels)
-        if held_out is None:
-            return None, None
-        maps, scores, files = [], [], []
-        for batch in self._loader(held_out):
-            batch_maps, batch_scores = self._forward(batch["image"])
-            maps.append(batch_maps), scores.append(batch_scores), files.extend(str(p) for p in batch["path"])
-        maps, scores = torch.cat(maps), torch.cat(scores).double()
-        self.calibration_ = {"files": files, "scores": scores.tolist()}
-        return float(torch.quantile(scores, self.settings.threshold.quantile)), float(maps.flatten()[::97].double().median())
+    def _outputs(self, patch_maps: torch.Tensor, scores: torch.Tensor | None) -> tuple[list[float], list[float], float]:
+        """Image scores, map peaks and the pixels' median of a detector's output, through the post-processing in
+        batches (the maps at the input size are never all held at once)."""
+        n = len(patch_maps)
+        size = self.runtime.batch_size
+        image_scores, peaks, pixels = [], [], []
+        for i in range(0, n, size):
+            maps, batch_scores = self.postprocessor_(patch_maps[i : i + size], None if scores is None else scores[i : i + size])
+            image_scores += batch_scores.double().cpu().tolist()
+            peaks += maps.flatten(1).amax(1).double().cpu().tolist()
+            pixels.append(maps.flatten()[::MEDIAN_STRIDE].cpu())
+        return image_scores, peaks, float(torch.cat(pixels).double().median())
+
+    def _calibrate(self, files: Sequence[str], scores: Sequence[float], peaks: Sequence[float], median: float,
+                   folds: Sequence[int]) -> None:  # fmt: skip
+        """The image and pixel calibrations of the good images' out-of-fold scores and map peaks (kept in
+        ``calibration_``, with the files: the reference of an update's threshold and of the server's drift)."""
+        t, seed = self.settings.threshold, self.settings.seed
+        image = ScoreCalibration.fit(scores, t.false_alarm_rate, confidence=t.confidence, quantile=t.quantile, seed=seed)
+        pixel = ScoreCalibration.fit(peaks, image.false_alarm_rate(image.threshold).item(), confidence=t.confidence, seed=seed)
+        self.calibration_ = {
+            "files": list(files),
+            "scores": list(scores),
+            "peaks": list(peaks),
+            "folds": list(folds),
+            "image": image.to_dict(),
+            "pixel": pixel.to_dict(),
+        }
+        self.__dict__.pop("_calibrations", None)
+        self.fit_record_ = replace(
+            self.fit_record_,
+            threshold=image.threshold,
+            pixel_threshold=pixel.threshold,
+            good_map_median=median,
+            calibration_images=len(scores),
+        )
+        log.info("%s", image.describe())
+        if image.target_rate and image.images_for_tight and len(scores) < image.images_for_tight:
+            log.warning(
+                "%d good images are few for a %.2g%% false-alarm rate: its estimate is loose (about %d would make it "
+                "tight); the threshold is %s",
+                len(scores),
+                100 * image.target_rate,
+                image.images_for_tight,
+                "extrapolated by the tail model" if image.count_above == 0 else "from the few scores above it",
+            )
+
+    @property
+    def image_calibration(self) -> ScoreCalibration | None:
+        """The false-alarm rate, threshold and normalised score of image scores (``None``: no threshold learnt)."""
+        return self._calibration("image")
+
+    @property
+    def pixel_calibration(self) -> ScoreCalibration | None:
+        """The same for pixel scores, from the good images' map peaks: at its threshold a good image's mask is empty
+        at the rate asked."""
+        return self._calibration("pixel")
+
+    def _calibration(self, kind: str) -> ScoreCalibration | None:
+        self.check_is_fitted()
+        raw = getattr(self, "calibration_", None)
+        if not raw or kind not in raw:
+            return None
+        cached = self.__dict__.setdefault("_calibrations", {})
+        if kind not in cached:
+            cached[kind] = ScoreCalibration.from_dict(raw[kind])
+        return cached[kind]
 
     def update(self, dataset: AnomalyDataset, settings: UpdateSettings | None = None) -> Pipeline:
         """Learn from more good images without the ones fitted on (``anomatune update``): the detector's
         ``partial_fit`` on their features (PaDiM exactly as a refit on all the images; see
-        :class:`~anomatune.models.settings.UpdateSettings`), then, if the run learnt a threshold, a new one
-        from the held-out good images of the fit (scored again) and the same share held out of the new ones.
-        The input size, features and projection stay the fit's. Returns ``self``; records ``update_seconds_``."""
+        :class:`~anomatune.models.settings.UpdateSettings`). The new images are scored by the model before it learns
+        them (out of fit, like the cross-fitted ones), and their scores join the calibration, whose threshold is
+        learnt again at the same false-alarm rate. The input size, features and projection stay the fit's.
+        Returns ``self``; records ``update_seconds_``."""
         self.check_is_fitted()
         start = time.perf_counter()
         record = self.fit_record_
         dataset = dataset.within(self.runtime.max_pixels)
         dataset.check_readable()
-        share = self.settings.threshold.holdout if record.holdout_images else 0.0
-        train, held_out = split_holdout(dataset.at_size(self.input_size), share, self.settings.seed)
+        train = dataset.at_size(self.input_size)
         features = self.extractor_.extract(self._loader(train), desc="new features").to(self.device)
+        calibration = getattr(self, "calibration_", None)
+        if calibration:
+            scores, peaks, median = self._outputs(*self.detector_.detect(features))
         self.detector_.partial_fit(features, record.n_train, settings)
         del features
-        threshold, good_median = record.threshold, record.good_map_median
-        if record.holdout_images:
-            before = [f for f in getattr(self, "calibration_", {}).get("files", []) if Path(f).is_file()]
-            if len(before) < record.holdout_images:
-                log.warning(
-                    "%d of the %d held-out images of the fit are no longer readable: the new threshold is learnt without them",
-                    record.holdout_images - len(before),
-                    record.holdout_images,
-                )
-            threshold, good_median = self._calibrate(held_out, also=before)
-        self.fit_record_ = replace(
-            record,
-            threshold=threshold,
-            good_map_median=good_median,
-            holdout_images=len(self.calibration_["files"]) if record.holdout_images else 0,
-            n_train=record.n_train + len(train),
-        )
+        self.fit_record_ = replace(record, n_train=record.n_train + len(train))
+        if calibration:
+            n_folds = max(calibration["folds"], default=-1) + 1
+            self._calibrate(
+                calibration["files"] + [str(r.path.resolve()) for r in train.records],
+                calibration["scores"] + scores,
+                calibration["peaks"] + peaks,
+                (record.good_map_median * len(calibration["scores"]) + median * len(scores))
+                / (len(calibration["scores"]) + len(scores)),
+                calibration["folds"] + [n_folds] * len(scores),
+            )
         self.update_seconds_ = round(time.perf_counter() - start, 2)
         log.info("updated %s with %d new images in %.1f s", self.settings.detector.name, len(train), self.update_seconds_)
         return self
@@ -339,13 +384,22 @@ class Pipeline:
         self, maps: torch.Tensor, scores: torch.Tensor, sizes: Iterable[tuple[int, int]], threshold: float | None = None
     ) -> Predictions:
         """Predictions from the output of :meth:`forward`: maps resized to ``sizes``, decisions and masks."""
-        threshold = self.threshold if threshold is None else check_threshold(threshold)
         full = [resize_map(m, hw) for m, hw in zip(maps, sizes)]
         scores = scores.numpy()
+        calibration, pixel_threshold = self.image_calibration, self.fit_record_.pixel_threshold
+        if threshold is not None:  # an explicit threshold: the pixels' at the same false-alarm rate
+            threshold = check_threshold(threshold)
+            if calibration is not None and self.pixel_calibration is not None:
+                pixel_threshold = self.pixel_calibration.score_at(calibration.false_alarm_rate(threshold).item())
+            else:
+                pixel_threshold = threshold
+        threshold = self.threshold if threshold is None else threshold
+        calibrated = (calibration.normalized(scores), calibration.false_alarm_rate(scores)) if calibration else (None, None)
         if threshold is None:
-            return Predictions(scores, None, full, None, None)
+            return Predictions(scores, None, full, None, None, *calibrated)
         labels = (scores > threshold).astype(np.int64)
-        return Predictions(scores, labels, full, [defect_mask(m, threshold, bool(y)) for m, y in zip(full, labels)], threshold)
+        masks = [defect_mask(m, pixel_threshold, bool(y)) for m, y in zip(full, labels)]
+        return Predictions(scores, labels, full, masks, threshold, *calibrated)
 
     def score(self, dataset: AnomalyDataset) -> dict[str, float]:
         """Image AUROC, pixel AUROC and AUPRO on a labelled test split (scikit-learn's ``score``)."""

@@ -24,18 +24,45 @@ class PostprocessSettings(Settings):
     )
 
 
+def _folds(value) -> int:
+    folds = int(value)
+    if folds == 1 or not 0 <= folds <= 100:
+        raise ValueError(f"expected 0 (learn no threshold) or 2 to 100 folds, got {value!r}")
+    return folds
+
+
 @dataclass(frozen=True)
 class ThresholdSettings(Settings):
-    """How the decision threshold is learnt: from held-out good training images only."""
+    """How the decision threshold is learnt, from good images only: each good training image is scored by a model
+    fitted without its fold (cross-fitting; the delivered model is fitted on every image), and the threshold is the
+    score that the chosen share of good parts exceeds (see ``anomatune.calibration``)."""
 
     section = "threshold"
     flag_prefix = "threshold-"
-    holdout: float = setting(
-        0.1,
-        "Share of the good training images held out (seeded) to learn the decision threshold; 0 learns none.",
-        interval="[0, 1)",
+    false_alarm_rate: float = setting(
+        0.01,
+        "Share of good parts that may be flagged defective: the threshold is the matching upper quantile of the good "
+        "images' out-of-fold scores, with a tail model beyond the largest.",
+        interval="(0, 0.5]",
+        flag="false-alarm-rate",
     )
-    quantile: float = setting(0.99, "Quantile of the held-out good images' scores that becomes the threshold.", interval="(0, 1]")
+    folds: int = setting(
+        5,
+        "Cross-fitting folds of the good training images (PatchCore leaves each image's own patches out instead); "
+        "0 learns no threshold.",
+        parse=_folds,
+    )
+    confidence: float = setting(
+        0.5,
+        "Where the rate lies in the tail model, the threshold is this upper bound of its quantile over a bootstrap "
+        "of the tail fit (0.5: the estimate; higher: more cautious with few images).",
+        interval="[0.5, 1)",
+    )
+    quantile: float | None = setting(
+        None,
+        "Override: the threshold is this quantile of the out-of-fold scores instead (none: from --false-alarm-rate).",
+        interval="(0, 1]",
+    )
 
 
 @dataclass(frozen=True)
@@ -53,7 +80,9 @@ class PipelineSettings(Settings):
     postprocess: PostprocessSettings = setting(factory=PostprocessSettings, help="How patch maps become pixel maps and scores.")
     threshold: ThresholdSettings = setting(factory=ThresholdSettings, help="How the decision threshold is learnt.")
     seed: int = setting(
-        0, "Seed of the random projection and of the held-out threshold images (a detector's own seed: --set seed=N)."
+        0,
+        "Seed of the random projection, of the cross-fitting folds and of the tail model's bootstrap (a detector's own "
+        "seed: --set seed=N).",
     )
 
 
@@ -88,11 +117,11 @@ class FitRecord(Settings):
     input_size: tuple[int, ...] = setting(help="(height, width) every image is resized to.", parse=_input_size)
     weights_id: str = setting(help="Identifier of the backbone weights the run was fitted with.")
     layers: tuple[int, ...] = setting(help="The feature stages used.")
-    threshold: float | None = setting(help="Decision threshold on the image score (none when no image was held out).")
-    good_map_median: float | None = setting(help="Median pixel score of the held-out good images (the blue end of overlays).")
-    holdout_images: int = setting(help="Good training images held out to learn the threshold.", interval="[0, inf)")
+    threshold: float | None = setting(help="Decision threshold on the image score (none when none was learnt).")
+    pixel_threshold: float | None = setting(help="Threshold on the pixel maps: a good image's mask is empty at the rate asked.")
+    good_map_median: float | None = setting(help="Median pixel score of the good images, out of fold (the blue end of overlays).")
+    calibration_images: int = setting(help="Good images scored out of fold to learn the threshold.", interval="[0, inf)")
     n_train: int = setting(help="Good images the detector was fitted on.", interval="[1, inf)")
-    fit_seconds: float = setting(help="Seconds spent fitting, feature extraction included.", interval="[0, inf)")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class ServedModel:
         if RunFolder(run_dir).stamp() != stamp:  # a new version was swapped in while these files were read
             raise AnomatuneError(f"{run_dir} changed while it was being loaded: load it again")
         if pipeline.threshold is None:
-            raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with threshold_holdout=0): refit it to serve decisions")
+            raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with --threshold-folds 0): refit it to serve decisions")
         options = {"device": device, "max_batch": max_batch, **limits}
         snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir), "options": options}
         if runtime == "torch":
