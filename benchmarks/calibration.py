@@ -11,6 +11,7 @@ realised (the ranking compared at an equal rate).
     python benchmarks/calibration.py                                       # the six, default detector, PaDiM, PatchCore
     python benchmarks/calibration.py --datasets transistor --detectors padim --sizes 40
     python benchmarks/calibration.py --table calibration.json              # the Markdown again from the results
+    python benchmarks/calibration.py --merge calibration_a.json calibration_b.json   # runs in parallel, one table
 
 Writes ``results/calibration.json`` and ``.md``. Input size 256x256 (the benchmarks' square protocol), the default
 backbone; PatchCore with the detector search's coreset (1 % of at most 100,000 patches; the default takes up to 27 min
@@ -184,17 +185,25 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["20", "40", "100", "all"])
     parser.add_argument("--out", default="calibration", help="results/OUT.json and .md")
     parser.add_argument("--table", help="only write the Markdown again from results/FILE")
+    parser.add_argument("--merge", nargs="+", help="only join results/FILE... (runs in parallel) into results/OUT")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     if args.table:
         data = json.loads((RESULTS / args.table).read_text())
         (RESULTS / args.table).with_suffix(".md").write_text(table(data))
         return
+    if args.merge:
+        parts = [json.loads((RESULTS / name).read_text()) for name in args.merge]
+        data = {"command": " && ".join(p["command"] for p in parts), "machine": parts[0]["machine"],
+                "rows": [row for p in parts for row in p["rows"]]}  # fmt: skip
+        write_results(args.out, data, table(data))
+        return
     sizes = [None if s == "all" else int(s) for s in args.sizes]
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     data = {
         "command": "python benchmarks/calibration.py " + " ".join(sys.argv[1:]),
-        "machine": f"{torch.get_num_threads()} CPU threads",
+        "machine": f"2-core CPU, {torch.get_num_threads()} torch thread(s) per process",
         "rows": rows,
     }
     for name in args.datasets:

@@ -154,7 +154,12 @@ def split_metrics(labels, scores, curves: PixelCurves | None, threshold: float |
         tuned, best_f1 = f1_optimal_threshold(labels, scores)
         metrics |= {"f1_threshold_tuned_on_test": tuned, "f1_tuned_on_test": best_f1}
     if threshold is not None:
+        flagged = np.asarray(scores) > threshold
         metrics |= {"learnt_threshold": threshold, "f1_at_learnt_threshold": f1_at(labels, scores, threshold)}
+        metrics |= {  # the decision's two errors: the share of good images flagged, of defects caught
+            "false_alarm_rate_at_threshold": float(flagged[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+            "defects_caught_at_threshold": float(flagged[labels == 1].mean()) if labels.any() else float("nan"),
+        }
         if not labels.any():
             log.warning("F1 needs defective test images: f1_at_learnt_threshold is not computed")
             metrics["f1_at_learnt_threshold"] = float("nan")

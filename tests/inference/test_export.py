@@ -68,3 +68,44 @@ def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor,
             assert got_maps.shape == maps.shape and got_scores.shape == scores.shape, name
             assert (got_maps - maps).abs().max() <= 1e-4 * scale, name
             assert (got_scores - scores).abs().max() <= 1e-4 * scale, name
+
+
+def sidecar_calibrated(calibration: dict, scores):
+    """The sidecar's formula in NumPy alone, as an edge box without anomatune would compute it."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    body = np.interp(s, calibration["body_scores"], calibration["body_rates"])
+    excess = np.maximum(s - calibration["tail_start"], 0) / calibration["tail_scale"]
+    shape = calibration["tail_shape"]
+    tail = calibration["tail_rate"] * (np.exp(-excess) if shape == 0 else (1 + shape * excess) ** (-1 / shape))
+    rate = np.where(s >= calibration["tail_start"], tail, body)
+    normalized = np.clip(np.log(rate) / (2 * np.log(calibration["rate_at_threshold"])), 0, 1)
+    return rate, normalized
+
+
+def test_the_sidecar_gives_an_edge_box_the_calibrated_scores_of_predict(brick, tmp_path):
+    import numpy as np
+    import onnxruntime
+
+    Pipeline(detector="padim", device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
+    onnx_path = export(tmp_path / "run", format="onnx")
+    side = json.loads(onnx_path.with_suffix(".json").read_text())
+    assert "normalized" in side["calibration"]["formula"] and side["pixel_threshold"] is not None
+    paths = sorted((brick / "brick" / "test").rglob("*.png"))
+    expected = Pipeline.load(tmp_path / "run", device="cpu").predict(paths)
+    size = side["input"]["size_hw"]
+    mean, std = np.array(side["input"]["mean"]).reshape(1, 3, 1, 1), np.array(side["input"]["std"]).reshape(1, 3, 1, 1)
+    pixels = np.stack(
+        [
+            np.asarray(read_image(p).resize(size[::-1], resample={"bilinear": 2}[side["input"]["resize"]]), dtype=np.float32)
+            for p in paths
+        ]
+    )
+    images = ((pixels.transpose(0, 3, 1, 2) / 255 - mean) / std).astype(np.float32)
+    _, scores = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": images})
+    rate, normalized = sidecar_calibrated(side["calibration"]["scores"], scores)
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-3, atol=1e-3 * np.abs(expected.scores).max())
+    np.testing.assert_allclose(normalized, expected.normalized, atol=2e-3)
+    np.testing.assert_allclose(rate, expected.false_alarm_rates, rtol=2e-2)
+    assert np.array_equal(scores > side["threshold"], expected.labels.astype(bool))

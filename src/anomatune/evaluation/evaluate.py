@@ -30,7 +30,7 @@ def evaluate(
     """Score the run's test split (or ``data``'s) and write ``evaluation/`` in the run folder as one set.
 
     ``evaluation/`` holds ``metrics.json`` (``null`` where a metric does not apply),
-    ``metrics.md`` and, with ``figures``, ``roc.png``, ``pro.png``, ``heatmaps.png`` and the
+    ``metrics.md``, ``images.json`` (each test image's scores and verdict: the report's table and what-if threshold) and, with ``figures``, ``roc.png``, ``pro.png``, ``heatmaps.png`` and the
     gallery. ``pipeline``: the run's pipeline already in memory (``fit --evaluate``), else
     it is loaded with ``runtime`` (``device``, ``batch_size``). Returns the metrics.
     """
@@ -59,10 +59,33 @@ def evaluate(
     with run.lock(), run.evaluation.staged(lock=False) as stage:
         stage.write_json(EvaluationFolder.METRICS, result)
         stage.write_text(EvaluationFolder.METRICS_TABLE, metrics_table(result))
+        stage.write_json(EvaluationFolder.IMAGES, image_rows(pipeline, evaluation))
         if figures:
             write_figures(stage, evaluation, pipeline.threshold)
     log.info("evaluation written to %s", run.evaluation.path)
     return result
+
+
+def image_rows(pipeline: Pipeline, evaluation: ScoredSplit) -> dict:
+    """Every test image's ground truth (the folder it lies in, 0 good / 1 defective), score, calibrated scores and
+    verdict at the run's threshold, and the calibration that turns a score into the calibrated ones."""
+    calibration = pipeline.image_calibration
+    threshold = pipeline.threshold
+    normalized = calibration.normalized(evaluation.scores) if calibration else [None] * len(evaluation.scores)
+    rates = calibration.false_alarm_rate(evaluation.scores) if calibration else [None] * len(evaluation.scores)
+    rows = [
+        {
+            "path": path,
+            "kind": Path(path).parent.name,
+            "label": int(label),
+            "score": float(score),
+            "normalized_score": None if n is None else float(n),
+            "false_alarm_rate": None if r is None else float(r),
+            "decision": None if threshold is None else ("defective" if score > threshold else "good"),
+        }
+        for path, label, score, n, r in zip(evaluation.paths, evaluation.labels, evaluation.scores, normalized, rates)
+    ]
+    return {"threshold": threshold, "calibration": calibration.to_dict() if calibration else None, "images": rows}
 
 
 def metrics_table(result: dict) -> str:

@@ -34,6 +34,7 @@ class EvaluationFolder(Folder):
     HEATMAPS = "heatmaps.png"
     GALLERY = "gallery"
     GALLERY_INDEX = "gallery.json"
+    IMAGES = "images.json"  # every test image: path, ground truth, score, calibrated scores, verdict
     MARKERS = (METRICS,)
 
 

@@ -4,7 +4,9 @@ The exported model takes a batch of images already normalised the backbone's way
 (RGB, resized to the run's input size, scaled to [0, 1], minus ``mean``, divided by
 ``std``) and returns the pixel anomaly maps ``(B, H, W)`` and the image scores ``(B,)``:
 the pipeline's own ``forward``, so the exported model and the command line cannot
-disagree. The preprocessing and the decision threshold go in a side JSON beside it.
+disagree. The preprocessing, the decision thresholds and the calibration (the false-alarm rate and normalised score of
+any output, in closed form: ``anomatune.calibration``) go in a side JSON beside it, so that an edge box computes the
+same numbers without anomatune.
 Every format takes any batch size: while traced, the detectors compute their chunked
 loops in one piece (a traced loop would freeze the batch size).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration import formula
 from ..errors import AnomatuneError, RunFolderError
 from ..folders.base import atomic_write, json_text, refuse_inside
 from ..folders.kinds import RunFolder
@@ -46,6 +49,7 @@ def preprocessing(pipeline: Pipeline) -> dict:
     return {
         "batch": "any",
         "size_hw": list(pipeline.input_size),
+        "resize": "bilinear",  # PIL's Image.resize(BILINEAR) of the whole image to size_hw (no crop)
         "color": "RGB",
         "layout": "NCHW float32",
         "scale": "pixel / 255",
@@ -107,6 +111,12 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
         "input": preprocessing(pipeline),
         "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
         "threshold": pipeline.threshold,
+        "pixel_threshold": config.fitted.pixel_threshold,
+        "calibration": {
+            "formula": formula(),
+            "scores": pipeline.image_calibration.to_dict() if pipeline.image_calibration else None,
+            "maps": pipeline.pixel_calibration.to_dict() if pipeline.pixel_calibration else None,
+        },
         "detector": config.settings.detector.name,
         "backbone": config.settings.features.backbone,
         "weights_id": config.fitted.weights_id,

@@ -31,7 +31,7 @@ from ..pipeline.pipeline import Pipeline, check_threshold
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "decision", "threshold", "model", "overlay", "mask", "error")
+COLUMNS = ("path", "score", "normalized_score", "false_alarm_rate", "decision", "threshold", "model", "overlay", "mask", "error")
 
 
 @dataclass
@@ -42,6 +42,8 @@ class PredictionRow:
     threshold: float
     model: str | None
     score: float | None = None
+    normalized_score: float | None = None  # in [0, 1], 0.5 at the run's threshold
+    false_alarm_rate: float | None = None  # the share of good parts scoring higher
     decision: str | None = None
     overlay: str | None = None
     mask: str | None = None
@@ -85,13 +87,15 @@ def score_paths(
     if not readable:
         return rows
     predictions = pipeline.predict([image for _, _, image in readable], threshold=threshold)
-    for (row, name, image), score, label, heat, mask in zip(
-        readable, predictions.scores, predictions.labels, predictions.maps, predictions.masks
+    for n, ((row, name, image), score, label, heat, mask) in enumerate(
+        zip(readable, predictions.scores, predictions.labels, predictions.maps, predictions.masks)
     ):
         row.score, row.decision = float(score), "defective" if label else "good"
+        if predictions.normalized is not None:
+            row.normalized_score, row.false_alarm_rate = float(predictions.normalized[n]), float(predictions.false_alarm_rates[n])
         if images is not None:
             row.overlay, row.mask = f"{PredictionsFolder.OVERLAYS}/{name}.png", f"{PredictionsFolder.MASKS}/{name}.png"
-            overlay, mask_image = draw(pipeline, image, heat, mask, threshold)
+            overlay, mask_image = draw(pipeline, image, heat, mask, predictions.pixel_threshold)
             images.write_image(row.overlay, overlay)
             images.write_image(row.mask, mask_image)
     return rows
@@ -101,7 +105,7 @@ def draw(
     pipeline: Pipeline, image: Image.Image, heat: np.ndarray, mask: np.ndarray, threshold: float
 ) -> tuple[Image.Image, Image.Image]:
     """What a person looks at: the heatmap over the image (blue at the good images' median, red
-    from the threshold on) and the defect mask (white = defective), both at the image's size."""
+    from the pixel threshold on) and the defect mask (white = defective), both at the image's size."""
     low = pipeline.fit_record_.good_map_median
     overlay = heat_overlay(np.asarray(image), heat, float(heat.min()) if low is None else low, threshold)
     return Image.fromarray(overlay), Image.fromarray(np.multiply(mask, 255, dtype=np.uint8), "L")

@@ -1,14 +1,18 @@
-"""One self-contained HTML page per run: metrics, curves, lineage, fine-tuning diagnostics, heatmap gallery.
+"""One self-contained HTML page per run: decisions, metrics, curves, lineage, fine-tuning diagnostics, heatmap gallery.
 
 Every image is inlined (base64), so the page can be mailed or archived on its own. The
 page counts its images that failed to load into ``data-broken-images`` on the body (the
-report test reads it back from headless Chromium).
+report test reads it back from headless Chromium). The decisions section carries the test
+images' scores as JSON and draws, in the page itself (no server), the histogram of good and
+defective scores and the ROC curve with the threshold on both, and a what-if threshold
+slider that updates the false alarms and misses.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 from ..errors import RunFolderError
@@ -31,6 +35,107 @@ window.addEventListener("load", () => {
   document.body.dataset.brokenImages = images.filter(i => !i.complete || i.naturalWidth === 0).length;
 });
 </script>"""
+
+
+DECISIONS_SCRIPT = """<script>
+(() => {
+  const data = JSON.parse(document.getElementById("decision-data").textContent);
+  const rows = data.images, cal = data.calibration, slider = document.getElementById("what-if");
+  const good = rows.filter(r => r.label === 0).map(r => r.score), bad = rows.filter(r => r.label === 1).map(r => r.score);
+  const lo = Math.min(...rows.map(r => r.score)), hi = Math.max(...rows.map(r => r.score));
+  const pad = (hi - lo) * 0.02 || 1;
+  slider.min = lo - pad; slider.max = hi + pad; slider.step = (hi - lo + 2 * pad) / 1000;
+  slider.value = data.threshold ?? (lo + hi) / 2;
+  function rate(s) {  // the run's calibrated false-alarm rate (anomatune.calibration)
+    if (!cal) return null;
+    if (s >= cal.tail_start) {
+      const z = Math.max(s - cal.tail_start, 0) / cal.tail_scale;
+      return cal.tail_rate * (cal.tail_shape === 0 ? Math.exp(-z) : Math.pow(1 + cal.tail_shape * z, -1 / cal.tail_shape));
+    }
+    const xs = cal.body_scores, ys = cal.body_rates;
+    if (s <= xs[0]) return ys[0];
+    let i = 1; while (i < xs.length - 1 && xs[i] < s) i++;
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (s - xs[i - 1]) / ((xs[i] - xs[i - 1]) || 1);
+  }
+  const W = 480, H = 200, svg = (id) => document.getElementById(id);
+  const x = s => 30 + (s - lo + pad) / (hi - lo + 2 * pad) * (W - 40);
+  const bins = 30, width = (hi - lo + 2 * pad) / bins;
+  const count = v => { const c = new Array(bins).fill(0); v.forEach(s => c[Math.min(bins - 1, Math.floor((s - lo + pad) / width))]++); return c; };
+  const cg = count(good), cb = count(bad), top = Math.max(1, ...cg, ...cb);
+  let bars = "";
+  [[cg, "#2a9d4b"], [cb, "#d1495b"]].forEach(([c, colour]) => c.forEach((n, i) => {
+    const h = n / top * (H - 30);
+    if (n) bars += `<rect x="${x(lo - pad + i * width)}" y="${H - 20 - h}" width="${(W - 40) / bins - 1}" height="${h}" fill="${colour}" fill-opacity="0.55"/>`;
+  }));
+  svg("histogram").innerHTML = bars + `<line x1="30" y1="${H - 20}" x2="${W - 10}" y2="${H - 20}" stroke="#888"/>` +
+    `<line id="hist-threshold" y1="5" y2="${H - 20}" stroke="#000" stroke-dasharray="4 3"/>`;
+  const all = rows.map(r => r.score).sort((a, b) => b - a);
+  let roc = "M 30 190";
+  all.forEach(t => { const f = good.filter(s => s >= t).length / Math.max(1, good.length), p = bad.filter(s => s >= t).length / Math.max(1, bad.length);
+    roc += ` L ${30 + f * 180} ${190 - p * 180}`; });
+  svg("roc").innerHTML = `<rect x="30" y="10" width="180" height="180" fill="none" stroke="#888"/><path d="${roc} L 210 10" fill="none" stroke="#1f5fa8" stroke-width="2"/>` +
+    `<circle id="roc-point" r="5" fill="#000"/><text x="80" y="205" font-size="11">false-alarm rate</text>`;
+  function update() {
+    const t = Number(slider.value);
+    const alarms = good.filter(s => s > t).length, misses = bad.filter(s => s <= t).length;
+    document.body.dataset.falseAlarms = alarms; document.body.dataset.misses = misses;
+    const r = rate(t);
+    document.getElementById("what-if-line").textContent =
+      `Threshold ${t.toPrecision(4)}: ${alarms} of ${good.length} good images flagged (false alarms), ` +
+      `${misses} of ${bad.length} defects missed` + (r === null ? "" : `; calibrated false-alarm rate ${(100 * r).toPrecision(3)} %`);
+    const line = document.getElementById("hist-threshold"); line.setAttribute("x1", x(t)); line.setAttribute("x2", x(t));
+    const dot = document.getElementById("roc-point");
+    dot.setAttribute("cx", 30 + alarms / Math.max(1, good.length) * 180); dot.setAttribute("cy", 190 - (bad.length - misses) / Math.max(1, bad.length) * 180);
+  }
+  slider.addEventListener("input", update);
+  update();
+})();
+</script>"""
+
+
+def _decisions_section(evaluation: EvaluationFolder) -> str:
+    """The decision at the run's threshold: counts, histogram, ROC point, a what-if slider and the per-image table."""
+    if not (evaluation / EvaluationFolder.IMAGES).is_file():
+        return ""
+    data = evaluation.read_json(EvaluationFolder.IMAGES)
+    rows = sorted(data["images"], key=lambda r: -r["score"])
+    table = _table(
+        [
+            (
+                f"{r['kind']}/{Path(r['path']).name}",
+                "defective" if r["label"] else "good",
+                r["score"],
+                r["normalized_score"],
+                r["false_alarm_rate"],
+                r["decision"],
+                "" if r["decision"] is None or (r["decision"] == "defective") == bool(r["label"]) else
+                ("false alarm" if r["label"] == 0 else "missed"),
+            )
+            for r in rows
+        ],
+        ("image", "ground truth", "score", "calibrated (0.5 = threshold)", "false-alarm rate", "verdict", "error"),
+    )  # fmt: skip
+    payload = json.dumps(data).replace("</", "<\\/")
+    calibration = data.get("calibration")
+    expected = (
+        f" The threshold was set for a false-alarm rate of {calibration['target_rate']:.2%} on the good training images "
+        f"scored out of fold (expected {calibration['rate_at_threshold']:.2%}, 95 % interval "
+        f"{calibration['interval'][0]:.1%}–{calibration['interval'][1]:.1%})."
+        if calibration and calibration.get("target_rate")
+        else ""
+    )
+    return (
+        "<h2>Decisions</h2>"
+        f"<p>Threshold {_fmt(data['threshold'])}, learnt from good training images only.{html.escape(expected)} "
+        "Move the what-if threshold to see the false alarms and misses it would give on these test images.</p>"
+        f"<script type='application/json' id='decision-data'>{payload}</script>"
+        "<p><label for='what-if'>What-if threshold</label> <input type='range' id='what-if' style='width:480px'></p>"
+        "<p id='what-if-line'></p>"
+        "<figure><svg id='histogram' width='480' height='200'></svg><figcaption>Scores of good (green) and "
+        "defective (red) test images; dashed: the threshold</figcaption></figure>"
+        "<figure><svg id='roc' width='230' height='210'></svg><figcaption>ROC curve; the dot: the threshold</figcaption></figure>"
+        f"<details><summary>Every test image ({len(rows)}), highest score first</summary>{table}</details>" + DECISIONS_SCRIPT
+    )
 
 
 def _img(path: Path, alt: str) -> str:
@@ -187,9 +292,10 @@ def build_report(run_dir, out=None) -> Path:
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Run folder <code>{html.escape(str(run.path.resolve()))}</code></p>",
+        _decisions_section(evaluation),
         "<h2>Metrics</h2>",
         _table([(k.replace("_", " "), v) for k, v in metrics.items() if k != "run"], ("metric", "value")),
-        "<p class='note'>The F1-optimal threshold is tuned on the test labels (optimistic); the learnt threshold comes from held-out good training images only.</p>",
+        "<p class='note'>The F1-optimal threshold is tuned on the test labels (optimistic); the learnt threshold comes from the good training images only, each scored out of fold.</p>",
         "<h2>Curves</h2>",
         _figure(evaluation / EvaluationFolder.ROC, "Image-level ROC"),
         _figure(evaluation / EvaluationFolder.PRO, "Per-region overlap (PRO) curve"),

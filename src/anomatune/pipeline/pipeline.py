@@ -70,6 +70,7 @@ class Predictions:
     threshold: float | None
     normalized: np.ndarray | None = None
     false_alarm_rates: np.ndarray | None = None
+    pixel_threshold: float | None = None  # a pixel above it is defective (the red end of overlays)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -399,7 +400,7 @@ class Pipeline:
             return Predictions(scores, None, full, None, None, *calibrated)
         labels = (scores > threshold).astype(np.int64)
         masks = [defect_mask(m, pixel_threshold, bool(y)) for m, y in zip(full, labels)]
-        return Predictions(scores, labels, full, masks, threshold, *calibrated)
+        return Predictions(scores, labels, full, masks, threshold, *calibrated, pixel_threshold=pixel_threshold)
 
     def score(self, dataset: AnomalyDataset) -> dict[str, float]:
         """Image AUROC, pixel AUROC and AUPRO on a labelled test split (scikit-learn's ``score``)."""

@@ -172,8 +172,15 @@ class Registry:
     def swap(self, model: ServedModel) -> None:
         s = self.settings
         self.models[model.name] = model
+        calibration = model.pipeline.image_calibration
         self.monitors[model.name] = DriftMonitor(
-            model.id, model.calibration_scores, model.threshold, s.drift_window, s.drift_bound
+            model.id,
+            model.calibration_scores,
+            model.threshold,
+            s.drift_window,
+            s.drift_bound,
+            normalize=calibration.normalized,
+            expected_rate=calibration.rate_at_threshold,
         )
 
     def find(self, model: str | None) -> ServedModel:
@@ -367,7 +374,8 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         for name, upload, result in zip(names, file, results):
             data = await run_in_threadpool(read_all, upload.file)
             kept = Scored.of(data, name, served, result)
-            answer = {"file": name, "id": uploads.put(kept, len(data)), "score": result["score"], "decision": result["decision"]}
+            answer = {"file": name, "id": uploads.put(kept, len(data))}
+            answer |= {key: result[key] for key in ("score", "normalized_score", "false_alarm_rate", "decision")}
             if images == "base64":
                 answer |= {"overlay": encode(result["overlay"]), "mask": encode(result["mask"])}
             elif images == "url":

@@ -38,8 +38,20 @@ def ks_statistic(sample: Sequence[float], reference: Sequence[float]) -> float:
 class DriftMonitor:
     """The recent scores of one model (thread-safe): window statistics and the drift statistic."""
 
-    def __init__(self, model: str, calibration: Sequence[float], threshold: float, window: int, bound: float):
+    def __init__(
+        self,
+        model: str,
+        calibration: Sequence[float],
+        threshold: float,
+        window: int,
+        bound: float,
+        normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+        expected_rate: float | None = None,
+    ):
+        """``normalize``: the run's calibrated score (0.5 at the threshold), whose quantiles are reported beside the
+        raw scores'; ``expected_rate``: the false-alarm rate expected at the threshold, to read the alarm share by."""
         self.model, self.threshold, self.bound = model, threshold, bound
+        self.normalize, self.expected_rate = normalize, expected_rate
         self.calibration = np.asarray(calibration, dtype=np.float64)
         self.scores: deque[float] = deque(maxlen=window)
         self.seen = 0
@@ -72,6 +84,12 @@ class DriftMonitor:
             "scored": self.seen,
             "alarm_share": float((window > self.threshold).mean()) if len(window) else None,
             "quantiles": {str(q): float(np.quantile(window, q)) for q in QUANTILES} if len(window) else None,
+            "normalized_quantiles": (
+                {str(q): float(v) for q, v in zip(QUANTILES, self.normalize(np.quantile(window, QUANTILES)))}
+                if len(window) and self.normalize is not None
+                else None
+            ),
+            "expected_rate": self.expected_rate,
             "drift": ks_statistic(window, self.calibration) if enough else None,
             "drift_bound": self.bound,
             "calibration_images": len(self.calibration),
@@ -108,9 +126,19 @@ class MetricsCollector:
             "alerting": GaugeMetricFamily(
                 "anomatune_drift_alert", "1 when the KS statistic is over --drift-bound.", labels=["model"]
             ),
+            "expected_rate": GaugeMetricFamily(
+                "anomatune_expected_false_alarm_rate",
+                "Share of good parts expected above the threshold (the alarm share of a line of good parts).",
+                labels=["model"],
+            ),
         }
         quantiles = GaugeMetricFamily(
             "anomatune_score_quantile", "Quantiles of the window's scores.", labels=["model", "quantile"]
+        )
+        normalized = GaugeMetricFamily(
+            "anomatune_normalized_score_quantile",
+            "Quantiles of the window's normalised scores (0.5 at the threshold, the same scale for every model).",
+            labels=["model", "quantile"],
         )
         for name, monitor in self.monitors().items():
             stats = monitor.stats()
@@ -120,5 +148,8 @@ class MetricsCollector:
                     family.add_metric([name], stats[key])
             for q, value in (stats["quantiles"] or {}).items():
                 quantiles.add_metric([name, q], value)
+            for q, value in (stats["normalized_quantiles"] or {}).items():
+                normalized.add_metric([name, q], value)
         yield from families.values()
         yield quantiles
+        yield normalized

@@ -90,7 +90,7 @@ class ServedModel:
         pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch, **limits)
         if RunFolder(run_dir).stamp() != stamp:  # a new version was swapped in while these files were read
             raise AnomatuneError(f"{run_dir} changed while it was being loaded: load it again")
-        if pipeline.threshold is None:
+        if pipeline.threshold is None or pipeline.image_calibration is None:
             raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with --threshold-folds 0): refit it to serve decisions")
         options = {"device": device, "max_batch": max_batch, **limits}
         snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir), "options": options}
@@ -121,8 +121,18 @@ class ServedModel:
         return self.pipeline.threshold
 
     @property
+    def false_alarm_rate(self) -> dict:
+        """The false-alarm rate asked, the one expected at the threshold and its 95 % interval."""
+        calibration = self.pipeline.image_calibration
+        return {
+            "target": calibration.target_rate,
+            "expected": calibration.rate_at_threshold,
+            "interval": list(calibration.interval),
+        }
+
+    @property
     def calibration_scores(self) -> list[float]:
-        """The held-out good images' scores the threshold was learnt on: the drift statistic's reference."""
+        """The good images' out-of-fold scores the threshold was learnt on: the drift statistic's reference."""
         return (getattr(self.pipeline, "calibration_", None) or {}).get("scores", [])
 
     @property
@@ -150,6 +160,7 @@ class ServedModel:
             "backbone": config.settings.features.backbone,
             "detector": config.settings.detector.name,
             "threshold": self.threshold,
+            "false_alarm_rate": self.false_alarm_rate,
             "input_size": list(config.fitted.input_size),
             "anomatune_version": config.anomatune_version,
             "runtime": self.runtime,
@@ -163,9 +174,16 @@ class ServedModel:
         predictions = self.pipeline.predict(pictures, forward=self.forward)
         results = []
         for n, (picture, score, label) in enumerate(zip(pictures, predictions.scores, predictions.labels)):
-            result = {"score": float(score), "decision": "defective" if label else "good"}
+            result = {
+                "score": float(score),
+                "normalized_score": float(predictions.normalized[n]),
+                "false_alarm_rate": float(predictions.false_alarm_rates[n]),
+                "decision": "defective" if label else "good",
+            }
             if drawn is None or drawn[n]:
-                overlay, mask = draw(self.pipeline, picture, predictions.maps[n], predictions.masks[n], self.threshold)
+                overlay, mask = draw(
+                    self.pipeline, picture, predictions.maps[n], predictions.masks[n], predictions.pixel_threshold
+                )
                 result |= {"overlay": png_bytes(overlay), "mask": png_bytes(mask)}
             results.append(result)
         return results
