@@ -93,4 +93,4 @@ def test_images_none_draws_nothing(fast_run, images):
     model = ServedModel.load(fast_run, "torch", "cpu")
     pictures = [Image.open(p).convert("RGB") for p in images.values()]
     plain, drawn = model.score(pictures, drawn=[False, True])
-    assert set(plain) == {"score", "decision"} and {"overlay", "mask"} <= set(drawn)
+    assert set(plain) == {"score", "normalized_score", "false_alarm_rate", "decision"} and {"overlay", "mask"} <= set(drawn)

@@ -40,8 +40,9 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             decisions = page.eval_on_selector_all(
                 "#results li",
                 "items => items.map(i => [i.querySelector('.name').textContent, "
-                "i.dataset.decision, i.querySelector('img').naturalWidth])",
+                "i.dataset.decision, i.querySelector('img').naturalWidth, i.querySelector('.score').textContent])",
             )
+            model_line = page.text_content("#model-line")
             before = len(FeedbackStore(fast_run).records())
             newest = page.locator("#results li").first  # the last image inspected comes first
             newest.get_by_role("button", name=f"Good part (false alarm): {uploaded[-1].name}").click()  # the operator overrules
@@ -58,7 +59,8 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             drift_line = page.text_content("#drift-line")
         finally:
             browser.close()
-    shown = {name: (decision, width) for name, decision, width in decisions}
+    shown = {name: (decision, width, text) for name, decision, width, text in decisions}
+    assert "expected false-alarm rate" in model_line
     store = FeedbackStore(fast_run)
     records = store.records()
     assert len(records) == before + 2 and [r["verdict"] for r in records[-2:]] == ["good", "defect"]
@@ -71,4 +73,5 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
     for path, label in zip(images.values(), expected.labels):
         assert shown[path.name][0] == ("defective" if label else "good")
         assert shown[path.name][1] > 0  # the overlay loaded
+        assert "calibrated" in shown[path.name][2] and "0.50 = threshold" in shown[path.name][2]
     assert all(url.startswith(server.url) for url in requests)  # nothing from elsewhere (no CDN)

@@ -119,7 +119,9 @@ def detectors_cmd() -> None:
 )
 @NO_FIGURES_OPTION
 def fit_cmd(out, config, then_evaluate, no_figures, **values):
-    """Fit a detector on good images and save the run (a decision threshold is learnt from held-out good images).
+    """Fit a detector on good images and save the run, with a threshold at --false-alarm-rate of good parts.
+
+    Every good image is fitted on, and scored by a model fitted without its fold: those scores set the threshold.
 
     With --detector auto: each candidate (detector x projection x feature stages) is scored on a validation set
     made from held-out good images with synthetic anomalies (--validation-*), and the best is refit on every image.
@@ -147,7 +149,7 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
     if run_all(job, options.build(EngineSettings, values), data.category):
         return
     result = fit(data, Path(out), runtime=job.runtime, **job.options)
-    click.echo(f"run saved in {out}")
+    click.echo(f"run saved in {out}" + (f"; {result['decision']}" if result.get("decision") else ""))
     if then_evaluate:
         echo_metrics(out, result)
 

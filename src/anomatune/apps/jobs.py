@@ -65,6 +65,8 @@ def fit(
             pipeline = search.best_
     seconds = pipeline.fit_seconds_ if validation is None else round(time.perf_counter() - start, 2)
     result = {"run": str(out), "fit_seconds": seconds}
+    if pipeline.image_calibration is not None:
+        result["decision"] = pipeline.image_calibration.describe()
     if validation is not None:
         result["detector"] = pipeline.selection_["winner"]
     if evaluate:

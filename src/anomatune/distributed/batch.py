@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..allocator import tune_allocator
 from ..data.settings import DataSettings
 from ..folders.kinds import PredictionsFolder
-from ..inference.predict import COLUMNS, input_paths, load_for_predict, score_paths, unique_names
+from ..inference.predict import COLUMNS, PredictionRow, input_paths, load_for_predict, score_paths, unique_names
 from ..pipeline.settings import RuntimeSettings
 from .cluster import connect, plan_workers
 from .settings import EngineSettings
@@ -35,9 +36,9 @@ BATCHES_PER_BLOCK = 4  # a block of paths is a few batches: small enough to spre
 def results_schema():
     import pyarrow as pa
 
-    text, number = pa.string(), pa.float64()
-    kinds = {"score": number, "threshold": number}
-    return pa.schema([("index", pa.int64())] + [(name, kinds.get(name, text)) for name in COLUMNS])
+    hints = typing.get_type_hints(PredictionRow)  # a column is a number where the row's field is one
+    numbers = {name for name, hint in hints.items() if hint is float or float in typing.get_args(hint)}
+    return pa.schema([("index", pa.int64())] + [(name, pa.float64() if name in numbers else pa.string()) for name in COLUMNS])
 
 
 class BatchScorer:

@@ -56,29 +56,32 @@ class PaDiM(Detector):
 
     @torch.no_grad()
     def held_out_detect(self, features: torch.Tensor, folds: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Each fold scored by the Gaussians of the fit less that fold, removed from the fit's count, mean and scatter
-        (Chan's pairwise update run backwards): a refit without the fold, to float64 rounding, for one Cholesky
-        factorisation per fold. ``features`` must be the images fitted on."""
+        """Every image fitted on (``features``, in any order) scored by the Gaussians of the fit without that image:
+        leave-one-out, exactly, whatever ``folds`` says. Without image i each position's scatter loses the rank-one
+        term k δδᵀ (δ = u_i − μ, k = n/(n−1)), so with A = S/(n−2) + ridge·I and q = δᵀA⁻¹δ, Sherman–Morrison gives
+        the Mahalanobis distance of u_i to the other images' Gaussian as k √(q / (1 − q k/(n−2))): one Cholesky
+        factorisation for all the images. K folds would fit each model on (K−1)/K of the images, and with a few
+        hundred images in a feature space of about as many dimensions a Gaussian's distances grow fast as images
+        are taken away: the scores of unseen good images would be overstated."""
         if self.normalized:  # the normalisation's statistics need each fold's model to score the rest: refit
             return super().held_out_detect(features, folds)
         self._check_input(features)
         self._check_grid(features)
-        folds = folds.to(features.device)
-        n, mean, scatter = float(self.count_), self.means_.double(), self.scatter_
-        maps = features.new_empty((len(features), *features.shape[-2:]))
-        for fold in folds.unique().tolist():
-            inside = folds == fold
-            n_b, mean_b, scatter_b, _ = self._moments(torch.split(features[inside], 16), minimum=1)
-            n_a = n - n_b
-            if n_a < 2:
-                raise AnomatuneError("PaDiM's cross-fitting leaves fewer than 2 images in a fold's fit: use fewer folds")
-            mean_a = (n * mean - n_b * mean_b) / n_a
-            delta = mean_a - mean_b
-            fold_model = PaDiM(self.settings)
-            fold_model._set_gaussians(n_a, mean_a, scatter - scatter_b - (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :])
-            fold_model._record_shape(features)
-            maps[inside] = fold_model.anomaly_map(features[inside]).to(maps.dtype)
-        return maps, None
+        n = float(self.count_)
+        if n < 3:
+            raise AnomatuneError("PaDiM's leave-one-out scores need at least 3 training images")
+        d = self.means_.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=self.means_.device)
+        cov = self.scatter_ / (n - 2) + self.settings.ridge * eye
+        prec = torch.cat([precision_cholesky(c) for c in torch.split(cov, 64)])
+        k, shrink = n / (n - 1), n / ((n - 1) * (n - 2))
+        maps = []
+        for chunk in torch.split(features, 16):
+            b, _, h, w = chunk.shape
+            diff = chunk.flatten(2).double() - self.means_.T.double()  # (B, D, P)
+            q = (torch.einsum("bdp,pde->bpe", diff, prec) ** 2).sum(-1)
+            maps.append((k * (q / (1 - shrink * q).clamp_min(1e-12)).sqrt()).view(b, h, w).to(features.dtype))
+        return torch.cat(maps), None
 
     def _moments(self, batches: Iterable[torch.Tensor], minimum: int = 2) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images, each position's mean (P, D) and scatter (P, D, D) over the batches, in float64 from sums

@@ -48,8 +48,8 @@ class ThresholdSettings(Settings):
     )
     folds: int = setting(
         5,
-        "Cross-fitting folds of the good training images (PatchCore leaves each image's own patches out instead); "
-        "0 learns no threshold.",
+        "Cross-fitting folds of the good training images for GMM and GLAD (PaDiM and PatchCore leave each image out, "
+        "exactly); 0 learns no threshold.",
         parse=_folds,
     )
     confidence: float = setting(

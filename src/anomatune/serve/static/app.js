@@ -4,13 +4,16 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let models = [];
+const formatRate = (rate) => (rate >= 0.001 ? `${(100 * rate).toPrecision(2)} %` : `1 in ${Math.round(1 / Math.max(rate, 1e-12)).toLocaleString()}`);
 
 function showModel() {
   const chosen = models.find((m) => m.name === $("model").value);
   if (!chosen) return;
   const metrics = chosen.metrics && chosen.metrics.image_auroc != null ? `, image AUROC ${chosen.metrics.image_auroc}` : "";
   const parent = chosen.parent ? `, updated from ${chosen.parent}` : "";
-  $("model-line").textContent = `${chosen.name} (version ${chosen.version}${parent}): ${chosen.detector} on ${chosen.backbone}, threshold ${chosen.threshold.toPrecision(4)}${metrics}`;
+  const rate = chosen.false_alarm_rate;
+  const expected = rate ? `, expected false-alarm rate ${formatRate(rate.expected)}` : "";
+  $("model-line").textContent = `${chosen.name} (version ${chosen.version}${parent}): ${chosen.detector} on ${chosen.backbone}, threshold ${chosen.threshold.toPrecision(4)}${expected}${metrics}`;
   const d = chosen.drift;
   const share = d.alarm_share == null ? "no image scored yet" : `${(100 * d.alarm_share).toFixed(1)} % above the threshold`;
   const ks = d.drift == null ? "drift: not enough scores yet" : `drift (KS) ${d.drift.toFixed(3)}${d.drift > d.drift_bound ? " — over the bound: check the line" : ""}`;
@@ -58,7 +61,9 @@ async function inspect(file) {
     decision.textContent = result.decision;
     decision.classList.add(result.decision);
     item.dataset.decision = result.decision;
-    item.querySelector(".score").textContent = `score ${result.score.toPrecision(4)} (threshold ${body.threshold.toPrecision(4)})`;
+    item.querySelector(".score").textContent =
+      `calibrated ${result.normalized_score.toFixed(2)} (0.50 = threshold): ${formatRate(result.false_alarm_rate)} of good parts score higher; ` +
+      `raw score ${result.score.toPrecision(4)} (threshold ${body.threshold.toPrecision(4)})`;
     const overlay = document.createElement("img");
     overlay.alt = `Heatmap of ${file.name}: red where it looks defective`;
     overlay.src = `data:image/png;base64,${result.overlay}`;
