@@ -12,6 +12,7 @@ realised (the ranking compared at an equal rate).
     python benchmarks/calibration.py --datasets transistor --detectors padim --sizes 40
     python benchmarks/calibration.py --table calibration.json              # the Markdown again from the results
     python benchmarks/calibration.py --merge calibration_a.json calibration_b.json   # runs in parallel, one table
+                                                                      # (a later file's rows replace an earlier one's)
 
 Writes ``results/calibration.json`` and ``.md``. Input size 256x256 (the benchmarks' square protocol), the default
 backbone; PatchCore with the detector search's coreset (1 % of at most 100,000 patches; the default takes up to 27 min
@@ -194,8 +195,10 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads((RESULTS / name).read_text()) for name in args.merge]
+        key = lambda r: (r["dataset"], r["detector"], r["n_train"], r["draw"], r["target_rate"])  # noqa: E731
+        rows = {key(row): row for p in parts for row in p["rows"]}  # a later file's row replaces an earlier one's
         data = {"command": " && ".join(p["command"] for p in parts), "machine": parts[0]["machine"],
-                "rows": [row for p in parts for row in p["rows"]]}  # fmt: skip
+                "rows": list(rows.values())}  # fmt: skip
         write_results(args.out, data, table(data))
         return
     sizes = [None if s == "all" else int(s) for s in args.sizes]

@@ -231,7 +231,7 @@ class Detector:
     def held_out_detect(self, features: torch.Tensor, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`detect` of every image fitted on (``features``, in the fit's order) by a model fitted without its
         fold (``folds``: a fold index per image): the cross-fitting behind the threshold, so that each good image is
-        scored as an unseen one. This default refits a model per fold; PaDiM removes the fold from its sums, PatchCore
+        scored as an unseen one. This default refits a model per fold; PaDiM leaves each image out exactly, PatchCore
         leaves each image's own patches out of the search, and the mixtures warm-start EM from the fit."""
         self._check_input(features)
         folds = folds.to(features.device)

@@ -44,7 +44,7 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 5  # the history of the format is in the changelog
+RUN_FORMAT = 5  # the formats' history: CHANGELOG.md
 JSON_ATTRIBUTES = (  # a run's JSON files and the fitted attributes they hold, when present
     (RunFolder.SELECTION, "selection_"),
     (RunFolder.CALIBRATION, "calibration_"),
@@ -201,8 +201,15 @@ class Pipeline:
             detector.fit(features)
         else:  # streamed: a detector that keeps a bounded sample (PatchCore) never holds every feature unless cross-fitted
             kept = []
-            streamed = (f.to(device) for f in extractor.stream(self._loader(train), desc="train features"))
-            detector.fit_batches((kept.append(f) or f if cross_fit else f for f in streamed), len(train))
+
+            def streamed():
+                for batch in extractor.stream(self._loader(train), desc="train features"):
+                    batch = batch.to(device)
+                    if cross_fit:  # the cross-fitting scores every training image again
+                        kept.append(batch)
+                    yield batch
+
+            detector.fit_batches(streamed(), len(train))
             features = torch.cat(kept) if kept else None
         self.extractor_, self.detector_ = extractor, detector
         self.postprocessor_ = PostProcessor(s.postprocess, size)
@@ -221,8 +228,8 @@ class Pipeline:
             scores, peaks, median = self._outputs(*detector.held_out_detect(features, folds))
             del features
             self._calibrate([str(r.path.resolve()) for r in train.records], scores, peaks, median, folds.tolist())
-        else:
-            log.warning("no threshold is learnt (%s): pass --threshold to predict", "0 folds" if len(train) >= 2 else "1 image")
+        elif s.threshold.folds:
+            log.warning("no threshold is learnt from 1 good image: give more, or pass --threshold to predict")
         self.fit_seconds_ = round(time.perf_counter() - start, 2)
         self.data_ = getattr(dataset, "source", None)
         log.info("fitted %s on %d images (%dx%d px) in %.1f s", s.detector.name, len(train), size[1], size[0], self.fit_seconds_)
