@@ -151,13 +151,13 @@ def table(data: dict) -> str:
         "",
         f"`{data['command']}`",
         "",
-        "Realised false-alarm rate on each category's unseen good test images (mean over the six, the worst category) "
+        "Realised false-alarm rate on each category's unseen good test images (mean over the categories measured, the worst one) "
         "and defects caught at that threshold; each category's value is the mean over its draws. *previous*: 10 % held "
         "out, the 0.99 quantile of their scores, on the same draw; *caught at previous rate*: the new model's catch at "
         "the false-alarm rate the previous threshold realised.",
         "",
-        "| detector | images | target | realised (mean) | worst category | caught (mean) | previous realised | previous caught | caught at previous rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| detector | images | target | categories | realised (mean) | worst category | caught (mean) | previous realised | previous caught | caught at previous rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["detector"], r["n_train"] if r["n_train"] in SIZES else "all", r["target_rate"]) for r in rows},
                   key=lambda k: (k[0], 10**9 if k[1] == "all" else k[1], k[2]))  # fmt: skip
@@ -172,7 +172,7 @@ def table(data: dict) -> str:
         worst = max(mean, key=lambda k: mean[k]["realised_rate"])
         avg = {m: np.mean([v[m] for v in mean.values()]) for m in next(iter(mean.values()))}
         lines.append(
-            f"| {detector} | {size} | {rate:.0%} | {avg['realised_rate']:.1%} | {mean[worst]['realised_rate']:.1%} ({worst}) | "
+            f"| {detector} | {size} | {rate:.0%} | {len(mean)} | {avg['realised_rate']:.1%} | {mean[worst]['realised_rate']:.1%} ({worst}) | "
             f"{avg['caught']:.1%} | {avg['previous_rate']:.1%} | {avg['previous_caught']:.1%} | {avg['caught_at_previous_rate']:.1%} |"
         )
     lines += ["", f"Categories: {', '.join(sorted({r['dataset'] for r in rows}))}. Machine: {data['machine']}.", ""]

@@ -1,0 +1,71 @@
+"""Where good images' maps peak: the share of unseen good test images whose highest pixel lies in a border band.
+
+A map without a border effect puts a good image's peak in the band about as often as the band's share of the image.
+
+    python benchmarks/border.py                                    # transistor, GLAD, PaDiM, PatchCore
+    python benchmarks/border.py --datasets transistor elpv_mono --detectors padim --sigma 0
+
+Writes ``results/border.json`` and ``.md``. Input size 256x256, default settings, no threshold (the maps only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from anomatune import Pipeline, open_dataset
+from anomatune.models.settings import DEFAULT_DETECTOR
+from anomatune.pipeline.scoring import score_dataset
+from common import DATASETS, SQUARE, dataset, write_results
+
+
+def band_mask(h: int, w: int, band: int) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    mask[:band], mask[-band:], mask[:, :band], mask[:, -band:] = True, True, True, True
+    return mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["transistor"], choices=list(DATASETS))
+    parser.add_argument("--detectors", nargs="+", default=[DEFAULT_DETECTOR, "padim", "patchcore"])
+    parser.add_argument("--band", type=int, default=16, help="border band width in pixels of the input size")
+    parser.add_argument("--sigma", type=float, default=4.0, help="the maps' smoothing (0: none)")
+    parser.add_argument("--out", default="border")
+    args = parser.parse_args()
+    rows = []
+    for name in args.datasets:
+        root, category = dataset(name)
+        for detector in args.detectors:
+            pipeline = Pipeline(detector=detector, device="cpu", image_size=SQUARE, threshold_folds=0, sigma=args.sigma)
+            pipeline.fit(open_dataset(data=root, category=category))
+            scored = score_dataset(pipeline, open_dataset(data=root, category=category, split="test"))
+            maps = scored.maps[scored.labels == 0]
+            border = band_mask(*maps.shape[1:], args.band)
+            peaks = maps.reshape(len(maps), -1).argmax(1)
+            rows.append({"dataset": name, "detector": detector, "good_images": len(maps),
+                         "peaks_in_band": float(border.reshape(-1)[peaks].mean()), "band_area": float(border.mean())})  # fmt: skip
+            print(rows[-1], flush=True)
+    data = {"command": "python benchmarks/border.py " + " ".join(sys.argv[1:]),
+            "machine": f"2-core CPU, {torch.get_num_threads()} torch threads", "rows": rows}  # fmt: skip
+    lines = [
+        "# Where good images' maps peak",
+        "",
+        f"`{data['command']}` ({data['machine']}; band {args.band} px of 256, sigma {args.sigma}).",
+        "",
+        "| category | detector | good test images | peaks in the border band | the band's area |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['dataset']} | {r['detector']} | {r['good_images']} | {r['peaks_in_band']:.0%} | {r['band_area']:.0%} |"
+            for r in rows
+        ),  # fmt: skip
+        "",
+    ]
+    write_results(args.out, data, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
