@@ -11,15 +11,13 @@ Writes ``results/border.json`` and ``.md``. Input size 256x256, default settings
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
-import torch
 
 from anomatune import Pipeline, open_dataset
 from anomatune.models.settings import DEFAULT_DETECTOR
 from anomatune.pipeline.scoring import score_dataset
-from common import DATASETS, SQUARE, dataset, write_results
+from common import DATASETS, SQUARE, dataset, markdown_page, run_record, write_results
 
 
 def band_mask(h: int, w: int, band: int) -> np.ndarray:
@@ -49,22 +47,15 @@ def main() -> None:
             rows.append({"dataset": name, "detector": detector, "good_images": len(maps),
                          "peaks_in_band": float(border.reshape(-1)[peaks].mean()), "band_area": float(border.mean())})  # fmt: skip
             print(rows[-1], flush=True)
-    data = {"command": "python benchmarks/border.py " + " ".join(sys.argv[1:]),
-            "machine": f"2-core CPU, {torch.get_num_threads()} torch threads", "rows": rows}  # fmt: skip
-    lines = [
-        "# Where good images' maps peak",
-        "",
-        f"`{data['command']}` ({data['machine']}; band {args.band} px of 256, sigma {args.sigma}).",
-        "",
-        "| category | detector | good test images | peaks in the border band | the band's area |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['dataset']} | {r['detector']} | {r['good_images']} | {r['peaks_in_band']:.0%} | {r['band_area']:.0%} |"
-            for r in rows
-        ),  # fmt: skip
-        "",
-    ]
-    write_results(args.out, data, "\n".join(lines))
+    data = run_record(rows)
+    page = markdown_page(
+        "Where good images' maps peak",
+        data,
+        f"band {args.band} px of 256, sigma {args.sigma}",
+        ("category", "detector", "good test images", "peaks in the border band", "the band's area"),
+        [(r["dataset"], r["detector"], r["good_images"], f"{r['peaks_in_band']:.0%}", f"{r['band_area']:.0%}") for r in rows],
+    )
+    write_results(args.out, data, page)
 
 
 if __name__ == "__main__":

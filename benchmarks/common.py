@@ -47,6 +47,21 @@ def score_features(detector, features, size_hw, batch: int = 16):
     return torch.cat(maps).cpu().numpy(), torch.cat(scores).cpu().numpy()
 
 
+def run_record(rows: list) -> dict:
+    """What a benchmark's JSON holds besides its rows: the command that wrote it and the machine."""
+    import torch
+
+    return {"command": "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "machine": f"2-core CPU, {torch.get_num_threads()} torch threads", "rows": rows}  # fmt: skip
+
+
+def markdown_page(title: str, data: dict, settings: str, header: tuple[str, ...], cells: list[tuple]) -> str:
+    """A results page: the title, the command and machine with ``settings``, and one table row per ``cells`` entry."""
+    lines = [f"# {title}", "", f"`{data['command']}` ({data['machine']}; {settings}).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in cells] + [""])
+
+
 def write_results(name: str, data: dict, markdown: str) -> None:
     """``results/NAME.json`` (strict: a value that does not apply is ``null``) and ``results/NAME.md``."""
     from anomatune.folders.base import json_text

@@ -11,14 +11,11 @@ a threshold is an upper bound of the previous release's fit, which fitted on 90 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-
-import torch
 
 from anomatune import Pipeline, open_dataset
 from anomatune.models.settings import DEFAULT_DETECTOR
-from common import DATASETS, dataset, write_results
+from common import DATASETS, dataset, markdown_page, run_record, write_results
 
 
 def timed_fit(train, detector: str, **changes) -> float:
@@ -43,23 +40,15 @@ def main() -> None:
             rows.append({"dataset": name, "detector": detector, "images": len(train), "without_threshold_s": without,
                          "cross_fitted_s": cross, "ratio": round(cross / without, 2)})  # fmt: skip
             print(rows[-1], flush=True)
-    data = {"command": "python benchmarks/fit_time.py " + " ".join(sys.argv[1:]),
-            "machine": f"2-core CPU, {torch.get_num_threads()} torch threads", "rows": rows}  # fmt: skip
-    lines = [
-        "# What the cross-fitting costs a fit",
-        "",
-        f"`{data['command']}` ({data['machine']}; default settings, input size 256 short side).",
-        "",
-        "| category | detector | images | fit without threshold (s) | fit, cross-fitted threshold (s) | ratio |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {r['dataset']} | {r['detector']} | {r['images']} | {r['without_threshold_s']} | {r['cross_fitted_s']} | "
-            f"{r['ratio']} |"
-            for r in rows
-        ),  # fmt: skip
-        "",
-    ]
-    write_results(args.out, data, "\n".join(lines))
+    data = run_record(rows)
+    page = markdown_page(
+        "What the cross-fitting costs a fit",
+        data,
+        "default settings, input size 256 short side",
+        ("category", "detector", "images", "fit without threshold (s)", "fit, cross-fitted threshold (s)", "ratio"),
+        [(r["dataset"], r["detector"], r["images"], r["without_threshold_s"], r["cross_fitted_s"], r["ratio"]) for r in rows],
+    )
+    write_results(args.out, data, page)
 
 
 if __name__ == "__main__":
