@@ -254,7 +254,7 @@ class Pipeline:
         ``calibration_``, with the files: the reference of an update's threshold and of the server's drift)."""
         t, seed = self.settings.threshold, self.settings.seed
         image = ScoreCalibration.fit(scores, t.false_alarm_rate, confidence=t.confidence, quantile=t.quantile, seed=seed)
-        pixel = ScoreCalibration.fit(peaks, image.false_alarm_rate(image.threshold).item(), confidence=t.confidence, seed=seed)
+        pixel = ScoreCalibration.fit(peaks, image.rate_at_threshold, confidence=t.confidence, seed=seed)  # the same rate
         self.calibration_ = {
             "files": list(files),
             "scores": list(scores),
