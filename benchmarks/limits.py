@@ -34,7 +34,7 @@ MEGAPIXELS = (1, 10, 40, 64, 144)  # 64: the default --max-pixels itself
 
 def fitted_run() -> Path:
     run = CACHE / "run"
-    if not (run / "config.yaml").is_file():
+    if not (run / "aliases.json").is_file():  # a model folder, written once
         from anomatune import Pipeline, open_dataset
         from anomatune.apps.demo import build_dataset
 

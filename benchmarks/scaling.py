@@ -205,7 +205,7 @@ def run_child(*args: str) -> dict:
 def fitted_run() -> str:
     """A PaDiM run on transistor's own training images, for the predict measurements."""
     run = CACHE / "run_padim"
-    if not (run / "config.yaml").is_file():
+    if not (run / "aliases.json").is_file():  # a model folder, written once
         from anomatune.data.layouts import open_dataset
         from anomatune.pipeline.pipeline import Pipeline
 

@@ -36,7 +36,7 @@ ENGINE_PASSES, ENGINE_IMAGES = 3, 32
 
 def fitted_run() -> Path:
     run = CACHE / "run_glad"
-    if not (run / "config.yaml").is_file():
+    if not (run / "aliases.json").is_file():  # a model folder, written once
         from anomatune.data.layouts import open_dataset
         from anomatune.pipeline.pipeline import Pipeline
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from anomatune.folders.kinds import ModelFolder
 from common import SQUARE, dataset, write_results
 
 HERE = Path(__file__).parent
@@ -94,7 +95,7 @@ def anomatune_job(name: str, root: Path, category: str, work: Path, env: dict, o
         fit_s, fit_peak, _ = timed(fit, env)
         eval_s, eval_peak, _ = timed(cli + ["evaluate", out], env)
         seconds, peak = fit_s + eval_s, max(fit_peak, eval_peak)
-    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    metrics = json.loads((ModelFolder(out).version().evaluation / "metrics.json").read_text())
     return {
         "tool": "anomatune",
         "how": "fit --evaluate" if one_process else "fit, then evaluate",

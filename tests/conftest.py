@@ -34,6 +34,29 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+def served(model: Path) -> Path:
+    """The folder of a model's served version (``MODEL/versions/vN``): where evaluate, report and export write."""
+    from anomatune.folders.kinds import ModelFolder
+
+    return ModelFolder(model).version().path
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Change a file of a version as if it had been written so (its recorded digest follows): for tests of what a
+    damaged or older run says, past the check that refuses a version changed after it was written."""
+    import json
+
+    from anomatune.folders.kinds import RunFolder
+
+    path.chmod(0o644)
+    path.write_text(text)
+    record = path.parent / RunFolder.VERSION
+    if record.is_file():
+        data = json.loads(record.read_text())
+        record.chmod(0o644)
+        record.write_text(json.dumps(data | {"digest": RunFolder(path.parent).digest()}))
+
+
 def save_image(path: Path, size=(40, 30), mode="RGB", value=None, rng=None) -> Path:
     """Write a small random image (width, height) in the given PIL mode."""
     rng = rng or np.random.default_rng(0)
@@ -85,7 +108,7 @@ def brick(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fast_run(brick, tmp_path_factory) -> Path:
-    """A run fitted on the brick data with the fast backbone and PaDiM (with a learnt threshold)."""
+    """A model fitted on the brick data with the fast backbone and PaDiM (with a learnt threshold): one version."""
     from anomatune import Pipeline, open_dataset
 
     out = tmp_path_factory.mktemp("fast_run") / "run"

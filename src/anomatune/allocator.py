@@ -6,8 +6,10 @@ batch. On the 2-core machines this project is measured on that costs more than t
 convolutions: Lite0's forward went from 46 to 137 images/s with this alone, 223 with
 ``channels_last`` too (``benchmarks/results/speed.md``). ``tune_allocator`` tells glibc to
 serve every block from its heap and never to trim it; the process keeps its peak memory
-until it exits, the right trade for a command or a server. The command line calls it
-first; library users call it themselves (it changes the whole process).
+until it exits, the right trade for a command. A server lives longer than its largest
+request: it calls :func:`release_memory` when a large one is done and nothing else is in
+flight, so that its memory follows what it holds, not its history. The command line calls
+``tune_allocator`` first; library users call it themselves (it changes the whole process).
 """
 
 from __future__ import annotations
@@ -38,3 +40,12 @@ def tune_allocator() -> bool:
         applied = False
     log.debug("allocator %s", "tuned (no mmap, no trim)" if applied else "left as it is (not glibc)")
     return applied
+
+
+def release_memory() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``, which also releases free pages inside
+    the heap); True when it released any. A no-op elsewhere."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

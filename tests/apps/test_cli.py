@@ -17,7 +17,7 @@ from anomatune.apps.cli import app, main
 from anomatune.finetune.settings import FinetuneSettings
 from anomatune.schema import flat_settings
 
-from ..conftest import FAST, save_image
+from ..conftest import FAST, save_image, served
 from ..data.test_images import phone_jpeg
 
 FAST_OPTIONS = [
@@ -145,19 +145,23 @@ def test_own_folders_fit_evaluate_predict_report_export(own_folders, tmp_path):
     data = ["--good", own_folders / "good", "--defect", own_folders / "scratched", "--masks", own_folders / "masks"]
     code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)
     assert code == 0, err
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = yaml.safe_load((served(run) / "config.yaml").read_text())
     assert config["settings"]["detector"]["name"] == "padim" and config["data"]["good"] == str((own_folders / "good").resolve())
     code, out, err = cli("evaluate", run, "--device", "cpu")
     assert code == 0, err
-    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    metrics = json.loads((served(run) / "evaluation" / "metrics.json").read_text())
     assert metrics["n_test"] == 3 + 2 and 0 <= metrics["aupro"] <= 1  # a 20 % share of the 13 good images, then the 2 defects
-    assert cli("report", run)[0] == 0 and (run / "report.html").is_file()
-    assert cli("export", run, "--format", "torchscript")[0] == 0 and (run / "model.pt").is_file()
+    assert cli("report", run)[0] == 0 and (served(run) / "report.html").is_file()
+    assert cli("export", run, "--format", "torchscript")[0] == 0 and (served(run) / "model.pt").is_file()
     one_line_error(*cli("export", run, "--out", tmp_path / "no such folder" / "m.onnx")[::2], "does not exist: create it")
 
-    code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)  # refit: one new set, nothing stale
-    assert code == 0, err
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "detector.safetensors", "calibration.json"}
+    code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--out", run)  # the same fit: the same version
+    assert code == 0 and "as version v1" in out, err
+    code, out, err = cli("fit", *data, "--detector", "padim", *FAST_OPTIONS, "--false-alarm-rate", "0.05", "--out", run)
+    assert code == 0 and "as version v2, served" in out, err  # another fit: a new version, the first one kept whole
+    assert (run / "versions" / "v1" / "evaluation" / "metrics.json").is_file() and (
+        run / "versions" / "v1" / "model.pt"
+    ).is_file()
     one_line_error(*cli("report", run)[::2], "is not evaluated: run 'anomatune evaluate")
 
 
@@ -205,9 +209,9 @@ def test_a_failed_fit_names_every_bad_file_and_leaves_no_folder(mvtec_tree, tmp_
 
 def test_a_truncated_detector_file_is_one_line(fast_run, tmp_path):
     run = shutil.copytree(fast_run, tmp_path / "run")
-    data = (run / "detector.safetensors").read_bytes()
-    (run / "detector.safetensors").write_bytes(data[: len(data) // 2])
-    one_line_error(*cli("evaluate", run)[::2], "detector.safetensors: cannot read the tensors")
+    data = (served(run) / "detector.safetensors").read_bytes()
+    (served(run) / "detector.safetensors").write_bytes(data[: len(data) // 2])
+    one_line_error(*cli("evaluate", run)[::2], "its model files changed after the version was written")
 
 
 def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
@@ -218,7 +222,7 @@ def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
         "--data",
         mvtec_tree / "widget",
         "--config",
-        tmp_path / "a" / "config.yaml",
+        tmp_path / "a",
         "--sigma",
         "2",
         "--device",
@@ -227,7 +231,7 @@ def test_the_mvtec_and_config_round_trip(mvtec_tree, tmp_path):
         tmp_path / "b",
     )  # a run's config.yaml reproduces its settings
     assert code == 0, err
-    a, b = (yaml.safe_load((tmp_path / x / "config.yaml").read_text())["settings"] for x in "ab")
+    a, b = (yaml.safe_load((served(tmp_path / x) / "config.yaml").read_text())["settings"] for x in "ab")
     assert b["detector"] == a["detector"] and b["features"] == a["features"] and b["postprocess"]["sigma"] == 2.0
 
 
@@ -236,7 +240,7 @@ def test_fit_evaluate_in_one_process_equals_fit_then_evaluate(mvtec_tree, tmp_pa
     assert cli(*fit, "--out", tmp_path / "two")[0] == 0 and cli("evaluate", tmp_path / "two", "--no-figures")[0] == 0
     code, out, err = cli(*fit, "--out", tmp_path / "one", "--evaluate", "--no-figures")
     assert code == 0 and "image auroc" in out, err
-    one, two = (json.loads((tmp_path / x / "evaluation" / "metrics.json").read_text()) for x in ("one", "two"))
+    one, two = (json.loads((served(tmp_path / x) / "evaluation" / "metrics.json").read_text()) for x in ("one", "two"))
     measured = ("run", "test_images_per_s", "fit_seconds")
     assert {k: v for k, v in one.items() if k not in measured} == {k: v for k, v in two.items() if k not in measured}
 
@@ -317,13 +321,13 @@ def test_fit_auto_chooses_on_validation_and_the_report_says_why(brick, tmp_path)
         "fit", "--data", brick, "--category", "brick", *FAST_OPTIONS, "--detector", "auto", "--out", tmp_path / "run"
     )
     assert code == 0, err
-    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    selection = json.loads((served(tmp_path / "run") / "selection.json").read_text())
     assert len(selection["candidates"]) == 7 and selection["winner"] in {c["candidate"] for c in selection["candidates"]}
-    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config = yaml.safe_load((served(tmp_path / "run") / "config.yaml").read_text())
     assert config["settings"]["detector"]["name"] == selection["winner"].split()[0]
     assert cli("evaluate", tmp_path / "run", "--no-figures", "--device", "cpu")[0] == 0
     assert cli("report", tmp_path / "run")[0] == 0
-    page = (tmp_path / "run" / "report.html").read_text()
+    page = (served(tmp_path / "run") / "report.html").read_text()
     assert "How the detector was chosen" in page and f"{selection['winner']} (chosen)" in page
     code, _, err = cli(
         "fit", "--data", brick, "--category", "brick", "--detector", "auto", "--set", "ridge=1", "--out", tmp_path / "x"

@@ -12,7 +12,7 @@ from anomatune.data.settings import DataSettings
 from anomatune.errors import DataError
 from anomatune.pipeline.settings import PipelineSettings, RuntimeSettings
 
-from ..conftest import save_image
+from ..conftest import save_image, served
 from .test_cli import FAST_OPTIONS, cli
 
 
@@ -51,7 +51,7 @@ def test_fit_all_then_evaluate_all_reports_the_failing_category(two_categories, 
     assert list(rows) == ["brick", "broken", "widget", "mean"]
     assert rows["broken"]["status"] == "failed" and "0.png" in rows["broken"]["error"]
     for category in ("brick", "widget"):
-        metrics = json.loads((out / category / "evaluation" / "metrics.json").read_text())
+        metrics = json.loads((served(out / category) / "evaluation" / "metrics.json").read_text())
         assert rows[category]["status"] == "ok" and float(rows[category]["image_auroc"]) == metrics["image_auroc"]
     assert float(rows["mean"]["image_auroc"]) == pytest.approx(
         (float(rows["brick"]["image_auroc"]) + float(rows["widget"]["image_auroc"])) / 2, abs=1e-4
@@ -150,5 +150,5 @@ def test_finetune_every_category_then_fit_with_each_ones_weights(two_categories,
         tmp_path / "runs",
     )
     assert code == 1 and "2 of 3 categories done" in stdout, err
-    config = (tmp_path / "runs" / "widget" / "config.yaml").read_text()
+    config = (served(tmp_path / "runs" / "widget") / "config.yaml").read_text()
     assert str(tmp_path / "ft" / "widget") in config

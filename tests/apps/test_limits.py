@@ -10,6 +10,7 @@ import pytest
 
 import anomatune.inference.export as export
 
+from ..conftest import served
 from .test_cli import cli, one_line_error
 
 
@@ -19,12 +20,12 @@ def run(fast_run, tmp_path) -> Path:
 
 
 def test_export_never_overwrites_the_run_and_checks_the_extension(run, tmp_path):
-    before = (run / "config.yaml").read_bytes()
-    one_line_error(*cli("export", run, "--out", run / "config.yaml")[::2], "a onnx model is written as .onnx")
+    before = (served(run) / "config.yaml").read_bytes()
+    one_line_error(*cli("export", run, "--out", served(run) / "config.yaml")[::2], "a onnx model is written as .onnx")
     one_line_error(*cli("export", run, "--out", run / "other.onnx")[::2], f"is inside {run}, which this command reads")
     one_line_error(*cli("export", run, "--format", "torchscript", "--out", tmp_path / "m.onnx")[::2], "written as .pt or .pth")
-    assert (run / "config.yaml").read_bytes() == before
-    one_line_error(*cli("report", run, "--out", run / "config.yaml")[::2], "which this command reads")
+    assert (served(run) / "config.yaml").read_bytes() == before
+    one_line_error(*cli("report", run, "--out", served(run) / "config.yaml")[::2], "which this command reads")
 
 
 def test_predict_never_writes_into_the_run_or_what_it_reads(run, brick, tmp_path):
@@ -71,7 +72,7 @@ def test_evaluate_without_defective_images_writes_null_and_says_why(run, brick, 
         "evaluate", run, "--good", brick / "brick" / "train" / "good", "--good-test", good_only, "--no-figures"
     )
     assert code == 0, err
-    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    metrics = json.loads((served(run) / "evaluation" / "metrics.json").read_text())
     assert metrics["image_auroc"] is None and metrics["f1_at_learnt_threshold"] is None
     assert "image auroc n/a" in stdout and "F1 needs defective test images" in caplog.text
 

@@ -104,6 +104,19 @@ def test_an_image_over_the_pixel_budget_is_refused_from_its_header(tmp_path):
         read_image(tmp_path / "ok.png", max_pixels=1199)
 
 
+def test_a_large_image_leaves_no_pillow_warning_on_stderr(tmp_path):
+    import warnings
+
+    from anomatune.data.images import header_size
+
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(12000, 12000))  # over Pillow's warning bound (89 MP), under our budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail here
+        assert header_size(big, "big.png", max_pixels=200_000_000) == (12000, 12000)
+        assert "cannot read image" in unreadable([big], max_pixels=200_000_000)[0]  # no pixel data: named, no warning
+
+
 def test_every_unreadable_file_is_named(tmp_path):
     for i in range(3):
         save_image(tmp_path / f"{i}.png", size=(40, 30))

@@ -15,6 +15,7 @@ from anomatune.distributed.settings import EngineSettings  # noqa: E402
 from anomatune.inference.predict import predict  # noqa: E402
 
 from ..apps.test_cli import cli  # noqa: E402
+from ..conftest import served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -139,4 +140,4 @@ def test_fit_every_category_on_ray_equals_the_local_engine(local_ray, two_catego
         for metric in ("image_auroc", "pixel_auroc", "aupro"):
             assert float(remote[category][metric]) == pytest.approx(float(local[category][metric]), abs=1e-4)
     assert remote["broken"]["error"] == local["broken"]["error"]
-    assert (tmp_path / "ray" / "widget" / "config.yaml").is_file()
+    assert (served(tmp_path / "ray" / "widget") / "config.yaml").is_file()

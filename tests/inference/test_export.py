@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from anomatune import Pipeline, export, open_dataset
 from anomatune.data.images import image_to_tensor, read_image
+from anomatune.inference.export import sidecar
 
 from ..conftest import FAST
 
@@ -38,7 +40,7 @@ def test_exported_models_match_the_pipeline_at_any_batch_size(detector, adaptor,
     )
     onnx_path = export(tmp_path / "run", format="onnx", batch_size=2)
     script_path = export(tmp_path / "run", tmp_path / "elsewhere.pt", format="torchscript", batch_size=2)
-    side = json.loads(onnx_path.with_suffix(".json").read_text())
+    side = json.loads(sidecar(onnx_path).read_text())
     assert side["input"]["batch"] == "any" and side["threshold"] is not None and side["input"]["size_hw"] == [32, 32]
     pipeline = Pipeline.load(tmp_path / "run", device="cpu")
     assert (pipeline.extractor_.adaptor is not None) == adaptor
@@ -85,27 +87,42 @@ def sidecar_calibrated(calibration: dict, scores):
 
 
 def test_the_sidecar_gives_an_edge_box_the_calibrated_scores_of_predict(brick, tmp_path):
+    """From each export's sidecar alone (PIL and NumPy), ONNX Runtime and OpenVINO give predict's numbers."""
     import numpy as np
     import onnxruntime
 
     Pipeline(detector="padim", device="cpu", **FAST).fit(open_dataset(data=brick, category="brick")).save(tmp_path / "run")
-    onnx_path = export(tmp_path / "run", format="onnx")
-    side = json.loads(onnx_path.with_suffix(".json").read_text())
-    assert "normalized" in side["calibration"]["formula"] and side["pixel_threshold"] is not None
     paths = sorted((brick / "brick" / "test").rglob("*.png"))
     expected = Pipeline.load(tmp_path / "run", device="cpu").predict(paths)
-    size = side["input"]["size_hw"]
-    mean, std = np.array(side["input"]["mean"]).reshape(1, 3, 1, 1), np.array(side["input"]["std"]).reshape(1, 3, 1, 1)
-    pixels = np.stack(
-        [
-            np.asarray(read_image(p).resize(size[::-1], resample={"bilinear": 2}[side["input"]["resize"]]), dtype=np.float32)
-            for p in paths
-        ]
-    )
-    images = ((pixels.transpose(0, 3, 1, 2) / 255 - mean) / std).astype(np.float32)
-    _, scores = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"image": images})
-    rate, normalized = sidecar_calibrated(side["calibration"]["scores"], scores)
-    np.testing.assert_allclose(scores, expected.scores, rtol=1e-3, atol=1e-3 * np.abs(expected.scores).max())
-    np.testing.assert_allclose(normalized, expected.normalized, atol=2e-3)
-    np.testing.assert_allclose(rate, expected.false_alarm_rates, rtol=2e-2)
-    assert np.array_equal(scores > side["threshold"], expected.labels.astype(bool))
+    onnx_path = export(tmp_path / "run", format="onnx")
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    assert [o.name for o in session.get_outputs()] == ["maps", "scores"]
+    assert session.get_outputs()[0].shape == ["batch", 32, 32] and session.get_outputs()[1].shape == ["batch"]
+    runners = {onnx_path: lambda x: dict(zip(["maps", "scores"], session.run(None, {"image": x})))}
+    try:
+        import openvino
+    except ImportError:
+        openvino = None
+    if openvino is not None:
+        xml_path = export(tmp_path / "run", format="openvino")
+        compiled = openvino.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        assert [o.get_names() for o in openvino.Core().read_model(str(xml_path)).outputs] == [{"maps"}, {"scores"}]
+        runners[xml_path] = lambda x: {name: compiled(x)[compiled.output(name)] for name in ("maps", "scores")}
+    assert sidecar(onnx_path).name == "model.onnx.json"
+    for model, run in runners.items():
+        side = json.loads(sidecar(model).read_text())
+        assert side["model"] == model.name and side["version"] == "v1" and side["model_id"].endswith(side["digest"])
+        assert "normalized" in side["calibration"]["formula"] and side["pixel_threshold"] is not None
+        size = side["input"]["size_hw"]
+        mean, std = np.array(side["input"]["mean"]).reshape(1, 3, 1, 1), np.array(side["input"]["std"]).reshape(1, 3, 1, 1)
+        resample = {"bilinear": Image.Resampling.BILINEAR}[side["input"]["resize"]]
+        pixels = np.stack(
+            [np.asarray(Image.open(p).convert("RGB").resize(size[::-1], resample=resample), dtype=np.float32) for p in paths]
+        )
+        images = ((pixels.transpose(0, 3, 1, 2) / 255 - mean) / std).astype(np.float32)
+        scores = np.asarray(run(images)["scores"], dtype=np.float64)
+        rate, normalized = sidecar_calibrated(side["calibration"]["scores"], scores)
+        np.testing.assert_allclose(scores, expected.scores, rtol=1e-4, err_msg=model.name)
+        np.testing.assert_allclose(normalized, expected.normalized, atol=1e-4, err_msg=model.name)
+        np.testing.assert_allclose(rate, expected.false_alarm_rates, rtol=1e-3, err_msg=model.name)
+        assert np.array_equal(scores > side["threshold"], expected.labels.astype(bool))

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from anomatune import build_report, evaluate
+from tests.conftest import served
 
 
 def test_report_is_one_page_that_loads_every_image_in_chromium(fast_run, tmp_path):
@@ -16,7 +17,7 @@ def test_report_is_one_page_that_loads_every_image_in_chromium(fast_run, tmp_pat
     text = page.read_text()
     assert "<h2>Metrics</h2>" in text and ("false positive" in text or "highest score" in text)
     assert 'src="gallery' not in text and text.count("data:image/png;base64,") >= 3  # self-contained
-    assert build_report(run) == run / "report.html"
+    assert build_report(run) == served(run) / "report.html"
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip(
@@ -56,7 +57,7 @@ def test_the_what_if_threshold_moves_the_counts_in_chromium(fast_run, tmp_path):
         pytest.skip("chromium is not installed (make test installs Debian's chromium when apt-get can): the page was not tested")
     run = shutil.copytree(fast_run, tmp_path / "run")
     evaluate(run, device="cpu", figures=False)
-    images = json.loads((run / "evaluation" / "images.json").read_text())
+    images = json.loads((served(run) / "evaluation" / "images.json").read_text())
     good = [r["score"] for r in images["images"] if r["label"] == 0]
     bad = [r["score"] for r in images["images"] if r["label"] == 1]
     threshold = images["threshold"]

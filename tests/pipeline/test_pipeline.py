@@ -10,8 +10,9 @@ from anomatune import Pipeline, open_dataset
 from anomatune.errors import AnomatuneError, DataError, NotFittedError, RunFolderError, SettingsError
 from anomatune.folders.kinds import RunFolder
 from anomatune.models import GLADSettings
+from anomatune.pipeline.pipeline import RUN_FORMAT
 
-from ..conftest import FAST, save_image
+from ..conftest import FAST, save_image, served
 from ..data.test_images import phone_jpeg
 
 
@@ -74,9 +75,9 @@ def test_a_folder_of_mixed_jpegs_with_odd_names(tmp_path):
 def test_save_and_load_give_the_same_predictions(tmp_path, brick):
     fitted = Pipeline(detector=GLADSettings(n_components=2), proj_dim=8, proj="pca", device="cpu", **FAST)
     fitted.fit(open_dataset(data=brick, category="brick"))
-    fitted.save(tmp_path / "run")
-    saved = {"config.yaml", "detector.safetensors", "projection.safetensors", "calibration.json"}
-    assert {p.name for p in (tmp_path / "run").iterdir()} == saved
+    version = fitted.save(tmp_path / "run")
+    saved = {"config.yaml", "detector.safetensors", "projection.safetensors", "calibration.json", "version.json"}
+    assert {p.name for p in version.path.iterdir()} == saved
     images = sorted((brick / "brick" / "test").rglob("*.png"))[:3]
     loaded = Pipeline.load(tmp_path / "run", device="cpu")
     before, after = fitted.predict(images), loaded.predict(images)
@@ -95,9 +96,14 @@ def test_not_fitted_and_nothing_to_load(tmp_path):
 
 @pytest.fixture
 def run_copy(fast_run, tmp_path):
+    """The served version's files as a bare run folder, writable and without the digest that would refuse an edit."""
     import shutil
 
-    return shutil.copytree(fast_run, tmp_path / "run")
+    run = shutil.copytree(served(fast_run), tmp_path / "run")
+    (run / RunFolder.VERSION).unlink()
+    for path in run.iterdir():
+        path.chmod(0o644)
+    return run
 
 
 def _edit(run, change):
@@ -110,7 +116,7 @@ def _edit(run, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(run_format=1), r"run format 1 \(anomatune .*\); this anomatune .* reads format 5: refit"),
+        (lambda c: c.update(run_format=1), rf"run format 1 \(anomatune .*\); this anomatune .* reads format {RUN_FORMAT}: refit"),
         (
             lambda c: c["settings"]["features"].update(pool="three"),
             r"config.yaml: features.pool: expected a whole number, got 'three'",

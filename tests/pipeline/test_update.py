@@ -10,13 +10,15 @@ from safetensors.torch import load_file
 
 from anomatune import Pipeline, open_dataset
 from anomatune.apps.cli import app
+from anomatune.errors import AnomatuneError
 from anomatune.folders.feedback import FeedbackStore
+from anomatune.folders.kinds import ModelFolder
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import UpdateSettings, detector_settings
 from anomatune.pipeline.pipeline import RUN_FORMAT
 from anomatune.pipeline.update import DEFECTS, update_run
 from tests.apps.test_cli import cli
-from tests.conftest import FAST
+from tests.conftest import FAST, save_image, served
 
 
 @pytest.fixture(scope="module")
@@ -146,51 +148,73 @@ def test_update_writes_a_version_with_its_lineage_and_learns_feedback_once(split
     store = FeedbackStore(run)
     new_images = sorted((split_folders / "new").glob("*.png"))
     good = store.add(new_images[0].read_bytes(), ".png", {"verdict": "good", "model": "x", "score": 1.0})
+    store.add(new_images[0].read_bytes(), ".png", {"verdict": "good", "model": "x", "score": 1.0})  # the same, twice
     defect = store.add(new_images[1].read_bytes(), ".png", {"verdict": "defect", "model": "x", "score": 9.0})
-    result = CliRunner().invoke(
-        app,
-        [
-            "update",
-            str(run),
-            "--good",
-            str(split_folders / "new"),
-            "--feedback",
-            "--out",
-            str(tmp_path / "v2"),
-            "--device",
-            "cpu",
-        ],
-    )
+    assert len(list((store.path / "images").iterdir())) == 2  # each image stored once
+    result = CliRunner().invoke(app, ["update", str(run), "--good", str(split_folders / "new"), "--feedback", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    parent = Pipeline.load(run, device="cpu")
-    child = Pipeline.load(tmp_path / "v2", device="cpu")
+    parent = Pipeline.load(run, "v1", device="cpu")
+    child = Pipeline.load(run, device="cpu")
     lineage = child.lineage_
-    assert lineage["parent"] == parent.model_id_ and lineage["feedback_good"] == [good["id"]]
-    assert lineage["feedback_defects"] == [defect["id"]] and len(lineage["added_images"]) == 5
-    assert child.fit_record_.n_train == 8 + 5
-    assert (tmp_path / "v2" / DEFECTS / (defect["image"].split("/")[1])).is_file()  # kept for validation, not trained on
-    assert f"(parent {parent.model_id_})" in result.output
-    # in place, again: the feedback already learnt is not learnt twice; the defects and ancestors stay
-    update_run(tmp_path / "v2", split_folders / "new", tmp_path / "v2", feedback=True)
-    again = Pipeline.load(tmp_path / "v2", device="cpu")
+    assert child.version_ == "v2" and lineage["parent"] == parent.model_id_ and lineage["feedback_good"] == [good["part"]]
+    assert lineage["feedback_defects"] == [defect["part"]]
+    assert len(lineage["added_images"]) == 4  # the feedback's good image is one of new/: learnt once
+    assert child.fit_record_.n_train == 8 + 4
+    assert (served(run) / DEFECTS / (defect["image"].split("/")[1])).is_file()  # kept for validation, not trained on
+    assert f"parent {parent.model_id_}" in result.output
+    # again: the images and the feedback already learnt are not learnt twice; the defects and ancestors stay
+    with pytest.raises(AnomatuneError, match="were all learnt already"):
+        update_run(run, split_folders / "new", feedback=True)
+    save_image(tmp_path / "newer" / "n.png", size=(32, 32), value=7)
+    update_run(run, tmp_path / "newer", feedback=True)
+    again = Pipeline.load(run, device="cpu")
     assert again.lineage_["feedback_good"] == [] and again.lineage_["parent"] == child.model_id_
     assert [a["parent"] for a in again.lineage_["ancestors"]] == [parent.model_id_]
-    assert (tmp_path / "v2" / DEFECTS / (defect["image"].split("/")[1])).is_file()
-    assert again.fit_record_.n_train == 13 + 4
+    assert (served(run) / DEFECTS / (defect["image"].split("/")[1])).is_file()
+    assert again.fit_record_.n_train == 13 and ModelFolder(run).versions() == ["v1", "v2", "v3"]
+
+
+def test_conflicting_verdicts_are_reconciled_and_a_missing_mask_is_said(split_folders, tmp_path, caplog):
+    run = tmp_path / "run"
+    fitted(split_folders / "old", "padim").save(run)
+    store = FeedbackStore(run)
+    image = sorted((split_folders / "new").glob("*.png"))[0].read_bytes()
+    for _ in range(3):
+        store.add(image, ".png", {"verdict": "good", "model": "x", "score": 1.0})
+    last = store.add(image, ".png", {"verdict": "defect", "model": "x", "score": 1.0}, mask_png=b"not used")
+    (store.path / last["mask"]).unlink()
+    with caplog.at_level("WARNING"):
+        result = update_run(run, split_folders / "new", feedback=True)
+    assert result["feedback_good"] == [] and result["feedback_defects"] == [last["part"]]  # the last verdict counts
+    assert "its mask" in caplog.text and "kept without it" in caplog.text
+    with open(store.log_path, "a") as log:
+        log.write('{"id": "x", "part": "y", "verdict": "good", "image": "../../../etc/passwd"}\n')
+    with pytest.raises(AnomatuneError, match="outside the feedback store"):
+        update_run(run, split_folders / "old", feedback=True)
 
 
 def test_update_without_images_and_on_a_run_from_another_version_is_one_line(split_folders, tmp_path, fast_run):
     run = tmp_path / "run"
     shutil.copytree(fast_run, run)
-    code, _, err = cli("update", run, "--out", tmp_path / "v2")
+    code, _, err = cli("update", run)
     assert code == 2 and err.count("\n") == 1 and "no new good images: pass --good DIR or --feedback" in err
-    code, _, err = cli("update", run, "--good", tmp_path / "nowhere", "--out", tmp_path / "v2")
+    code, _, err = cli("update", run, "--good", tmp_path / "nowhere")
     assert code == 2 and err.count("\n") == 1 and "nowhere does not exist or is not a folder" in err
-    config = run / "config.yaml"
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("update", run, "--good", tmp_path / "empty")
+    assert code == 2 and err.count("\n") == 1 and "holds no images" in err
+    good_only = tmp_path / "good_only"  # its test split: a share of the good folder, no defect
+    Pipeline(detector="padim", device="cpu", **FAST).fit(open_dataset(good=str(split_folders / "old"), test_split=0.25)).save(
+        good_only
+    )
+    code, _, err = cli("update", good_only, "--good", split_folders / "new", "--evaluate", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "nothing to compare the versions on" in err
+    config = served(run) / "config.yaml"
+    config.chmod(0o644)
     config.write_text(config.read_text().replace(f"run_format: {RUN_FORMAT}", "run_format: 3"))
-    code, _, err = cli("update", run, "--good", split_folders / "new", "--out", tmp_path / "v2")
+    code, _, err = cli("update", run, "--good", split_folders / "new")
     assert code == 2 and err.count("\n") == 1 and "refit the run with this version" in err
-    assert not (tmp_path / "v2").exists()
+    assert ModelFolder(run).versions() == ["v1"]
 
 
 def test_the_report_shows_the_lineage(split_folders, tmp_path):
@@ -198,10 +222,10 @@ def test_the_report_shows_the_lineage(split_folders, tmp_path):
 
     run = tmp_path / "run"
     fitted(split_folders / "old", "padim").save(run)
-    update_run(run, split_folders / "new", tmp_path / "v2")
-    metrics = tmp_path / "v2" / "evaluation"  # the report needs an evaluation; its numbers are not the point here
+    update_run(run, split_folders / "new")
+    metrics = served(run) / "evaluation"  # the report needs an evaluation; its numbers are not the point here
     metrics.mkdir()
     (metrics / "metrics.json").write_text('{"category": "brick", "detector": "padim", "backbone": "test", "image_auroc": 1.0}')
-    page = build_report(tmp_path / "v2").read_text()
-    assert "Lineage (anomatune update)" in page and Pipeline.load(run, device="cpu").model_id_ in page
-    assert load_file(str(tmp_path / "v2" / "detector.safetensors"))["count"].item() == 12
+    page = build_report(run).read_text()
+    assert "Lineage (anomatune update)" in page and Pipeline.load(run, "v1", device="cpu").model_id_ in page
+    assert load_file(str(served(run) / "detector.safetensors"))["count"].item() == 12

@@ -102,12 +102,14 @@ def test_concurrent_requests_share_forward_passes(server, images):
     assert after["forward_passes"] - before["forward_passes"] < 16  # some requests shared a pass
 
 
-def test_an_api_key_guards_the_post_routes(fast_run, images):
+def test_an_api_key_guards_every_route_but_the_page_and_health(fast_run, images):
     with serve([fast_run], api_key="s3cret") as running, httpx.Client(base_url=running.url, timeout=60) as c:
         one_line_error(c.post("/predict", files=[upload(images["good"])]), 401, "X-API-Key")
         one_line_error(c.post("/predict", files=[upload(images["good"])], headers={"X-API-Key": "wrong"}), 401, "wrong API key")
         assert c.post("/predict", files=[upload(images["good"])], headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert c.get("/health").status_code == 200
+        assert c.get("/models").status_code == 401 and c.get("/metrics").status_code == 401
+        assert c.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
@@ -124,8 +126,7 @@ def test_exported_engines_answer_like_torch(fast_run, images, runtime):
 def test_two_models_need_a_model_field(fast_run, tmp_path, images):
     import shutil
 
-    other = shutil.copytree(fast_run, tmp_path / "other")
-    (other / "config.yaml").write_text((other / "config.yaml").read_text() + "\n")  # another hash: another model id
+    other = shutil.copytree(fast_run, tmp_path / "other")  # another name: another model id
     with serve([fast_run, other]) as running, httpx.Client(base_url=running.url, timeout=60) as c:
         one_line_error(c.post("/predict", files=[upload(images["good"])]), 400, "several models are served: pass model")
         answer = c.post("/predict", files=[upload(images["good"])], data={"model": "other"})

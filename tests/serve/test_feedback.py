@@ -18,6 +18,7 @@ from PIL import Image
 
 from anomatune.folders.feedback import FeedbackStore
 
+from ..conftest import served
 from .conftest import free_port, serve
 
 
@@ -50,10 +51,11 @@ def test_feedback_on_a_scored_image_is_stored_beside_the_run(own_run, images):
         assert answer.status_code == 200, answer.text
         (model,) = c.get("/models").json()
     store = FeedbackStore(own_run)
-    assert store.path == own_run.parent / "run.feedback"
+    assert store.path == own_run / "feedback" and FeedbackStore(served(own_run)).path == store.path  # the model's
     (record,) = store.records()
     assert record["id"] == answer.json()["id"] and record["verdict"] == "defect" and record["note"] == "scratch near the edge"
     assert record["model"] == model["id"] and record["score"] == pytest.approx(result["score"])
+    assert record["result_id"] == result["id"] and record["file"] == "part.png" and record["version"] == "v1"
     assert record["threshold"] == model["threshold"] and record["decision"] == result["decision"]
     assert store.file(record["image"]).read_bytes() == data  # the upload itself, byte for byte
     assert (np.asarray(Image.open(store.file(record["mask"]))) == drawn).all()
@@ -170,8 +172,52 @@ def test_feedback_survives_kill_9(own_run, images):
     assert all(store.file(r["image"]).read_bytes() == data for r in store.records())
 
 
-def test_the_store_lies_beside_the_run_even_when_named_by_a_dot(tmp_path, monkeypatch):
+def test_the_store_lies_in_the_model_folder_even_when_named_by_a_dot(tmp_path, monkeypatch):
     run = tmp_path / "line_7"
     run.mkdir()
     monkeypatch.chdir(run)
-    assert FeedbackStore(".").path == tmp_path.resolve() / "line_7.feedback"
+    assert FeedbackStore(".").path == tmp_path.resolve() / "line_7" / "feedback"
+
+
+def test_cross_origin_writes_are_refused_whatever_the_key(own_run, images):
+    data = images["good"].read_bytes()
+    with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        planted = c.post(
+            "/feedback",
+            data={"verdict": "good"},
+            files={"file": ("p.png", data)},
+            headers={"Origin": "http://evil.example"},
+        )
+        assert planted.status_code == 403 and "cross-origin" in planted.json()["error"]
+        own = c.post("/feedback", data={"verdict": "good"}, files={"file": ("p.png", data)}, headers={"Origin": server.url})
+        assert own.status_code == 200, own.text
+    assert len(FeedbackStore(own_run).records()) == 1
+
+
+def test_a_huge_mask_is_refused_from_its_header(own_run, images):
+    from tests.conftest import png_header
+
+    data = images["good"].read_bytes()
+    with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        (result,) = c.post("/predict?images=none", files={"file": ("p.png", data)}).json()["results"]
+        answer = c.post(
+            "/feedback", data={"id": result["id"], "verdict": "defect"}, files={"mask": ("m.png", png_header(13000, 13000))}
+        )
+        assert answer.status_code in (400, 413) and "13000x13000" in answer.json()["error"]
+
+
+def test_a_threshold_set_from_the_api_is_a_new_version(own_run, images):
+    from anomatune.folders.kinds import ModelFolder
+
+    with serve([own_run], api_key="k") as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        (before,) = c.get("/models", headers={"X-API-Key": "k"}).json()
+        refused = c.post("/models/run/threshold", data={"false_alarm_rate": "0.05"})
+        assert refused.status_code == 401
+        answer = c.post("/models/run/threshold", data={"false_alarm_rate": "0.05"}, headers={"X-API-Key": "k"})
+        assert answer.status_code == 200, answer.text
+        after = answer.json()
+    assert after["version"] == "v2" and after["false_alarm_rate"]["target"] == 0.05 and after["threshold"] < before["threshold"]
+    assert ModelFolder(own_run).versions() == ["v1", "v2"] and after["parent"] == before["id"]
+    with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        closed = c.post("/models/run/threshold", data={"false_alarm_rate": "0.02"})
+        assert closed.status_code == 403 and "--api-key" in closed.json()["error"]

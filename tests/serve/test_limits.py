@@ -1,5 +1,5 @@
 """The server under hostile input: byte and pixel budgets, large requests split, a cache bounded in bytes, the truth
-about what it serves (issue 20)."""
+about what it serves."""
 
 import shutil
 import time
@@ -7,6 +7,7 @@ import time
 import pytest
 
 from anomatune.errors import AnomatuneError
+from anomatune.pipeline.update import threshold_version
 
 from ..conftest import png_header
 from .conftest import httpx, serve
@@ -46,6 +47,54 @@ def test_pixels_over_the_budget_are_413_before_decoding(fast_run, images):
         one_line_error(c.post("/predict", files=[upload(images["good"])]), 413, "is more than the 0.001 megapixels accepted")
 
 
+def test_a_request_is_bounded_in_pixels_all_its_images_together(fast_run, images):
+    with serve([fast_run], max_request_pixels=2000) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        many = [upload(images["good"], f"{i}.png") for i in range(4)]
+        one_line_error(c.post("/predict", files=many), 413, "at most 0.002 are accepted per request (--max-request-pixels)")
+
+
+def test_a_served_version_never_reads_its_files_again(fast_run, tmp_path, images):
+    from ..conftest import served
+
+    run = shutil.copytree(fast_run, tmp_path / "run")
+    with serve([run]) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        before = c.post("/predict?images=none", files=[upload(images["good"])]).json()["results"][0]["score"]
+        detector = served(run) / "detector.safetensors"
+        detector.chmod(0o644)
+        detector.write_bytes(detector.read_bytes()[:100])  # cut under the server
+        answer = c.post("/predict?images=none", files=[upload(images["good"])])
+        assert answer.status_code == 200 and answer.json()["results"][0]["score"] == before
+        refused = c.post("/models/run/reload")  # and the damaged version is not loaded
+        assert refused.status_code == 409 and "changed after the version was written" in refused.json()["error"]
+
+
+def test_a_reload_of_the_same_version_keeps_its_drift_window(fast_run, images):
+    with serve([fast_run]) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        for _ in range(3):
+            c.post("/predict?images=none", files=[upload(images["good"])])
+        assert c.post("/models/run/reload").json()["drift"]["window"] == 3
+
+
+def test_free_memory_goes_back_after_a_large_request(monkeypatch):
+    import asyncio
+
+    import anomatune.serve.app as app
+
+    released = []
+    monkeypatch.setattr(app, "release_memory", lambda: released.append(1))
+
+    async def holds():
+        budget = app.PixelBudget(100_000_000)
+        async with budget.hold(1_000_000):  # small: not worth a release
+            pass
+        async with budget.hold(20_000_000), budget.hold(10_000_000):  # released once, when the last one ends
+            assert released == []
+        return budget
+
+    asyncio.run(holds())
+    assert released == [1]
+
+
 def test_max_batch_splits_one_large_request(fast_run, images):
     with serve([fast_run], max_batch=4, max_wait_ms=0) as running, httpx.Client(base_url=running.url, timeout=60) as c:
         answer = c.post("/predict?images=none", files=[upload(images["good"], f"{i}.png") for i in range(10)])
@@ -60,7 +109,7 @@ def test_models_describe_what_is_loaded_and_say_when_the_run_changed(fast_run, t
         (before,) = c.get("/models").json()
         assert before["stale"] is False
         time.sleep(0.01)
-        (run / "config.yaml").write_text((run / "config.yaml").read_text() + "\n")  # refit on disk
+        threshold_version(run, false_alarm_rate=0.05)  # a new version served on disk
         (after,) = c.get("/models").json()
         assert after["stale"] is True and after["id"] == before["id"] and after["threshold"] == before["threshold"]
 

@@ -1,5 +1,5 @@
 """The operator page in headless Chromium: upload a good and a defective image, see both decisions and overlays,
-overrule one (feedback stored beside the run) and see the drift line."""
+overrule one, take it back and give it again (feedback stored in the model's folder) and see the drift line."""
 
 import shutil
 
@@ -45,7 +45,17 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             model_line = page.text_content("#model-line")
             before = len(FeedbackStore(fast_run).records())
             newest = page.locator("#results li").first  # the last image inspected comes first
+            newest.locator(".note").fill("scratch is dust")
             newest.get_by_role("button", name=f"Good part (false alarm): {uploaded[-1].name}").click()  # the operator overrules
+            page.wait_for_selector(".feedback[data-saved='good']", timeout=30000)
+            once_saved = newest.evaluate(
+                "li => [li.querySelector('.decision').textContent, "
+                "[...li.querySelectorAll('button')].map(b => [b.dataset.verdict, b.disabled, b.hidden])]"
+            )
+            newest.get_by_role("button", name=f"Undo: {uploaded[-1].name}").click()  # taken back, then given again
+            page.wait_for_function("!document.querySelector('#results li .feedback').dataset.saved", timeout=30000)
+            undone = newest.evaluate("li => li.querySelector('.decision').textContent")
+            newest.get_by_role("button", name=f"Good part (false alarm): {uploaded[-1].name}").click()
             page.wait_for_selector(".feedback[data-saved='good']", timeout=30000)
             oldest = page.locator("#results li").nth(1)  # the operator paints where the defect is, then says Defect
             box = oldest.locator("canvas").bounding_box()
@@ -63,7 +73,14 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
     assert "expected false-alarm rate" in model_line
     store = FeedbackStore(fast_run)
     records = store.records()
-    assert len(records) == before + 2 and [r["verdict"] for r in records[-2:]] == ["good", "defect"]
+    assert once_saved[0] == "good (operator)" and once_saved[1] == [
+        ["good", True, False],
+        ["defect", True, False],
+        ["none", False, False],
+    ]  # saved: the buttons are off, the badge says the operator's verdict, Undo is offered
+    assert undone == ("defective" if expected.labels[-1] else "good")
+    assert len(records) == before + 4 and [r["verdict"] for r in records[-4:]] == ["good", "none", "good", "defect"]
+    assert records[-4]["note"] == "scratch is dust" and records[-4]["file"] == uploaded[-1].name
     assert store.file(records[-2]["image"]).read_bytes() == uploaded[-1].read_bytes()
     assert store.file(records[-1]["image"]).read_bytes() == uploaded[0].read_bytes()
     mask = np.asarray(Image.open(store.file(records[-1]["mask"])))

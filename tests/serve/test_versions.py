@@ -8,6 +8,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from anomatune.pipeline.update import update_run
 from anomatune.serve.drift import DriftMonitor, ks_statistic
@@ -26,8 +27,8 @@ def own_run(fast_run, tmp_path):
 def new_good(brick, tmp_path):
     folder = tmp_path / "new_good"
     folder.mkdir()
-    for path in sorted((brick / "brick" / "train" / "good").glob("*.png"))[:4]:
-        shutil.copy(path, folder / f"new_{path.name}")
+    for path in sorted((brick / "brick" / "train" / "good").glob("*.png"))[:4]:  # mirrored: images not learnt yet
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"new_{path.name}")
     return folder
 
 
@@ -61,9 +62,9 @@ class Load:
 def test_a_reload_under_load_swaps_the_version_without_a_failed_request(own_run, new_good, images):
     with serve([own_run], max_batch=4, max_wait_ms=5) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         (before,) = c.get("/models").json()
-        assert before["parent"] is None and before["version"] == before["id"].split("@")[1]
+        assert before["parent"] is None and before["version"] == "v1" and before["id"].startswith("run@")
         with Load(server.url, images["good"].read_bytes()) as load:
-            update_run(own_run, new_good, own_run)  # a new version in place
+            update_run(own_run, new_good)  # a new version beside the first, served
             (stale,) = c.get("/models").json()
             answer = c.post("/models/run/reload")
             assert answer.status_code == 200, answer.text
@@ -83,16 +84,15 @@ def test_watch_picks_up_a_new_version_and_never_a_half_written_one(own_run, new_
     with serve([own_run], watch=0.1) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         (before,) = c.get("/models").json()
         with Load(server.url, images["good"].read_bytes(), clients=2) as load:
-            update_run(own_run, new_good, own_run)
+            update_run(own_run, new_good)
             deadline = time.monotonic() + 30
             while c.get("/models").json()[0]["id"] == before["id"]:
                 assert time.monotonic() < deadline, "the new version was not picked up"
                 time.sleep(0.05)
         (after,) = c.get("/models").json()
         assert after["parent"] == before["id"]
-        # a folder caught mid-swap (gone, or without its detector) is not loaded: the served version stays
-        shutil.move(own_run / "detector.safetensors", own_run.parent / "detector.safetensors")
-        (own_run / "config.yaml").touch()
+        # an alias on a version that is not there is not followed: the served version stays
+        (own_run / "aliases.json").write_text('{"served": "v9"}')
         with caplog.at_level(logging.WARNING, logger="anomatune.serve.app"):
             answer = c.post("/models/run/reload")
             time.sleep(0.5)

@@ -35,7 +35,7 @@ def test_the_best_candidate_on_validation_is_refit_and_its_table_saved(brick, tm
     assert best.selection_["winner"] == search.best_candidate_.name and "highest validation score" in best.selection_["why"]
     assert set(best.selection_["candidates"][0]["families"]) == set(ValidationSettings().families)
     run = search.save(tmp_path / "run")
-    assert (run / VALIDATION).is_file()
+    assert (tmp_path / "run" / VALIDATION).is_file()  # in the model folder: a refit of the model finds it
     assert json.loads((run / RunFolder.SELECTION).read_text())["winner"] == best.selection_["winner"]
     assert Pipeline.load(run.path).selection_ == json.loads(json.dumps(best.selection_))
     assert "selection_" not in vars(Pipeline(**FAST).fit(train))  # a plain fit has no table

@@ -9,6 +9,7 @@ are imported inside the commands, so ``--help`` and option errors stay fast.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sys
@@ -42,10 +43,10 @@ DISK_ERRORS = {  # what the disk refused, said in one line instead of a tracebac
 
 CONFIG_OPTION = click.option(
     "--config",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
     help="YAML file of settings (the groups features, detector, postprocess, threshold, ...; "
-    "a run's config.yaml works too); options given here override it.",
+    "a model folder, or a version's config.yaml, works too); options given here override it.",
 )
 DEVICE_ONLY = ("device",)
 # the fine-tuning's validation set; its held-out share and fit images are FinetuneSettings' (0: no validation)
@@ -108,8 +109,8 @@ def detectors_cmd() -> None:
     "--out",
     required=True,
     type=click.Path(),
-    help="Run folder to write (config.yaml + safetensors), replaced as one set "
-    "(with --category all: a run folder per category inside it).",
+    help="Model folder: a new one, or an existing model, to which the fit is added as a new version and served "
+    "(the older versions stay; with --category all: a model folder per category inside it).",
 )
 @click.option(
     "--evaluate",
@@ -149,7 +150,8 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
     if run_all(job, options.build(EngineSettings, values), data.category):
         return
     result = fit(data, Path(out), runtime=job.runtime, **job.options)
-    click.echo(f"run saved in {out}" + (f"; {result['decision']}" if result.get("decision") else ""))
+    click.echo(f"{result['model']} saved in {out} as version {result['version']}, served" + (
+        f"; {result['decision']}" if result.get("decision") else ""))  # fmt: skip
     if then_evaluate:
         echo_metrics(out, result)
 
@@ -312,9 +314,17 @@ def predict_cmd(run, inputs, out, **values):
         rows = predict(run, inputs, out, **chosen)
         failed = sum(bool(r.error) for r in rows)
         scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), PredictionsFolder.RESULTS
-    click.echo(f"{scored} images scored, {defective} defective, {failed} failed; {out}/{results}")
+    click.echo(f"{scored} image{'' if scored == 1 else 's'} scored, {defective} defective, {failed} failed; {out}/{results}")
     if failed:
         sys.exit(1)
+
+
+PROMOTE_OPTION = click.option(
+    "--promote/--no-promote",
+    default=True,
+    help="Serve the new version (move the model's 'served' alias to it); --no-promote keeps it as a candidate "
+    "for 'anomatune promote'.",
+)
 
 
 @app.command("update")
@@ -323,50 +333,128 @@ def predict_cmd(run, inputs, out, **values):
 @click.option(
     "--feedback",
     is_flag=True,
-    help="Also the operator's feedback beside RUN (RUN.feedback/, from the server's POST /feedback): images marked good "
-    "join the training images, once; confirmed defects go to OUT/defects/ (a validation set), never into training.",
+    help="Also the operator's feedback (RUN/feedback/, from the server's POST /feedback): the last verdict on each "
+    "part counts; parts marked good join the training images, once; confirmed defects go to the version's defects/ "
+    "(a validation set), never into training.",
 )
 @click.option(
     "--out",
-    required=True,
+    default=None,
     type=click.Path(),
-    help="Run folder to write, replaced as one set; RUN itself makes a new version in place (serve --watch picks it up).",
+    help="A new model folder for the updated version instead of a new version of RUN [default: RUN].",
 )
+@PROMOTE_OPTION
 @click.option(
     "--evaluate",
     "then_evaluate",
     is_flag=True,
-    help="Score both versions on the test split of the data RUN was fitted on; OUT/lineage.json keeps both.",
+    help="Score both versions on the same labelled images: the test split of RUN's data when it holds defects, "
+    "else --good-test/--defect/--masks; lineage.json keeps both.",
 )
+@options.options(DataSettings, only=("good_test", "defect", "masks"))
 @options.options(UpdateSettings)
 @options.options(RuntimeSettings)
-def update_cmd(run, good, feedback, out, then_evaluate, **values):
-    """A new version of RUN that has also learnt the good images of --good, without re-reading RUN's training images.
+def update_cmd(run, good, feedback, out, promote, then_evaluate, **values):
+    """A new version of the model RUN that has also learnt the good images of --good, without re-reading its
+    training images; the versions before it stay, and 'anomatune promote' rolls back.
 
     PaDiM equals a refit on all the images; PatchCore's bank takes the new patches its streamed fit would keep;
-    GMM and GLAD take online-EM steps (--em-steps, --new-weight). The threshold is learnt again on the held-out
-    images of the fit and a share of the new ones (a run fitted with --threshold-holdout 0 stays without one).
-    OUT/lineage.json records the parent, the images added and, with --evaluate, both versions' metrics.
+    GMM and GLAD take online-EM steps (--em-steps, --new-weight). The new images are scored by the served version
+    before it learns them; their scores join the calibration and the threshold is learnt again at the same rate.
+    Each image is learnt once. lineage.json records the parent, the images added and, with --evaluate, both
+    versions' metrics.
     """
+    test = options.build(DataSettings, values)
+    if test.defect or test.good_test or test.masks:
+        if not (test.defect and test.good_test):
+            raise click.UsageError("--good-test and --defect go together: the labelled images both versions are scored on")
+        test = test.updated(good=test.good_test)
+    else:
+        test = None
+    settings, runtime = options.build(UpdateSettings, values), options.build(RuntimeSettings, values)  # before torch
     from ..pipeline.update import update_run
 
     result = update_run(
-        run,
-        good,
-        out,
-        feedback=feedback,
-        evaluate=then_evaluate,
-        settings=options.build(UpdateSettings, values),
-        runtime=options.build(RuntimeSettings, values),
-    )
+        run, good, out, feedback=feedback, evaluate=then_evaluate, test_data=test, promote=promote, settings=settings,
+        runtime=runtime,
+    )  # fmt: skip
+    added = len(result["added_images"])
     click.echo(
-        f"{result['model']} (parent {result['parent']}): {len(result['added_images'])} images added in "
-        f"{result['update_seconds']} s; run saved in {out}"
+        f"version {result['version']} ({result['model']}, parent {result['parent']}): {added} image"
+        f"{'' if added == 1 else 's'} added in {result['update_seconds']} s; "
+        f"{'served' if promote else 'not served (anomatune promote)'}; in {result['run']}"
     )
     metrics = result["metrics"]
     if metrics:
         for version in ("parent", "updated"):
             click.echo(f"{version}: " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics[version].items()))
+
+
+@app.command("threshold")
+@click.argument("run", type=click.Path())
+@options.options(PipelineSettings, only=("false_alarm_rate", "threshold_quantile", "threshold_value"))
+@PROMOTE_OPTION
+def threshold_cmd(run, promote, **values):
+    """A new version of the model RUN that decides by a new threshold: a false-alarm rate, a quantile or a value.
+
+    Learnt from the same out-of-fold scores of the good images; the tensors are shared with the version before.
+    """
+    from ..pipeline.update import threshold_version
+
+    result = threshold_version(run, promote=promote, **values)
+    click.echo(f"version {result['version']} ({result['model']}): {result['decision']}" + ("" if promote else " (not served)"))
+
+
+@app.command("versions")
+@click.argument("run", type=click.Path())
+def versions_cmd(run):
+    """List the versions of the model RUN: id, parent, time, command, images, metrics when evaluated, which is served."""
+    from ..folders.kinds import ModelFolder
+
+    model = ModelFolder(run).require()
+    served = model.served_name()
+    for name in model.versions():
+        version = model.version(name)
+        record = version.read_json(version.VERSION)
+        fitted = version.read_yaml(version.CONFIG).get("fitted") or {}
+        metrics = version.evaluation / "metrics.json"
+        scores = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        shown = "  ".join(f"{k} {scores[k]:.3f}" for k in ("image_auroc", "aupro") if isinstance(scores.get(k), float))
+        click.echo(
+            f"{'*' if name == served else ' '} {name:5s} {model.path.resolve().name}@{record['digest']}  "
+            f"{record['command']:9s} parent {record.get('parent') or '-':5s} {record['time']}  "
+            f"{fitted.get('n_train', '?')} images  threshold "
+            + (f"{fitted['threshold']:.4g}" if isinstance(fitted.get("threshold"), float) else "none")
+            + (f"  {shown}" if shown else "")
+        )
+    click.echo("* served")
+
+
+@app.command("promote")
+@click.argument("run", type=click.Path())
+@click.argument("version")
+def promote_cmd(run, version):
+    """Serve VERSION of the model RUN (v3, 3 or its id): a rollback is a promote of an older version.
+
+    A server started with --watch follows within its period; otherwise POST /models/NAME/reload.
+    """
+    from ..folders.kinds import ModelFolder
+
+    chosen = ModelFolder(run).require()
+    promoted = chosen.promote(version)
+    click.echo(f"{run}: serving version {promoted.path.name}")
+
+
+@app.command("prune")
+@click.argument("run", type=click.Path())
+@click.option("--keep", type=click.IntRange(min=1), required=True, help="How many of the latest versions to keep.")
+def prune_cmd(run, keep):
+    """Remove the old versions of the model RUN (with their exports and evaluations), keeping the last --keep and
+    always the served one."""
+    from ..folders.kinds import ModelFolder
+
+    removed = ModelFolder(run).require().remove(keep)
+    click.echo(f"{run}: removed {', '.join(removed) if removed else 'nothing'}")
 
 
 @app.command("report")
@@ -386,15 +474,16 @@ def report_cmd(run, out):
     "--out",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Model file [default: RUN/model.onnx or RUN/model.pt]; a .json with the preprocessing and threshold goes beside it.",
+    help="Model file [default: in the served version's folder, model.onnx, model.pt or model.xml]; its sidecar "
+    "MODEL_FILE.json (preprocessing, outputs, threshold, calibration, version) goes beside it.",
 )
 def export_cmd(run, out, **values):
     """Export RUN as one model (backbone + detector + upsampling + smoothing): normalised images in, maps and scores out."""
     settings = options.build(ExportSettings, values)
-    from ..inference.export import export
+    from ..inference.export import export, sidecar
 
     path = export(run, out, settings)
-    click.echo(f"model written to {path}; preprocessing and threshold in {path.with_suffix('.json')}")
+    click.echo(f"model written to {path}; preprocessing, threshold and calibration in {sidecar(path)}")
 
 
 @app.command("serve")

@@ -111,7 +111,7 @@ def run_demo(
 
     ``pipeline``: the detector and features (default: the package defaults); ``steps``:
     fine-tuning steps (default: the demo's); ``runtime``: ``device``. The demo owns ``out``:
-    its earlier runs there are replaced.
+    its earlier fine-tuning is replaced; its models get a new version (the same one when nothing changed).
     """
     from ..data.layouts import open_dataset
     from ..evaluation.evaluate import evaluate

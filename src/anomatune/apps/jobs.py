@@ -48,23 +48,25 @@ def fit(
     the detector is chosen by the search of ``--detector auto`` on that validation set."""
     from ..data.layouts import open_dataset
     from ..folders.base import refuse_inside
-    from ..folders.kinds import RunFolder
+    from ..folders.kinds import ModelFolder
     from ..pipeline.pipeline import Pipeline
 
     refuse_inside(out, [*data.folders, *(validation.folders if validation else ())])  # before the fit, not after it
     start = time.perf_counter()
-    with RunFolder(out).claim():  # a second command on --out stops now, not after the fit
+    model = ModelFolder(out)
+    model.check_place()
+    with model.claim():  # a second command on --out stops now, not after the fit
         if validation is None:
             pipeline = Pipeline(settings, **runtime.to_dict()).fit(open_dataset(data, "train"))
             pipeline.save(out)
         else:
             from ..validation.search import DetectorSearch
 
-            search = DetectorSearch(settings, validation, cache=RunFolder(out), **runtime.to_dict())
+            search = DetectorSearch(settings, validation, cache=model, **runtime.to_dict())
             search.fit(open_dataset(data, "train")).save(out)
             pipeline = search.best_
     seconds = pipeline.fit_seconds_ if validation is None else round(time.perf_counter() - start, 2)
-    result = {"run": str(out), "fit_seconds": seconds}
+    result = {"run": str(out), "model": pipeline.model_id_, "version": pipeline.version_, "fit_seconds": seconds}
     if pipeline.image_calibration is not None:
         result["decision"] = pipeline.image_calibration.describe()
     if validation is not None:
@@ -138,12 +140,12 @@ class Job:
     def categories(self) -> list[str]:
         """The data root's categories (fit, finetune), or the runs under the root (evaluate without --data)."""
         from ..data.layouts import list_categories
-        from ..folders.kinds import RunFolder
+        from ..folders.kinds import ModelFolder
 
         if self.data is not None:
             return list_categories(self.data)
         runs = (
-            sorted(p.name for p in Path(self.root).iterdir() if RunFolder(p).kind == RunFolder.KIND)
+            sorted(p.name for p in Path(self.root).iterdir() if ModelFolder(p).kind == ModelFolder.KIND)
             if Path(self.root).is_dir()
             else []
         )

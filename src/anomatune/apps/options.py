@@ -104,6 +104,11 @@ def read_settings_file(path: str | None) -> dict:
         return {}
     import yaml  # only with --config
 
+    if Path(path).is_dir():  # a model's folder: its served version's settings
+        from ..folders.kinds import RunFolder, open_run
+
+        path = open_run(path) / RunFolder.CONFIG
+
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

@@ -70,6 +70,8 @@ class AnomalyDataset(Dataset):
     ratio of the dataset's images), ``"WxH"``, or an exact ``(height, width)``.
     """
 
+    siblings: Sequence[Path] = ()  # images of the same folder in another split: checked with these (check_readable)
+
     def __init__(self, records: Sequence[Record], has_masks: bool, image_size=DEFAULT_IMAGE_SIZE, name: str = "dataset"):
         if not records:
             raise DataError(f"{name} holds no images: add image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -103,11 +105,13 @@ class AnomalyDataset(Dataset):
         return view
 
     def check_readable(self) -> None:
-        """One error naming every image that cannot be read (headers and PNG checksums), before a long job starts."""
-        problems = unreadable((r.path for r in self.records), self.max_pixels)
+        """One error naming every image that cannot be read (headers and PNG checksums), before a long job starts; the
+        images of the same folder drawn into the test split (``siblings``) too, so that none is found only later."""
+        problems = unreadable([*(r.path for r in self.records), *self.siblings], self.max_pixels)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise DataError(f"{len(problems)} of {len(self)} images cannot be used: {shown}. Replace or remove them")
+            total = len(self) + len(self.siblings)
+            raise DataError(f"{len(problems)} of {total} images cannot be used: {shown}. Replace or remove them")
 
     def within(self, max_pixels: int | None) -> AnomalyDataset:
         """The same images, each refused (:class:`~anomatune.data.images.ImageTooLarge`) when over ``max_pixels``."""
@@ -360,7 +364,11 @@ class Folder(AnomalyDataset):
             for folder in map(Path, defect_dirs):
                 for img in list_images(require_dir(folder, "defect folder", "pass existing folders of defective images")):
                     records.append(Record(img, 1, folder.name, self._mask_for(img, folder, mask_dir) if has_masks else None))
-        super().__init__(records, has_masks, image_size, name=f"{split} split of {good_dir}")
+        name = f"{split} split of {good_dir}" + (
+            f" and {', '.join(map(str, defect_dirs))}" if split == "test" and defect_dirs else ""
+        )
+        super().__init__(records, has_masks, image_size, name=name)
+        self.siblings = [Path(p) for p in held_out] if split == "train" and good_test_dir is None else []
 
     @staticmethod
     def _mask_for(img: Path, folder: Path, mask_dir: str | Path) -> Path:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,6 +68,16 @@ class ImageTooLarge(DataError):
         self.pixels, self.max_pixels = pixels, max_pixels
 
 
+@contextmanager
+def open_image(source: str | Path | BinaryIO) -> Iterator[Image.Image]:
+    """``Image.open`` without Pillow's DecompressionBombWarning on stderr: the pixel budget is ours (check_pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    with img:
+        yield img
+
+
 def check_pixels(label: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
     """:class:`ImageTooLarge` when an image of ``size`` (width, height) is over ``max_pixels`` (None: no bound)."""
     if max_pixels is not None and size[0] * size[1] > max_pixels:
@@ -78,7 +90,7 @@ def _open(source: Path | BinaryIO, label: str | Path, max_pixels: int | None = N
     An image over ``max_pixels`` is refused from its header, before its pixels take any memory.
     """
     try:
-        with Image.open(source) as img:
+        with open_image(source) as img:
             check_pixels(label, img.size, max_pixels)
             img.load()  # decoding happens here: truncated files fail now, not later
             return img.copy() if img.getexif().get(EXIF_ORIENTATION, 1) == 1 else _upright(img, label)
@@ -103,7 +115,7 @@ def header_size(source: Path | BinaryIO, label: str | Path, max_pixels: int | No
     """``(width, height)`` from an image's header alone (a stream is rewound); :class:`ImageTooLarge` over
     ``max_pixels``, :class:`DataError` when it is not an image."""
     try:
-        with Image.open(source) as img:
+        with open_image(source) as img:
             size = img.size
     except Image.DecompressionBombError as exc:
         raise _bomb(label, exc, max_pixels) from exc
@@ -178,12 +190,12 @@ def unreadable(paths: Iterable[str | Path], max_pixels: int | None = None) -> li
     problems = []
     for path in paths:
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 check_pixels(path, img.size, max_pixels)
                 img.verify()
         except ImageTooLarge as exc:
             problems.append(str(exc))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # Pillow raises many kinds on a damaged file: each is a reason
             problems.append(f"{path}: cannot read image ({' '.join(str(exc).split())[:120]})")
     return problems
 
@@ -191,7 +203,7 @@ def unreadable(paths: Iterable[str | Path], max_pixels: int | None = None) -> li
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image as it will be read (upright), from its header only."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             width, height = img.size
             turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

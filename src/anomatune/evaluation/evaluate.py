@@ -16,7 +16,7 @@ import numpy as np
 from ..data.layouts import data_name, open_dataset
 from ..data.settings import DataSettings
 from ..errors import DataError
-from ..folders.kinds import EvaluationFolder, RunFolder
+from ..folders.kinds import EvaluationFolder, open_run
 from ..pipeline.pipeline import Pipeline
 from ..pipeline.scoring import ScoredSplit, score_dataset
 from . import plots
@@ -34,7 +34,7 @@ def evaluate(
     gallery. ``pipeline``: the run's pipeline already in memory (``fit --evaluate``), else
     it is loaded with ``runtime`` (``device``, ``batch_size``). Returns the metrics.
     """
-    run = RunFolder(run_dir)
+    run = open_run(run_dir)
     pipeline = pipeline if pipeline is not None else Pipeline.load(run.path, **runtime)
     data = data if data is not None and data.given else pipeline.data_
     if data is None:

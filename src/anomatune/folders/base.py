@@ -47,7 +47,7 @@ def _umask() -> int:
     return mask
 
 
-def _usual_mode(path: str, directory: bool = False) -> None:
+def usual_mode(path: str, directory: bool = False) -> None:
     """Temporary files and folders are private (0600/0700); what replaces a user's file gets the usual mode."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
@@ -58,7 +58,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        _usual_mode(tmp)
+        usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -229,7 +229,7 @@ class Folder:
             for stale in self.path.parent.glob(f".{self.path.name}.staging-*"):  # left by a killed command
                 shutil.rmtree(stale, ignore_errors=True)
             stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.staging-", dir=self.path.parent))
-            _usual_mode(str(stage), directory=True)
+            usual_mode(str(stage), directory=True)
             try:
                 yield type(self)(stage)
                 old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -294,7 +294,7 @@ class Folder:
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
                 yield handle
-            _usual_mode(tmp)
+            usual_mode(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -328,11 +328,11 @@ class Folder:
 
     def read_tensors(self, name: str) -> dict:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         return self._read(
             name,
-            lambda p: load_file(str(p)),
+            lambda p: load(p.read_bytes()),  # into memory, not mapped: a file changed or cut later cannot touch them
             (SafetensorError, OSError, ValueError),
             "cannot read the tensors",
             "; the file is truncated or damaged: refit the run",

@@ -1,9 +1,11 @@
-"""Operator feedback on a served run, append-only, beside the run: ``<run>.feedback/``.
+"""Operator feedback on a served model, append-only, in the model's folder: ``MODEL/feedback/``.
 
-``feedback.jsonl`` holds one JSON line per verdict (time, model version, score, threshold,
-verdict, note, the stored image and mask); ``images/`` and ``masks/`` hold the files. It lies
-beside the run, not inside it, so that a refit or an ``anomatune update`` in place (which
-replace the run folder as one set) never takes it away.
+``feedback.jsonl`` holds one JSON line per verdict: the part (the SHA-256 of its image), the
+result id and file name it was scored under, the version that scored it, its score, the
+verdict (``good``, ``defect``, or ``none`` to withdraw one), the operator's note, the stored
+image and mask; ``images/`` and ``masks/`` hold the files, each image stored once whatever
+the number of verdicts on it. The versions of the model share it. What ``update`` learns is
+:meth:`FeedbackStore.verdicts`: the last verdict on each part (every line stays in the log).
 
 Nothing stored is ever lost or corrupted by a crash: each file is written atomically (a
 temporary file, then a rename) *before* its line, and a line is appended with a single
@@ -14,6 +16,7 @@ the stored lines are always a prefix of what was sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +26,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..errors import RunFolderError
 from .base import atomic_write, json_text
+from .kinds import ModelFolder
 
 try:
     import fcntl
@@ -33,18 +38,21 @@ except ImportError:  # not POSIX: the in-process lock only
 log = logging.getLogger(__name__)
 
 VERDICTS = ("good", "defect")  # good: a false alarm (the part is good); defect: a missed or confirmed defect
+WITHDRAWN = "none"  # the operator takes the part's verdict back (the page's undo)
 
 
 class FeedbackStore:
-    """The feedback of the run at ``run_dir``: :meth:`add` a verdict, read :meth:`records`."""
+    """The feedback of the model at ``folder`` (or of the model a version folder belongs to): :meth:`add` a verdict,
+    read :meth:`records` (every line) or :meth:`verdicts` (the last on each part)."""
 
     LOG = "feedback.jsonl"
     IMAGES = "images"
     MASKS = "masks"
 
-    def __init__(self, run_dir: str | Path):
-        run_dir = Path(run_dir).resolve()  # "serve ." too: beside the folder, never inside it
-        self.path = run_dir.parent / f"{run_dir.name}.feedback"
+    def __init__(self, folder: str | Path):
+        folder = Path(folder).resolve()
+        model = folder.parent.parent if folder.parent.name == ModelFolder.VERSIONS else folder
+        self.path = model / ModelFolder.FEEDBACK
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -55,19 +63,22 @@ class FeedbackStore:
         return self.path / self.LOG
 
     def add(self, image: bytes, suffix: str, record: dict[str, Any], mask_png: bytes | None = None) -> dict[str, Any]:
-        """Store an image (its bytes as uploaded, ``suffix`` like ``.png``), its optional mask and one line:
-        ``record`` (verdict, model, score, threshold, note, ...) with the id, the time and the files' paths."""
+        """Store an image (its bytes as uploaded, ``suffix`` like ``.png``; once per content), its optional mask and
+        one line: ``record`` (verdict, model, score, threshold, note, result id, file name, ...) with the line's id,
+        the time, the part (the image's SHA-256) and the files' paths."""
         entry_id = uuid.uuid4().hex
-        entry = {"id": entry_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
-        entry["image"] = self._write(f"{self.IMAGES}/{entry_id}{suffix.lower() or '.png'}", image)
+        part = hashlib.sha256(image).hexdigest()
+        entry = {"id": entry_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "part": part, **record}
+        entry["image"] = self._write(f"{self.IMAGES}/{part[:32]}{suffix.lower() or '.png'}", image)
         entry["mask"] = self._write(f"{self.MASKS}/{entry_id}.png", mask_png) if mask_png is not None else None
         self._append(json_text(entry, indent=None).encode("utf-8"))
         return entry
 
     def _write(self, name: str, data: bytes) -> str:
         path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        if not path.is_file():  # content-addressed images: a second verdict on the part stores nothing again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         return name
 
     def _append(self, line: bytes) -> None:
@@ -105,6 +116,19 @@ class FeedbackStore:
         complete = text[: text.rfind(b"\n") + 1]
         return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
 
+    def verdicts(self) -> list[dict[str, Any]]:
+        """The last verdict on each part (a withdrawn one dropped), in the order of those last lines: what an update
+        learns, whatever the number of lines on a part or how they changed."""
+        last: dict[str, dict[str, Any]] = {}
+        for record in self.records():
+            key = record.get("part") or record["id"]
+            last.pop(key, None)
+            last[key] = record
+        return [r for r in last.values() if r["verdict"] in VERDICTS]
+
     def file(self, name: str) -> Path:
-        """The stored file a record names."""
-        return self.path / name
+        """The stored file a record names, refused in one line if it lies outside the store (a hand-edited line)."""
+        path = (self.path / name).resolve()
+        if not path.is_relative_to(self.path.resolve()):
+            raise RunFolderError(f"{self.log_path}: a line names {name!r}, outside the feedback store: remove that line")
+        return path

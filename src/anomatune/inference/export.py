@@ -24,10 +24,14 @@ from torch import nn
 from ..calibration import formula
 from ..errors import AnomatuneError, RunFolderError
 from ..folders.base import atomic_write, json_text, refuse_inside
-from ..folders.kinds import RunFolder
+from ..folders.kinds import RunFolder, open_run
 from ..pipeline.pipeline import Pipeline
 from .settings import ExportSettings
 
+OUTPUTS = {  # the exported models' outputs, by the same names in every format
+    "maps": "pixel anomaly map at the input size, higher = more anomalous",
+    "scores": "image anomaly score",
+}
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth"), "openvino": (".xml",)}  # what each format's --out may end in
 
 
@@ -50,7 +54,8 @@ def preprocessing(pipeline: Pipeline) -> dict:
         "batch": "any",
         "size_hw": list(pipeline.input_size),
         "resize": "bilinear",  # PIL's Image.resize(BILINEAR) of the whole image to size_hw (no crop)
-        "color": "RGB",
+        "aspect": "the whole image resized to size_hw, aspect ratio not kept, no crop, no padding",
+        "color": "RGB (convert grayscale, RGBA and 16-bit images to 8-bit RGB first)",
         "layout": "NCHW float32",
         "scale": "pixel / 255",
         "mean": extractor.mean.flatten().tolist(),
@@ -60,20 +65,20 @@ def preprocessing(pipeline: Pipeline) -> dict:
 
 def export(run_dir, out=None, settings: ExportSettings | None = None, **changes) -> Path:
     """Write the run as ``model.onnx``, ``model.pt`` (TorchScript) or ``model.xml`` + ``.bin`` (OpenVINO),
-    plus a ``.json`` beside it; return the model path.
+    plus its sidecar ``<model file>.json`` beside it; return the model path.
 
     ``settings`` (or ``format=``, ``batch_size=``): see :class:`ExportSettings`. Without
     ``out`` the model goes into the run folder.
     """
     settings = (settings or ExportSettings()).updated(**changes)
-    run = RunFolder(run_dir).require()
+    run = open_run(run_dir)
     if out is not None:
         suffixes = SUFFIXES[settings.format]
         if Path(out).suffix.lower() not in suffixes:
             raise AnomatuneError(
                 f"--out {out}: a {settings.format} model is written as {' or '.join(suffixes)}; change the file name or --format"
             )
-        refuse_inside(out, [run.path])  # without --out the model goes into the run, beside its own files
+        refuse_inside(out, [run.model_path])  # without --out the model goes into the run, beside its own files
         if not Path(out).parent.is_dir():
             raise RunFolderError(f"folder {Path(out).parent} does not exist: create it or choose another --out")
     pipeline = Pipeline.load(run.path, device="cpu")
@@ -88,9 +93,10 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
             dynamo=False,
             opset_version=18,
             input_names=["image"],
-            output_names=["maps", "scores"],
+            output_names=list(OUTPUTS),
             dynamic_axes={"image": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
         )
+        name_dimensions(tmp, pipeline.input_size)
 
     target = run / RunFolder.MODELS[settings.format] if out is None else Path(out)
 
@@ -109,7 +115,10 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
         "anomatune_version": config.anomatune_version,
         "format": settings.format,
         "input": preprocessing(pipeline),
-        "outputs": {"maps": "(B, H, W) pixel anomaly map, higher = more anomalous", "scores": "(B,) image anomaly score"},
+        "outputs": {
+            name: {"shape": ["batch", *pipeline.input_size] if name == "maps" else ["batch"], "meaning": meaning}
+            for name, meaning in OUTPUTS.items()
+        },
         "threshold": pipeline.threshold,
         "pixel_threshold": config.fitted.pixel_threshold,
         "calibration": {
@@ -120,18 +129,38 @@ def export(run_dir, out=None, settings: ExportSettings | None = None, **changes)
         "detector": config.settings.detector.name,
         "backbone": config.settings.features.backbone,
         "weights_id": config.fitted.weights_id,
+        "model_id": pipeline.model_id_,
+        "version": pipeline.version_,
+        "digest": pipeline.model_id_.rpartition("@")[2],
     }
     if out is None:
         with run.lock():
             path = run.write_with(RunFolder.MODELS[settings.format], write_model)
-            run.write_json(Path(RunFolder.MODELS[settings.format]).with_suffix(".json").name, side | {"model": path.name})
+            run.write_json(sidecar(path).name, side | {"model": path.name})
         return path
     path = target
     atomic_write(path, write_model)
-    atomic_write(
-        path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8")
-    )
+    atomic_write(sidecar(path), lambda tmp: Path(tmp).write_text(json_text(side | {"model": path.name}), encoding="utf-8"))
     return path
+
+
+def name_dimensions(path: str, size_hw: tuple[int, int]) -> None:
+    """The outputs' shapes as the sidecar states them, (batch, H, W) and (batch,): the tracer leaves the maps' height
+    and width symbolic, named after whatever node computed them."""
+    import onnx
+
+    model = onnx.load(path)
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        for dim, value in zip(dims[1:], size_hw):
+            dim.dim_value = value
+    onnx.save(model, path)
+
+
+def sidecar(model: Path) -> Path:
+    """The JSON beside an exported model, named after its file (``model.onnx.json``): one per export."""
+    return model.with_name(f"{model.name}.json")
 
 
 def write_openvino(write_onnx, xml_path: str, target: Path) -> None:
@@ -146,6 +175,9 @@ def write_openvino(write_onnx, xml_path: str, target: Path) -> None:
         onnx_path = Path(folder) / "model.onnx"
         write_onnx(str(onnx_path))
         converted = Path(folder) / "model.xml"
-        openvino.save_model(openvino.convert_model(str(onnx_path)), str(converted), compress_to_fp16=False)
+        model = openvino.convert_model(str(onnx_path))
+        for output, name in zip(model.outputs, OUTPUTS):  # ONNX's output names, not the last node's
+            output.get_tensor().set_names({name})
+        openvino.save_model(model, str(converted), compress_to_fp16=False)
         os.replace(converted.with_suffix(".bin"), RunFolder.openvino_weights(target))
         os.replace(converted, xml_path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import RunFolderError
 from ..finetune.settings import FinetuneSettings
 from ..folders.base import atomic_write, refuse_inside
-from ..folders.kinds import EvaluationFolder, FinetuneFolder, RunFolder
+from ..folders.kinds import EvaluationFolder, FinetuneFolder, RunFolder, open_run
 from ..pipeline.pipeline import read_run_config
 
 STYLE = """
@@ -280,9 +280,9 @@ def _lineage_section(run: RunFolder) -> str:
 
 def build_report(run_dir, out=None) -> Path:
     """Write ``report.html`` (or ``out``, outside the run) for an evaluated run and return its path."""
-    run = RunFolder(run_dir).require()
+    run = open_run(run_dir)
     if out is not None:
-        refuse_inside(out, [run.path])  # without --out the page goes into the run, beside its own files
+        refuse_inside(out, [run.model_path])  # without --out the page goes into the run, beside its own files
     evaluation = run.evaluation
     if evaluation.kind != "evaluation":
         raise RunFolderError(f"{run.path} is not evaluated: run 'anomatune evaluate {run.path}' first")

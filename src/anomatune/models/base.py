@@ -63,6 +63,7 @@ class Detector:
     Settings: ClassVar[type[DetectorSettings]]
     state: ClassVar[tuple[str, ...]] = ()  # names of the fitted tensors besides grid and n_features
     online_state: ClassVar[tuple[str, ...]] = ()  # statistics of online_update, saved when present
+    derived: ClassVar[tuple[str, ...]] = ()  # fitted tensors recomputed from the state at load (:meth:`_derive`), not saved
     fitted_attribute: ClassVar[str] = "grid_"  # set once a fit succeeded (see errors.check_is_fitted)
 
     def __init__(self, settings: DetectorSettings | None = None, **changes):
@@ -102,7 +103,8 @@ class Detector:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fitted tensors by name (without the trailing underscore), on the CPU."""
         self.check_is_fitted()
-        return {k[:-1]: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
+        tensors = self._fitted_tensors().items()
+        return {k[:-1]: v.detach().cpu().contiguous() for k, v in tensors if k[:-1] not in self.derived}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the detector state") -> Detector:
         """Set the fitted tensors, refusing a state written for another detector or other settings."""
@@ -121,7 +123,11 @@ class Detector:
         self._reset()
         for key, value in state.items():
             setattr(self, key + "_", value)
+        self._derive()
         return self
+
+    def _derive(self) -> None:
+        """Recompute the ``derived`` tensors from the loaded state (a subclass that has some)."""
 
     def to(self, device: torch.device | str) -> Detector:
         for key, value in self._fitted_tensors().items():

@@ -19,12 +19,20 @@ class PaDiM(Detector):
     Fitted: ``means_`` (h*w, D, float64), ``prec_chol_`` (h*w, D, D), and the sums they come from,
     ``count_`` (images) and ``scatter_`` (h*w, D, D, float64: Σ (u − μ)(u − μ)ᵀ), so that
     :meth:`partial_fit` equals a fit on all the images; ``online_update`` keeps the running
-    moments ``s1_``, ``s2_`` of each position.
+    moments ``s1_``, ``s2_`` of each position. The precision is derived from the sums at load,
+    not saved: a run (and each of its versions) stores the largest tensor once.
     """
 
     Settings = PaDiMSettings
-    state = ("means", "prec_chol", "count", "scatter")
+    state = ("means", "count", "scatter")
     online_state = ("s1", "s2")
+    derived = ("prec_chol",)
+
+    def _derive(self) -> None:
+        if hasattr(self, "s1_"):
+            self._set_online_precision()
+        else:
+            self._set_gaussians(float(self.count_), self.means_, self.scatter_)
 
     @torch.no_grad()
     def _fit(self, features: torch.Tensor, **options) -> None:
@@ -132,7 +140,11 @@ class PaDiM(Detector):
         rate = torch.where(seen, 1 - decay, 0.0)
         self.s1_ = self.s1_ + rate[:, None] * (first / counts.clamp_min(1)[:, None] - self.s1_)
         self.s2_ = self.s2_ + rate[:, None, None] * (second / counts.clamp_min(1)[:, None, None] - self.s2_)
-        cov = self.s2_ - torch.einsum("pd,pe->pde", self.s1_, self.s1_) + ridge * eye
+        self._set_online_precision()
+
+    def _set_online_precision(self) -> None:
+        eye = torch.eye(self.s1_.shape[1], dtype=torch.float64, device=self.s1_.device)
+        cov = self.s2_ - torch.einsum("pd,pe->pde", self.s1_, self.s1_) + self.settings.ridge * eye
         self.means_ = self.s1_.clone()
         self.prec_chol_ = precision_cholesky(cov).float()
 

@@ -10,6 +10,7 @@ predicting, reporting and exporting all use this one object, so they cannot disa
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -34,7 +35,7 @@ from ..features.backbones import create_backbone
 from ..features.extractor import FeatureExtractor
 from ..features.settings import AUTO, RANDOM
 from ..folders.base import refuse_inside
-from ..folders.kinds import RunFolder
+from ..folders.kinds import ModelFolder, RunFolder, open_run
 from ..models.registry import create_detector
 from ..models.settings import UpdateSettings
 from ..schema import flat_settings
@@ -44,7 +45,7 @@ from .settings import FitRecord, PipelineSettings, RunConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 5  # the formats' history: CHANGELOG.md
+RUN_FORMAT = 6  # the formats' history: CHANGELOG.md
 JSON_ATTRIBUTES = (  # a run's JSON files and the fitted attributes they hold, when present
     (RunFolder.SELECTION, "selection_"),
     (RunFolder.CALIBRATION, "calibration_"),
@@ -107,8 +108,9 @@ class Pipeline:
     Fitted attributes: ``extractor_``, ``detector_``, ``postprocessor_``, ``fit_record_``
     (input size, threshold, ...), ``data_`` (the data settings of the training set),
     ``selection_`` when ``--detector auto`` chose it (the candidates' validation table),
-    ``calibration_`` (the held-out good images and their scores), ``lineage_`` after an update and,
-    once saved or loaded, ``model_id_`` (the run folder's name and files' hash).
+    ``calibration_`` (the good images' out-of-fold scores), ``lineage_`` after an update and, once saved or
+    loaded, ``model_id_`` (the model's name and the digest of what determines its outputs) and ``version_``
+    (the version's name in its model, ``v1``, ``v2``, ...).
     """
 
     fitted_attribute = "fit_record_"  # set once a fit or a load succeeded (see errors.check_is_fitted)
@@ -178,6 +180,7 @@ class Pipeline:
             "calibration_",
             "lineage_",
             "update_seconds_",
+            "version_",
         ):  # a failed fit leaves it unfitted
             self.__dict__.pop(name, None)
         weights = s.features.backbone_weights
@@ -253,7 +256,9 @@ class Pipeline:
         """The image and pixel calibrations of the good images' out-of-fold scores and map peaks (kept in
         ``calibration_``, with the files: the reference of an update's threshold and of the server's drift)."""
         t, seed = self.settings.threshold, self.settings.seed
-        image = ScoreCalibration.fit(scores, t.false_alarm_rate, confidence=t.confidence, quantile=t.quantile, seed=seed)
+        image = ScoreCalibration.fit(
+            scores, t.false_alarm_rate, confidence=t.confidence, quantile=t.quantile, threshold=t.value, seed=seed
+        )
         pixel = ScoreCalibration.fit(peaks, image.rate_at_threshold, confidence=t.confidence, seed=seed)  # the same rate
         self.calibration_ = {
             "files": list(files),
@@ -281,6 +286,22 @@ class Pipeline:
                 image.images_for_tight,
                 "extrapolated by the tail model" if image.count_above == 0 else "from the few scores above it",
             )
+
+    def recalibrated(self, **rule: Any) -> Pipeline:
+        """A copy deciding by a new threshold rule (``false_alarm_rate``, ``threshold_quantile`` or
+        ``threshold_value``; see :meth:`ThresholdSettings.rule`), learnt from the same out-of-fold scores: the
+        tensors are shared, nothing is refitted (``anomatune threshold``)."""
+        self.check_is_fitted()
+        calibration = getattr(self, "calibration_", None)
+        if not calibration:
+            raise AnomatuneError("the run learnt no threshold (fitted with --threshold-folds 0): refit it to calibrate one")
+        new = copy.copy(self)
+        new.settings = replace(self.settings, threshold=self.settings.threshold.rule(**rule))
+        new.__dict__.pop("_calibrations", None)
+        new.__dict__.pop("lineage_", None)
+        c = calibration
+        new._calibrate(c["files"], c["scores"], c["peaks"], self.fit_record_.good_map_median, c["folds"])
+        return new
 
     @property
     def image_calibration(self) -> ScoreCalibration | None:
@@ -364,6 +385,10 @@ class Pipeline:
             if tuple(images.shape[-2:]) != size:
                 images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
             return images, sizes
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not (
+            isinstance(images, np.ndarray) and images.ndim == 4
+        ):  # one image, not a sequence of them
+            images = [images]
         limit = self.runtime.max_pixels
         pictures = [read_image(i, max_pixels=limit) if isinstance(i, (str, Path)) else _as_pil(i) for i in images]
         for n, picture in enumerate(pictures):
@@ -376,8 +401,8 @@ class Pipeline:
         threshold: float | None = None,
         forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> Predictions:
-        """Scores, labels, maps and masks of ``images``: paths, PIL images, ``HxWx3`` uint8 arrays
-        or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one.
+        """Scores, labels, maps and masks of ``images``: a path, PIL image or ``HxWx3`` uint8 array, a list of
+        them, or a ``(B, 3, H, W)`` tensor in [0, 1]. ``threshold`` overrides the learnt one.
 
         ``forward``: another engine computing :meth:`forward` (the run exported to ONNX Runtime or
         OpenVINO); decisions and masks stay the pipeline's whatever the engine.
@@ -425,33 +450,42 @@ class Pipeline:
             fitted=self.fit_record_,
         )
 
-    def save(self, folder: str | Path, extra: Mapping[str, Path] | None = None) -> RunFolder:
-        """Write the run (config.yaml and safetensors) as one set, replacing an earlier run there (never inside the
-        training data's folders); ``extra``: more files copied into it, by their name in the run."""
+    def save(self, folder: str | Path, extra: Mapping[str, Path] | None = None, *, parent: str | None = None,
+             command: str = "fit", promote: bool = True) -> RunFolder:  # fmt: skip
+        """Write the pipeline as a new version of the model at ``folder`` (a new model folder if there is none; never
+        inside the training data's folders) and serve it (``promote``). ``extra``: more files copied into the version,
+        by their name in it; ``parent``: the version it was made from. A version identical to one the model holds is
+        not written twice. Returns the version's folder."""
         self.check_is_fitted()
         data = getattr(self, "data_", None)
         refuse_inside(folder, data.folders if data is not None else ())
-        run = RunFolder(folder)
-        with run.staged() as stage:
-            stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
-            if self.extractor_.proj_dim is not None:
-                stage.write_tensors(
-                    RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
-                )
-            for name, attribute in JSON_ATTRIBUTES:
-                if getattr(self, attribute, None) is not None:
-                    stage.write_json(name, getattr(self, attribute))
-            for name, source in (extra or {}).items():
-                stage.write_with(name, lambda tmp, source=source: shutil.copyfile(source, tmp))
-            stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
-        self.model_id_ = run.fingerprint()
-        return run
+        version, _ = ModelFolder(folder).add(
+            lambda stage: self._write(stage, extra), parent=parent, command=command, promote=promote
+        )
+        self.model_id_, self.version_ = version.fingerprint(), version.path.name
+        return version
+
+    def _write(self, stage: RunFolder, extra: Mapping[str, Path] | None) -> None:
+        stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
+        if self.extractor_.proj_dim is not None:
+            stage.write_tensors(
+                RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
+            )
+        for name, attribute in JSON_ATTRIBUTES:
+            if getattr(self, attribute, None) is not None:
+                stage.write_json(name, getattr(self, attribute))
+        for name, source in (extra or {}).items():
+            stage.write_with(name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        stage.write_yaml(RunFolder.CONFIG, self.config().to_dict())
 
     @classmethod
-    def load(cls, folder: str | Path, **runtime: Any) -> Pipeline:
-        """Rebuild a saved run, refusing one of another format, incomplete, or with other backbone weights."""
-        run = RunFolder(folder).require()
-        config = read_run_config(run)
+    def load(cls, folder: str | Path, version: str | None = None, **runtime: Any) -> Pipeline:
+        """Rebuild a model's served version (or ``version``; or a version's own folder), refusing one of another
+        format, incomplete, changed since it was written, or with other backbone weights. Every file is read into
+        memory: the loaded pipeline never depends on the files again."""
+        run = open_run(folder, version)
+        config = read_run_config(run)  # first: a run of another format says so, whatever else changed
+        model_id = run.verified()
         pipeline = cls(config.settings, **runtime)
         fitted = config.fitted
         extractor = pipeline._extractor(layers=fitted.layers)
@@ -470,7 +504,7 @@ class Pipeline:
         for name, attribute in JSON_ATTRIBUTES:
             if (run / name).is_file():
                 setattr(pipeline, attribute, run.read_json(name))
-        pipeline.model_id_ = run.fingerprint()
+        pipeline.model_id_, pipeline.version_ = model_id, run.path.name
         return pipeline
 
 

@@ -4,9 +4,11 @@ what fitting learnt beyond tensors, and how a command runs (torch-free)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..data.settings import INPUT_SIDES, MAX_PIXELS, PILLOW_PIXELS, DataSettings
 from ..device import parse_device
+from ..errors import SettingsError
 from ..features.settings import FeatureSettings
 from ..models.settings import DEFAULT_DETECTOR, DetectorSettings, detector_settings
 from ..schema import Settings, setting
@@ -63,6 +65,22 @@ class ThresholdSettings(Settings):
         "Override: the threshold is this quantile of the out-of-fold scores instead (none: from --false-alarm-rate).",
         interval="(0, 1]",
     )
+    value: float | None = setting(
+        None,
+        "Override: this threshold on image scores, set by hand (none: from --false-alarm-rate); its false-alarm rate "
+        "is still estimated from the out-of-fold scores.",
+    )
+
+    def rule(self, **changes: Any) -> ThresholdSettings:
+        """These settings with a new rule for the threshold (flat keys, ``None`` = not given): the rate, quantile or
+        value given replaces the others."""
+        rules = ("false_alarm_rate", "threshold_quantile", "threshold_value")
+        given = {k: v for k, v in changes.items() if v is not None}
+        if sum(k in given for k in rules) > 1:
+            raise SettingsError("give one of --false-alarm-rate, --threshold-quantile and --threshold-value")
+        if not any(k in given for k in rules):
+            raise SettingsError("give the new rule: --false-alarm-rate, --threshold-quantile or --threshold-value")
+        return self.updated(**({"threshold_quantile": None, "threshold_value": None} | given))
 
 
 @dataclass(frozen=True)

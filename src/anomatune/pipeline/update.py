@@ -1,16 +1,18 @@
-"""``anomatune update``: a new version of a run from the old one and new good images, without a refit.
+"""``anomatune update``: a new version of a model from its served version and new good images, without a refit.
 
-The new version is a run folder like any other (served, evaluated, updated again), plus
-``lineage.json``: its parent's model id and folder, the good images and feedback added,
-the settings, the time it took, the metrics of both versions on the run's test split
-when asked, and the lineage of the parent (its ancestors). The operator's feedback
-(``FeedbackStore``, beside the served run) joins as follows: the images marked good (false
-alarms) become training images once; confirmed defects never do, they are copied into the
-run's ``defects/`` folder, a validation set of real defects (``--validation-defects``).
+The new version is written beside the old ones (never over them) and served unless told
+otherwise; a bad update is rolled back with ``anomatune promote``. Its ``lineage.json``
+holds its parent's model id and version, the good images and feedback parts added, the
+settings, the time it took, the metrics of both versions on labelled data when asked, and
+the lineage of the parent (its ancestors). The operator's feedback (``FeedbackStore``, in
+the model's folder) joins as follows: the last verdict on each part counts; parts marked good
+(false alarms) become training images once; confirmed defects never do, they are copied into
+the version's ``defects/`` folder, a validation set of real defects (``--validation-defects``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -18,10 +20,11 @@ from typing import Any
 
 from ..data.datasets import GOOD, AnomalyDataset, Record, require_dir
 from ..data.images import list_images
-from ..errors import AnomatuneError
-from ..folders.base import refuse_inside
+from ..data.settings import DataSettings
+from ..errors import AnomatuneError, RunFolderError
+from ..folders.base import Folder, refuse_inside
 from ..folders.feedback import FeedbackStore
-from ..folders.kinds import RunFolder
+from ..folders.kinds import ModelFolder, open_run
 from ..metrics import MAIN_METRICS
 from ..models.settings import UpdateSettings
 from .pipeline import Pipeline
@@ -33,7 +36,7 @@ DEFECTS = "defects"  # in a run: the confirmed defects of its lineage (images, a
 
 
 def consumed_feedback(lineage: dict | None) -> set[str]:
-    """The feedback ids a run's lineage has already used (training images or defects)."""
+    """The feedback parts a version's lineage has already used (training images or defects)."""
     used: set[str] = set()
     for entry in [lineage or {}, *((lineage or {}).get("ancestors") or [])]:
         used.update(entry.get("feedback_good", []))
@@ -41,78 +44,182 @@ def consumed_feedback(lineage: dict | None) -> set[str]:
     return used
 
 
+def learnt_as_good(lineage: dict | None) -> set[str]:
+    used: set[str] = set()
+    for entry in [lineage or {}, *((lineage or {}).get("ancestors") or [])]:
+        used.update(entry.get("feedback_good", []))
+    return used
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def update_run(
     run: str | Path,
     good: str | Path | None,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
     feedback: bool = False,
     evaluate: bool = False,
+    test_data: DataSettings | None = None,
+    promote: bool = True,
     settings: UpdateSettings | None = None,
     runtime: RuntimeSettings | None = None,
 ) -> dict[str, Any]:
-    """Write ``out``: the run at ``run`` updated with the good images of ``good`` (and, with ``feedback``, the
-    feedback marked good). ``out`` may be ``run`` itself (a new version in place, swapped in as one set).
-    Returns the lineage written."""
-    run, out = Path(run), Path(out)
+    """Add to the model at ``run`` (or write to the new model folder ``out``) a version of its served one updated
+    with the good images of ``good`` and, with ``feedback``, the parts marked good; with ``evaluate``, both
+    versions are scored on ``test_data`` (default: the run's own test split, when it holds defects). Returns the
+    lineage written."""
+    run = Path(run)
+    source = open_run(run)
+    model = source.path.parent.parent if source.path.parent.name == ModelFolder.VERSIONS else None
+    out = Path(out) if out is not None else (model or run)
+    same_model = model is not None and out.expanduser().resolve() == model.resolve()
+    if not same_model and Folder(out).kind is not None:
+        raise RunFolderError(
+            f"{out} holds {'another model' if Folder(out).kind == ModelFolder.KIND else 'other files'}: an update adds a "
+            f"version to its own model (leave --out out, or pass {model or run}) or writes a new folder"
+        )
     settings = settings or UpdateSettings()
     runtime = runtime or RuntimeSettings()
-    parent = Pipeline.load(run, **runtime.to_dict())
     refuse_inside(out, [good] if good else [])
-    store = FeedbackStore(run)
-    used = consumed_feedback(getattr(parent, "lineage_", None))
-    fresh = [r for r in store.records() if r["id"] not in used] if feedback else []
-    good_feedback = [r for r in fresh if r["verdict"] == "good"]
-    defects = [r for r in fresh if r["verdict"] == "defect"]
     if good:
         require_dir(Path(good), "folder of new good images", "pass the folder of the line's new good images (--good)")
     paths = list_images(Path(good)) if good else []
+    if good and not paths:
+        raise AnomatuneError(f"{good} holds no images (.png, .jpg, .bmp, .tif, ...): pass a folder of new good images")
+    parent = Pipeline.load(source.path, **runtime.to_dict())
+    store = FeedbackStore(source.path)
+    lineage = getattr(parent, "lineage_", None)
+    good_feedback, defects = _fresh_feedback(store, lineage) if feedback else ([], [])
     paths += [store.file(r["image"]) for r in good_feedback]
+    paths = _unseen(paths, parent)
     if not paths:
         raise AnomatuneError(
-            f"no new good images: pass --good DIR{' (the feedback holds no new good verdict)' if feedback else ' or --feedback'}"
+            "no new good images: "
+            + ("the images given were all learnt already; " if good or good_feedback else "")
+            + f"pass --good DIR{' (the feedback holds no new good verdict)' if feedback else ' or --feedback'}"
         )
     images = AnomalyDataset([Record(p, 0, GOOD) for p in paths], False, name="new good images")
-    test = None
-    metrics = None
-    if evaluate:
-        test = _test_split(parent)
-        metrics = {"parent": _main_metrics(parent.score(test))}
-    parent_id = parent.model_id_
-    with RunFolder(out).claim():
-        updated = parent.update(images, settings)
-        if test is not None:
-            metrics["updated"] = _main_metrics(updated.score(test))
-        ancestors = []
-        if getattr(parent, "lineage_", None):
-            previous = dict(parent.lineage_)
-            ancestors = [{k: v for k, v in previous.items() if k != "ancestors"}, *previous.get("ancestors", [])]
-        updated.lineage_ = {
-            "parent": parent_id,
-            "parent_run": str(run.resolve()),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "added_images": [str(Path(p).resolve()) for p in paths],
-            "n_train": updated.fit_record_.n_train,
-            "feedback_good": [r["id"] for r in good_feedback],
-            "feedback_defects": [r["id"] for r in defects],
-            "update_seconds": updated.update_seconds_,
-            "settings": settings.to_dict(),
-            "metrics": metrics,
-            "ancestors": ancestors,
-        }
-        extra = _defect_files(run, store, defects)
-        updated.save(out, extra=extra)
-    log.info("%s: %s updated with %d images (parent %s)", out, updated.model_id_, len(paths), parent_id)
-    return {"run": str(out), "model": updated.model_id_, **updated.lineage_}
+    test = _evaluation_split(parent, test_data) if evaluate else None
+    metrics = {"parent": _main_metrics(parent.score(test))} if test is not None else None
+    parent_id, parent_version = parent.model_id_, parent.version_
+    updated = parent.update(images, settings)
+    if test is not None:
+        metrics["updated"] = _main_metrics(updated.score(test))
+    updated.lineage_ = {
+        "parent": parent_id,
+        "parent_version": parent_version,
+        "parent_run": str(source.path.resolve()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "added_images": [str(Path(p).resolve()) for p in paths],
+        "n_train": updated.fit_record_.n_train,
+        "feedback_good": [r["part"] for r in good_feedback],
+        "feedback_defects": [r["part"] for r in defects],
+        "update_seconds": updated.update_seconds_,
+        "settings": settings.to_dict(),
+        "metrics": metrics,
+        "ancestors": ancestors(lineage),
+    }
+    extra = _defect_files(source.path, store, defects)
+    version = updated.save(out, extra=extra, parent=parent_version if same_model else None, command="update", promote=promote)
+    log.info("%s: version %s (%s) updated with %d image%s (parent %s)", out, version.path.name, updated.model_id_,
+             len(paths), "" if len(paths) == 1 else "s", parent_id)  # fmt: skip
+    return {"run": str(out), "version": version.path.name, "model": updated.model_id_, **updated.lineage_}
 
 
-def _test_split(pipeline: Pipeline) -> AnomalyDataset:
+def ancestors(lineage: dict | None) -> list[dict]:
+    """The lineage entries of a version's parent and of its ancestors, newest first."""
+    if not lineage:
+        return []
+    return [{k: v for k, v in lineage.items() if k != "ancestors"}, *lineage.get("ancestors", [])]
+
+
+def threshold_version(run: str | Path, *, promote: bool = True, runtime: RuntimeSettings | None = None,
+                      **rule: Any) -> dict[str, Any]:  # fmt: skip
+    """Add to the model at ``run`` a version of its served one deciding by a new threshold ``rule`` (see
+    :meth:`Pipeline.recalibrated`): the same tensors (stored once), a new threshold, calibration and id."""
+    source = open_run(run)
+    if source.path.parent.name != ModelFolder.VERSIONS:
+        raise RunFolderError(f"{run} is not part of a model folder: pass the model's folder")
+    parent = Pipeline.load(source.path, **(runtime or RuntimeSettings()).to_dict())
+    new = parent.recalibrated(**rule)
+    new.lineage_ = {
+        "parent": parent.model_id_,
+        "parent_version": parent.version_,
+        "parent_run": str(source.path.resolve()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "threshold": {"from": parent.threshold, "to": new.threshold, "rule": new.settings.threshold.to_dict()},
+        "ancestors": ancestors(getattr(parent, "lineage_", None)),
+    }
+    version = new.save(source.path.parent.parent, parent=parent.version_, command="threshold", promote=promote)
+    return {"version": version.path.name, "model": new.model_id_, "decision": new.image_calibration.describe(),
+            **new.lineage_}  # fmt: skip
+
+
+def _fresh_feedback(store: FeedbackStore, lineage: dict | None) -> tuple[list[dict], list[dict]]:
+    """The parts whose last verdict no ancestor used yet: good ones and defects, each with its files on disk (a line
+    whose image is missing is skipped, a missing mask dropped, each said in one warning)."""
+    used, learnt = consumed_feedback(lineage), learnt_as_good(lineage)
+    good, defects = [], []
+    for record in store.verdicts():
+        part = record.get("part") or record["id"]
+        if part in used:
+            if record["verdict"] == "defect" and part in learnt:
+                log.warning("feedback %s is now a defect but an earlier version learnt it as good: refit to forget it", part)
+            continue
+        if not store.file(record["image"]).is_file():
+            log.warning("feedback %s: its image %s is missing: skipped", record["id"], store.file(record["image"]))
+            continue
+        if record.get("mask") and not store.file(record["mask"]).is_file():
+            log.warning("feedback %s: its mask %s is missing: kept without it", record["id"], store.file(record["mask"]))
+            record = {**record, "mask": None}
+        (good if record["verdict"] == "good" else defects).append({**record, "part": part})
+    return good, defects
+
+
+def _unseen(paths: list[Path], parent: Pipeline) -> list[Path]:
+    """Each image once: not one the model was fitted on or updated with (same content, wherever it lies), never
+    twice."""
+    known = set((getattr(parent, "calibration_", None) or {}).get("files", []))
+    lineage = getattr(parent, "lineage_", None)
+    known.update(f for entry in [lineage or {}, *ancestors(lineage)] for f in entry.get("added_images", []))
+    data = getattr(parent, "data_", None)
+    if data is not None:
+        from ..data.layouts import open_dataset
+
+        try:
+            known.update(str(r.path.resolve()) for r in open_dataset(data, "train").records)
+        except AnomatuneError:  # the training folder moved: its images are known by the lists above only
+            pass
+    seen = {file_digest(Path(f)) for f in known if Path(f).is_file()}
+    kept = []
+    for path in paths:
+        key = file_digest(path)
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    if len(kept) < len(paths):
+        log.info("%d of the images given were learnt already or given twice: each is learnt once", len(paths) - len(kept))
+    return kept
+
+
+def _evaluation_split(pipeline: Pipeline, data: DataSettings | None) -> AnomalyDataset:
+    """Labelled images both versions are scored on: ``data``'s test split, else the run's own, when it has defects."""
     from ..data.layouts import open_dataset
 
-    data = getattr(pipeline, "data_", None)
     if data is None:
-        raise AnomatuneError("the run does not say which data it was fitted on: evaluate the versions with 'anomatune evaluate'")
-    return open_dataset(data, "test")
+        data = getattr(pipeline, "data_", None)
+        if data is None:
+            raise AnomatuneError("the run does not say which data it was fitted on: pass --good-test and --defect")
+    test = open_dataset(data, "test")
+    if not any(test.labels):
+        raise AnomatuneError(
+            f"{test.name} holds no defect images: nothing to compare the versions on; pass labelled data "
+            "(--good-test DIR --defect DIR [--masks DIR])"
+        )
+    return test
 
 
 def _main_metrics(metrics: dict) -> dict:

@@ -2,24 +2,28 @@
 
 Routes: ``POST /predict`` (multipart: one or more ``file`` fields, optional ``model``;
 ``?images=base64|url|none``; each result has an ``id``), ``POST /feedback`` (the operator's
-verdict on a result's ``id`` or on a ``file``, stored beside the run), ``POST
-/models/{name}/reload`` (swap in the run folder's new version), ``GET /health``, ``GET
-/models`` (with each model's version, parent and drift), ``GET /metrics`` (Prometheus),
+verdict on a result's ``id`` or on a ``file``, stored in the model's folder), ``POST
+/models/{name}/reload`` (load the model's served version), ``POST /models/{name}/threshold``
+(a new version at a new false-alarm rate or threshold; needs the API key), ``GET /health``,
+``GET /models`` (each model's version, parent and drift), ``GET /metrics`` (Prometheus),
 ``GET /images/{name}`` (overlays and masks of ``?images=url``), ``GET /`` (the page),
 ``/docs`` (OpenAPI).
 Every error is a 4xx (or 500) JSON body ``{"error": "one line"}``; the server keeps
-answering. With an API key, POST routes need it in the ``X-API-Key`` header.
+answering. With an API key, every route but ``/``, ``/health`` and the docs needs it (header
+``X-API-Key``); whatever the key, a write from another origin is refused.
 
-A new version of a run (``anomatune update --out RUN``, a refit) is loaded beside the one
-served, then swapped in: a request in flight finishes on the version it started with, and
-none fails. A run folder is replaced as one set, and a load during the swap is refused and
-tried again, so a half-written version is never served.
+A served model is a model folder's served version (its alias), read into memory once. A
+new version (``update``, ``threshold``, ``promote``) is loaded beside the one served, then
+swapped in: a request in flight finishes on the version it started with, and none fails.
+Versions are written once and never changed, so a load never sees a half-written one.
 
 Memory is bounded by settings, whatever the requests carry: a request's bytes
 (``--max-request-mb``: refused without reading the rest), each image's pixels
 (``--max-pixels``: refused from its header), the decoded pixels in flight over every
-request (the same bound), a forward pass (``--max-batch``) and the overlays kept for
-``?images=url`` (``--image-cache-mb``).
+request (the same bound), the pixels of one request (``--max-request-pixels``), a forward
+pass (``--max-batch``) and the overlays kept for ``?images=url`` (``--image-cache-mb``);
+after a large request the free memory goes back to the kernel, so the bound holds over the
+server's life.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -47,10 +52,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..data.images import ImageTooLarge, header_size, read_image
+from ..allocator import release_memory
+from ..data.images import ImageTooLarge, header_size, open_image, read_image
 from ..errors import AnomatuneError, DataError
-from ..folders.feedback import VERDICTS, FeedbackStore
-from ..folders.kinds import RunFolder
+from ..folders.feedback import VERDICTS, WITHDRAWN, FeedbackStore
+from ..folders.kinds import folder_stamp
+from ..pipeline.update import threshold_version
 from .batching import Batcher
 from .drift import DriftMonitor, MetricsCollector
 from .models import ServedModel, check_run_names, encode, png_bytes
@@ -97,16 +104,23 @@ class Scored:
     reference to it: a cached upload never keeps an old version in memory)."""
 
     data: bytes
-    suffix: str
-    run: str  # the served run's name
+    file: str  # the file name it was uploaded under
+    run: str  # the served model's name
     model: str  # the version's id
+    version: str  # the version's name (v1, v2, ...)
     threshold: float
     score: float
+    normalized_score: float
     decision: str
 
     @classmethod
     def of(cls, data: bytes, name: str, served: ServedModel, result: dict) -> Scored:
-        return cls(data, Path(name).suffix, served.name, served.id, served.threshold, result["score"], result["decision"])
+        return cls(data, name, served.name, served.id, served.pipeline.version_, served.threshold, result["score"],
+                   result["normalized_score"], result["decision"])  # fmt: skip
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.file).suffix
 
 
 class RequestBudget:
@@ -137,10 +151,14 @@ class RequestBudget:
 
 class PixelBudget:
     """Decoded pixels in flight, over every request, at most ``capacity``: an upload waits for room before it is
-    decoded, so the memory that images take is bounded by a setting, whatever the requests carry."""
+    decoded, so the memory that images take is bounded by a setting, whatever the requests carry. When the last
+    hold ends after a large one, the process's free memory goes back to the kernel (``release_memory``): a server's
+    memory stays bounded over its life, not only per request."""
+
+    RELEASE_AFTER = 16_000_000  # pixels held since the last release that make one worth its few milliseconds
 
     def __init__(self, capacity: int):
-        self.capacity, self.used = capacity, 0
+        self.capacity, self.used, self.since_release = capacity, 0, 0
         self.changed = asyncio.Condition()
 
     @asynccontextmanager
@@ -153,7 +171,13 @@ class PixelBudget:
         finally:
             async with self.changed:
                 self.used -= pixels
+                self.since_release += pixels
+                idle = self.used == 0 and self.since_release >= self.RELEASE_AFTER
+                if idle:
+                    self.since_release = 0
                 self.changed.notify_all()
+            if idle:
+                await run_in_threadpool(release_memory)
 
 
 class Registry:
@@ -171,7 +195,10 @@ class Registry:
 
     def swap(self, model: ServedModel) -> None:
         s = self.settings
+        current = self.models.get(model.name)
         self.models[model.name] = model
+        if current is not None and current.id == model.id:  # the same version again: its drift window goes on
+            return
         calibration = model.pipeline.image_calibration
         self.monitors[model.name] = DriftMonitor(
             model.id,
@@ -218,7 +245,7 @@ class Registry:
         while True:
             await asyncio.sleep(self.settings.watch)
             for name, model in list(self.models.items()):
-                if RunFolder(model.run_dir).stamp() == model.stamp or not (model.run_dir / RunFolder.CONFIG).is_file():
+                if folder_stamp(model.run_dir) == model.stamp:
                     continue
                 try:
                     await self.reload(name)
@@ -258,22 +285,28 @@ def image_url(cache: BoundedCache, png: bytes) -> str:
     return f"/images/{cache.put(png, len(png), f'{uuid.uuid4().hex}.png')}"
 
 
-def binary_mask(upload: UploadFile, image: bytes) -> bytes:
-    """A feedback mask as a 0/255 PNG, refused in one line unless it is a binary image of the image's size."""
+def binary_mask(upload: UploadFile, image: bytes, max_pixels: int) -> bytes:
+    """A feedback mask as a 0/255 PNG, refused in one line unless it is a binary image of the image's size (checked
+    from both headers before the mask is decoded: a mask costs no more than its image)."""
     name = upload.filename or "mask"
     try:
-        with Image.open(io.BytesIO(image)) as picture:
-            expected = picture.size
-        with Image.open(upload.file) as drawn:
+        expected = header_size(io.BytesIO(image), "image", max_pixels)
+        found = header_size(upload.file, name, max_pixels)
+    except ImageTooLarge as exc:
+        raise ApiError(413, str(exc)) from None
+    except DataError as exc:
+        raise ApiError(400, f"{name}: not a readable image ({exc})") from None
+    if found != expected:
+        raise ApiError(
+            400, f"{name}: the mask is {found[0]}x{found[1]} px, its image {expected[0]}x{expected[1]}: draw it on the image"
+        )
+    try:
+        upload.file.seek(0)
+        with open_image(upload.file) as drawn:
             drawn.load()
             values = np.asarray(drawn.convert("L"))
     except (OSError, Image.DecompressionBombError) as exc:
         raise ApiError(400, f"{name}: not a readable image ({exc})") from None
-    if values.shape[::-1] != expected:
-        width, height = expected
-        raise ApiError(
-            400, f"{name}: the mask is {values.shape[1]}x{values.shape[0]} px, its image {width}x{height}: draw it on the image"
-        )
     if not np.isin(np.unique(values), (0, 1, 255)).all() or values.max(initial=0) == 1 and (values == 255).any():
         raise ApiError(400, f"{name}: the mask is not binary: use 0 for good pixels and 255 (or 1) for the defect")
     return png_bytes(Image.fromarray(((values > 0) * 255).astype(np.uint8)))
@@ -336,6 +369,13 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         return error(500, f"internal error ({type(exc).__name__}: {exc}); the server goes on")
 
     def authorised(request: Request) -> None:
+        """Writes need the API key when one is set, and come from this server's own origin whatever the setting: a
+        page elsewhere cannot plant verdicts or change a model through the operator's browser."""
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host", ""):
+            raise ApiError(403, f"cross-origin request from {origin} refused: use the page this server serves")
+        if request.headers.get("sec-fetch-site") == "cross-site":
+            raise ApiError(403, "cross-site request refused: use the page this server serves")
         if settings.api_key is None:
             return
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -364,6 +404,13 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             await run_in_threadpool(image_size, upload.file, name, upload.size, settings, served.max_pixels)
             for name, upload in zip(names, file)
         ]  # every file is checked before any is decoded
+        total = sum(w * h for w, h in sizes)
+        if total > settings.max_request_pixels:
+            raise ApiError(
+                413,
+                f"the request's {len(sizes)} images hold {total / 1e6:.3g} megapixels; at most "
+                f"{settings.max_request_pixels / 1e6:g} are accepted per request (--max-request-pixels): send fewer",
+            )
 
         drawn = images != "none"
         results = await asyncio.gather(
@@ -385,15 +432,18 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
 
     @app.post("/feedback", dependencies=[Depends(authorised)])
     async def feedback(
-        verdict: Literal[VERDICTS] = Form(..., description="good: a false alarm (the part is good); defect: a defect."),
+        verdict: Literal[(*VERDICTS, WITHDRAWN)] = Form(
+            ..., description="good: a false alarm (the part is good); defect: a defect; none: take the verdict back."
+        ),
         id: str | None = Form(None, description="The id of a result of /predict (kept while --image-cache-mb allows)."),
         file: UploadFile | None = File(None, description="The image, when not given by its id (it is scored first)."),
         mask: UploadFile | None = File(None, description="Where the defect is: a binary PNG of the image's size."),
         note: str | None = Form(None, max_length=2000, description="Anything the operator wants to say."),
         model: str | None = Form(None, description="With file: a model id or run name, when several are served."),
     ):
-        """Store the operator's verdict on an image beside the run (append-only; kept across restarts and updates):
-        ``anomatune update RUN --feedback`` learns from the good ones and keeps the defects for validation."""
+        """Store the operator's verdict on a part in the model's folder (append-only; kept across restarts and
+        versions): the last verdict on a part counts, and ``anomatune update RUN --feedback`` learns from the good
+        ones once and keeps the defects for validation."""
         if id is not None:
             kept = uploads.get(id, f"no scored image {id!r} is kept (any more): send the image as 'file' instead")
             served = registry.find(kept.run)
@@ -406,17 +456,46 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             kept = Scored.of(data, name, served, result)
         else:
             raise ApiError(400, "no image: send the 'id' of a result of /predict, or the image as 'file'")
-        mask_png = None if mask is None else await run_in_threadpool(binary_mask, mask, kept.data)
+        mask_png = None
+        if mask is not None:
+            width, height = await run_in_threadpool(header_size, io.BytesIO(kept.data), "image", served.max_pixels)
+            async with budget.hold(width * height):
+                mask_png = await run_in_threadpool(binary_mask, mask, kept.data, served.max_pixels)
         record = {
             "verdict": verdict,
+            "result_id": id,
+            "file": kept.file,
             "model": kept.model,
+            "version": kept.version,
             "score": kept.score,
+            "normalized_score": kept.normalized_score,
             "threshold": kept.threshold,
             "decision": kept.decision,
             "note": note,
         }
         entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, record, mask_png)
-        return {"id": entry["id"], "verdict": verdict, "model": kept.model, "time": entry["time"]}
+        return {"id": entry["id"], "part": entry["part"], "verdict": verdict, "model": kept.model, "time": entry["time"]}
+
+    @app.post("/models/{name}/threshold", dependencies=[Depends(authorised)])
+    async def set_threshold(
+        name: str,
+        false_alarm_rate: float | None = Form(None, gt=0, le=0.5, description="The share of good parts that may be flagged."),
+        threshold: float | None = Form(None, description="Or a threshold on image scores, set by hand."),
+    ):
+        """A new version of the served model deciding by a new false-alarm rate or threshold (never an edit of the
+        version in service), then served. Needs the server's API key: without --api-key this route is closed."""
+        if settings.api_key is None:
+            raise ApiError(403, "changing a threshold needs an API key: start the server with --api-key")
+        served = registry.find(name)
+        if (false_alarm_rate is None) == (threshold is None):
+            raise ApiError(400, "send one of false_alarm_rate and threshold")
+        try:
+            await run_in_threadpool(
+                threshold_version, served.run_dir, false_alarm_rate=false_alarm_rate, threshold_value=threshold
+            )
+        except AnomatuneError as exc:
+            raise ApiError(409, str(exc)) from None
+        return registry.describe(await registry.reload(served.name))
 
     @app.post("/models/{name}/reload", dependencies=[Depends(authorised)])
     async def reload(name: str):
@@ -428,7 +507,12 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             raise ApiError(409, f"{exc}; still serving {registry.find(name).id}") from None
         return registry.describe(loaded)
 
-    @app.get("/images/{name}", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/images/{name}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+        dependencies=[Depends(authorised)],
+    )
     async def image(name: str):
         """An overlay or mask of an answer to ``?images=url``."""
         return Response(
@@ -447,13 +531,13 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             **batcher.counters.to_dict(),
         }
 
-    @app.get("/models")
+    @app.get("/models", dependencies=[Depends(authorised)])
     async def list_models():
         """Each served run: id, version and parent, backbone, detector, threshold, input size, its evaluation's metrics
         (null if not evaluated) and the drift of its recent scores."""
         return registry.info()
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, dependencies=[Depends(authorised)])
     async def prometheus_metrics():
         """Counters and, per model, the drift window's alarm share, score quantiles and KS statistic (Prometheus)."""
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)

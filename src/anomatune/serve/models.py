@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..errors import AnomatuneError
 from ..folders.base import PNG_COMPRESSION
-from ..folders.kinds import EvaluationFolder, RunFolder
+from ..folders.kinds import EvaluationFolder, RunFolder, folder_stamp, open_run
 from ..inference.predict import draw
 from ..metrics import MAIN_METRICS
 from ..pipeline.pipeline import Pipeline
@@ -59,7 +59,8 @@ def exported_forward(pipeline: Pipeline, run_dir: Path, runtime: str, folder: Pa
         )  # not bf16: scores need f32
 
         def run(x: np.ndarray):
-            return tuple(compiled(x).values())
+            answer = compiled(x)
+            return answer[compiled.output("maps")], answer[compiled.output("scores")]
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps, scores = run(((images - mean) / std).numpy())
@@ -70,7 +71,8 @@ def exported_forward(pipeline: Pipeline, run_dir: Path, runtime: str, folder: Pa
 
 @dataclass
 class ServedModel:
-    """One run: ``id`` is its folder's name and files' hash (the model id of predictions)."""
+    """A model's served version, loaded: ``id`` is the model's name and the version's digest (the model id of
+    predictions). It never reads its files again: a later change on disk cannot alter what it answers."""
 
     run_dir: Path
     pipeline: Pipeline
@@ -86,19 +88,18 @@ class ServedModel:
         """The run at ``run_dir`` on ``runtime``; one forward pass takes up to ``max_batch`` images; ``limits``:
         ``max_pixels`` (see :class:`RuntimeSettings`)."""
         run_dir = Path(run_dir)
-        stamp = RunFolder(run_dir).stamp()  # before the load: a change during it shows as stale
-        pipeline = Pipeline.load(run_dir, device=device if runtime == "torch" else "cpu", batch_size=max_batch, **limits)
-        if RunFolder(run_dir).stamp() != stamp:  # a new version was swapped in while these files were read
-            raise AnomatuneError(f"{run_dir} changed while it was being loaded: load it again")
+        stamp = folder_stamp(run_dir)  # before the load: a change during it shows as stale
+        version = open_run(run_dir)  # the served version, whatever the alias says later
+        pipeline = Pipeline.load(version.path, device=device if runtime == "torch" else "cpu", batch_size=max_batch, **limits)
         if pipeline.threshold is None or pipeline.image_calibration is None:
             raise AnomatuneError(f"{run_dir} learnt no threshold (fitted with --threshold-folds 0): refit it to serve decisions")
         options = {"device": device, "max_batch": max_batch, **limits}
-        snapshot = {"stamp": stamp, "metrics": read_metrics(run_dir), "options": options}
+        snapshot = {"stamp": stamp, "metrics": read_metrics(version), "options": options}
         if runtime == "torch":
             return cls(run_dir, pipeline, pipeline.forward, runtime, **snapshot)
         folder = tempfile.TemporaryDirectory(prefix="anomatune-serve-")
         try:
-            forward = exported_forward(pipeline, run_dir, runtime, Path(folder.name))
+            forward = exported_forward(pipeline, version.path, runtime, Path(folder.name))
         except ImportError as exc:
             folder.cleanup()
             raise AnomatuneError(
@@ -155,7 +156,7 @@ class ServedModel:
         return {
             "id": self.id,
             "name": self.name,
-            "version": self.id.rpartition("@")[2],
+            "version": self.pipeline.version_,
             "parent": self.parent,
             "backbone": config.settings.features.backbone,
             "detector": config.settings.detector.name,
@@ -165,7 +166,7 @@ class ServedModel:
             "anomatune_version": config.anomatune_version,
             "runtime": self.runtime,
             "metrics": self.metrics,
-            "stale": RunFolder(self.run_dir).stamp() != self.stamp,
+            "stale": folder_stamp(self.run_dir) != self.stamp,
         }
 
     def score(self, pictures: Sequence[Image.Image], drawn: Sequence[bool] | None = None) -> list[dict]:
@@ -197,9 +198,9 @@ def check_run_names(run_dirs: Sequence[str | Path]) -> None:
         raise AnomatuneError(f"several runs are named {', '.join(twice)}: serve runs whose folders have different names")
 
 
-def read_metrics(run_dir: Path) -> dict | None:
-    """The main metrics of the run's evaluation, or None when it was not evaluated."""
-    evaluation = RunFolder(run_dir).evaluation
+def read_metrics(run: RunFolder) -> dict | None:
+    """The main metrics of the version's evaluation, or None when it was not evaluated."""
+    evaluation = run.evaluation
     if not (evaluation / EvaluationFolder.METRICS).is_file():
         return None
     found = evaluation.read_json(EvaluationFolder.METRICS)

@@ -20,7 +20,8 @@ class ServeSettings(Settings):
     port: int = setting(8000, "Port to listen on.", interval="[1, 65535]")
     api_key: str | None = setting(
         None,
-        f"Key the POST routes require (header X-API-Key); default: the {API_KEY_ENV} environment variable, else none.",
+        f"Key every route but / and /health requires (header X-API-Key, or Authorization: Bearer), when set; "
+        f"default: the {API_KEY_ENV} environment variable, else none (then anyone who reaches the server may use it).",
         metavar="KEY",
     )
     max_batch: int = setting(
@@ -41,12 +42,18 @@ class ServeSettings(Settings):
         "Largest request accepted, in MB, all its files together: a larger one gets 413 and the server stops reading it.",
         interval="(0, 100000]",
     )
+    max_request_pixels: int = setting(
+        256_000_000,
+        "Decoded pixels a request may carry, all its images together (from their headers, before any is decoded): "
+        "a larger one gets 413.",
+        interval="[1, 10000000000]",
+    )
     image_cache_mb: float = setting(
         256.0, "Memory for the overlays and masks of ?images=url, in MB (the oldest are dropped).", interval="[0, 1000000]"
     )
     watch: float = setting(
         0.0,
-        "Seconds between checks of every served run folder for a new version (refit, or 'anomatune update --out RUN'), "
+        "Seconds between checks of every served model for a new served version (fit, update, threshold or promote), "
         "loaded and swapped in without dropping a request; 0: never (POST /models/NAME/reload still does it).",
         interval="[0, 86400]",
     )

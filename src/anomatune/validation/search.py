@@ -29,7 +29,7 @@ from ..features.backbones import create_backbone
 from ..features.extractor import FeatureExtractor
 from ..features.settings import AUTO, NONE
 from ..folders.base import Folder
-from ..folders.kinds import RunFolder
+from ..folders.kinds import ModelFolder, RunFolder
 from ..models.base import Detector
 from ..models.registry import create_detector
 from ..models.settings import detector_settings
@@ -122,7 +122,7 @@ class DetectorSearch:
         validation: :class:`ValidationSettings`.
         candidates: the configurations to compare (default: :data:`CANDIDATES`).
         cache: a folder whose cached validation set is used when it was built with the same recipe (the run
-            folder being replaced); :meth:`save` caches it in the new run.
+            model folder); :meth:`save` caches it there.
         **changes: settings by their flat names, as :class:`Pipeline` takes them (``image_size=128``,
             ``device="cpu"``), and the validation's (``validation_photos=DIR``).
 
@@ -232,11 +232,13 @@ class DetectorSearch:
         return self
 
     def save(self, folder: str | Path) -> RunFolder:
-        """Save the winner as a run, with the candidates' table and the validation set (cached for a refit)."""
+        """Save the winner as a new version of the model at ``folder``, with the candidates' table; the validation set
+        is cached in the model's folder (for a refit)."""
         self.check_is_fitted()
         run = self.best_.save(folder)
-        with run.lock():
-            self.valset_.save(run, self.validation_key_)
+        model = ModelFolder(folder)
+        with model.lock():
+            self.valset_.save(model, self.validation_key_)
         return run
 
     def selection(self, winner: Candidate, n_held: int, n_fit: int, seconds: float) -> dict:

@@ -1,5 +1,5 @@
 // The operator page: pick or drop images, see each one's overlay, score and decision, say when it is wrong
-// (feedback stored beside the run, with where the defect is painted over the heatmap), and see how the recent scores
+// (feedback stored in the model's folder, with where the defect is painted over the heatmap), and see how the recent scores
 // drift. No external code.
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -20,14 +20,24 @@ function showModel() {
   $("drift-line").textContent = `Last ${d.window} images: ${share}; ${ks}.`;
 }
 
+// The API key, when the server asks for one (every route but the page and /health).
+const keyHeaders = () => ($("api-key").value ? { "X-API-Key": $("api-key").value } : {});
+
+async function fetchModels() {
+  const answer = await fetch("/models", { headers: keyHeaders() });
+  const body = await answer.json();
+  if (!answer.ok) throw new Error(answer.status === 401 ? "enter the API key above" : body.error || answer.statusText);
+  return body;
+}
+
 async function refreshModels() {
-  models = await (await fetch("/models")).json();
+  models = await fetchModels();
   showModel();
 }
 
 async function loadModels() {
-  const answer = await fetch("/models");
-  models = await answer.json();
+  models = await fetchModels();
+  $("model").replaceChildren();
   for (const m of models) {
     const option = document.createElement("option");
     option.value = m.name;
@@ -51,7 +61,7 @@ async function inspect(file) {
   const form = new FormData();
   form.append("file", file);
   form.append("model", $("model").value);
-  const headers = $("api-key").value ? { "X-API-Key": $("api-key").value } : {};
+  const headers = keyHeaders();
   try {
     const answer = await fetch("/predict?images=base64", { method: "POST", body: form, headers });
     const body = await answer.json();
@@ -83,7 +93,11 @@ function feedbackControl(id, name, overlay) {
   const control = document.createElement("p");
   control.className = "feedback";
   control.innerHTML = '<button type="button" data-verdict="good">Good part (false alarm)</button> '
-    + '<button type="button" data-verdict="defect">Defect</button> <span class="saved" role="status"></span>';
+    + '<button type="button" data-verdict="defect">Defect</button> '
+    + '<input class="note" type="text" maxlength="2000" placeholder="Note (optional)"> '
+    + '<button type="button" data-verdict="none" class="undo" hidden>Undo</button> '
+    + '<span class="saved" role="status"></span>';
+  control.querySelector(".note").setAttribute("aria-label", `Note on ${name}`);
   for (const button of control.querySelectorAll("button")) {
     button.setAttribute("aria-label", `${button.textContent}: ${name}`);
     button.addEventListener("click", () => sendFeedback(id, button.dataset.verdict, control, overlay));
@@ -134,23 +148,51 @@ function paintedMask(overlay) {
   return new Promise((resolve) => out.toBlob(resolve, "image/png"));
 }
 
+// The operator's verdict: once saved, the buttons are disabled, the badge shows it, and Undo takes it back.
 async function sendFeedback(id, verdict, control, overlay) {
   const form = new FormData();
   form.append("id", id);
   form.append("verdict", verdict);
+  const note = control.querySelector(".note").value.trim();
+  if (note && verdict !== "none") form.append("note", note);
   const mask = verdict === "defect" ? await paintedMask(overlay) : null;
   if (mask) form.append("mask", mask, "mask.png");
-  const headers = $("api-key").value ? { "X-API-Key": $("api-key").value } : {};
+  const headers = keyHeaders();
   const saved = control.querySelector(".saved");
+  const buttons = control.querySelectorAll("button");
+  for (const button of buttons) button.disabled = true;
   try {
     const answer = await fetch("/feedback", { method: "POST", body: form, headers });
     const body = await answer.json();
     if (!answer.ok) throw new Error(body.error || answer.statusText);
-    control.dataset.saved = verdict;
-    saved.textContent = `Saved: ${verdict === "good" ? "good part" : mask ? "defect, with where it is" : "defect"}.`;
+    showVerdict(control, verdict);
+    saved.textContent = verdict === "none" ? "Verdict taken back."
+      : `Saved: ${verdict === "good" ? "good part" : mask ? "defect, with where it is" : "defect"}.`;
   } catch (problem) {
     saved.textContent = `Not saved: ${problem.message}`;
+    showVerdict(control, control.dataset.saved || "none");
   }
+}
+
+function showVerdict(control, verdict) {
+  const decision = control.parentElement.querySelector(".decision");
+  decision.dataset.model ??= decision.textContent;
+  decision.classList.remove("good", "defective", "operator");
+  if (verdict === "none") {
+    delete control.dataset.saved;
+    decision.textContent = decision.dataset.model;
+    decision.classList.add(decision.dataset.model);
+  } else {
+    control.dataset.saved = verdict;
+    decision.textContent = verdict === "good" ? "good (operator)" : "defective (operator)";
+    decision.classList.add(verdict === "good" ? "good" : "defective", "operator");
+  }
+  for (const button of control.querySelectorAll("button")) {
+    const undo = button.dataset.verdict === "none";
+    button.hidden = undo ? verdict === "none" : false;
+    button.disabled = undo ? false : verdict !== "none";
+  }
+  control.querySelector(".note").disabled = verdict !== "none";
 }
 
 async function inspectAll(files) {
@@ -169,4 +211,6 @@ drop.addEventListener("drop", (event) => {
   drop.classList.remove("over");
   inspectAll([...event.dataTransfer.files]);
 });
-loadModels().catch((problem) => { $("model-line").textContent = `Cannot load the models: ${problem.message}`; });
+const startUp = () => loadModels().catch((problem) => { $("model-line").textContent = `Cannot load the models: ${problem.message}`; });
+$("api-key").addEventListener("change", startUp);
+startUp();
