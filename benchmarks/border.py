@@ -4,6 +4,7 @@ A map without a border effect puts a good image's peak in the band about as ofte
 
     python benchmarks/border.py                                    # transistor, GLAD, PaDiM, PatchCore
     python benchmarks/border.py --datasets transistor elpv_mono --detectors padim --sigma 0
+    python benchmarks/border.py --detectors padim glad --aggregation stage --out border_stage
 
 Writes ``results/border.json`` and ``.md``. Input size 256x256, default settings, no threshold (the maps only).
 """
@@ -32,13 +33,15 @@ def main() -> None:
     parser.add_argument("--detectors", nargs="+", default=[DEFAULT_DETECTOR, "padim", "patchcore"])
     parser.add_argument("--band", type=int, default=16, help="border band width in pixels of the input size")
     parser.add_argument("--sigma", type=float, default=4.0, help="the maps' smoothing (0: none)")
+    parser.add_argument("--aggregation", default="auto", choices=("auto", "stage", "concat"), help="the features' aggregation")
     parser.add_argument("--out", default="border")
     args = parser.parse_args()
     rows = []
     for name in args.datasets:
         root, category = dataset(name)
         for detector in args.detectors:
-            pipeline = Pipeline(detector=detector, device="cpu", image_size=SQUARE, threshold_folds=0, sigma=args.sigma)
+            pipeline = Pipeline(detector=detector, device="cpu", image_size=SQUARE, threshold_folds=0, sigma=args.sigma,
+                                aggregation=args.aggregation)  # fmt: skip
             pipeline.fit(open_dataset(data=root, category=category))
             scored = score_dataset(pipeline, open_dataset(data=root, category=category, split="test"))
             maps = scored.maps[scored.labels == 0]
@@ -51,7 +54,7 @@ def main() -> None:
     page = markdown_page(
         "Where good images' maps peak",
         data,
-        f"band {args.band} px of 256, sigma {args.sigma}",
+        f"band {args.band} px of 256, sigma {args.sigma}, aggregation {args.aggregation}",
         ("category", "detector", "good test images", "peaks in the border band", "the band's area"),
         [(r["dataset"], r["detector"], r["good_images"], f"{r['peaks_in_band']:.0%}", f"{r['band_area']:.0%}") for r in rows],
     )

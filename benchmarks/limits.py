@@ -52,6 +52,7 @@ def image_of(megapixels: int) -> Path:
     if not path.is_file():
         from skimage import data
 
+        path.parent.mkdir(parents=True, exist_ok=True)
         tile = np.stack([data.brick()] * 3, axis=-1)
         side = round((megapixels * 1e6) ** 0.5)
         reps = -(-side // tile.shape[0])

@@ -2,9 +2,10 @@
 
 For each category and detector: the default fit (cross-fitted threshold at ``--rate``), then each
 training image's out-of-fold patch map again (the fit's own folds), their mean and standard
-deviation per grid position, and the test split scored twice: the maps as they are, and
-standardised, ``(map − mean) / std`` per position before the upsampling and smoothing. Per
-variant: image AUROC, pixel AUROC, AUPRO (image scores are the maps' maxima, PatchCore's own
+deviation per position, and the test split scored three times: the maps as they are;
+standardised per grid position, ``(map − mean) / std``, before the upsampling and smoothing; and
+standardised per pixel after them (the smoothing's reflected border averages fewer independent
+values, so its output varies more there). Per variant: image AUROC, pixel AUROC, AUPRO (image scores are the maps' maxima, PatchCore's own
 score for PatchCore); the share of good test images whose map peaks in a border band; and the
 good test images with a non-empty mask at a pixel threshold calibrated on the out-of-fold map
 peaks at ``--rate``, with the share of their flagged pixels inside the band.
@@ -31,7 +32,7 @@ from anomatune.pipeline.scoring import score_dataset
 from border import band_mask
 from common import DATASETS, SQUARE, dataset, markdown_page, run_record, write_results
 
-VARIANTS = ("as is", "standardised")
+VARIANTS = ("as is", "per grid position", "per pixel, smoothed")
 
 
 def out_of_fold_maps(pipeline: Pipeline, train) -> torch.Tensor:
@@ -43,24 +44,39 @@ def out_of_fold_maps(pipeline: Pipeline, train) -> torch.Tensor:
     return maps.double()
 
 
-def standardising_forward(pipeline: Pipeline, mean: torch.Tensor, std: torch.Tensor):
+def standardising_forward(pipeline: Pipeline, mean: torch.Tensor, std: torch.Tensor, after: bool):
+    """The pipeline's forward with its maps standardised per grid position (before the post-processing) or per
+    pixel (``after`` it: the image score is then the standardised map's maximum, PatchCore's own score stays)."""
+
     @torch.no_grad()
     def forward(images: torch.Tensor):
         maps, scores = pipeline.detector_.detect(pipeline.extractor_(images))
-        maps = ((maps.double() - mean) / std).to(maps.dtype)
-        maps, scores = pipeline.postprocessor_(maps, scores)
+        if not after:
+            maps = ((maps.double() - mean) / std).to(maps.dtype)
+            maps, scores = pipeline.postprocessor_(maps, scores)
+        else:
+            maps, own = pipeline.postprocessor_(maps, scores)
+            maps = ((maps.double() - mean) / std).float()
+            scores = own if scores is not None else maps.flatten(1).amax(1)
         return maps.cpu(), scores.cpu()
 
     return forward
 
 
-def variant_row(pipeline, test, train_maps, rate: float, band: int) -> dict:
-    """Metrics and border numbers of the pipeline as its ``forward`` now computes the maps."""
+def smoothed(pipeline: Pipeline, patch_maps: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [pipeline.postprocessor_(patch_maps[i : i + 16].float(), None)[0].double() for i in range(0, len(patch_maps), 16)]
+    )
+
+
+def moments(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return maps.mean(0), maps.std(0).clamp_min(1e-6 * float(maps.std()) + 1e-12)
+
+
+def variant_row(pipeline, test, peaks: list[float], rate: float, band: int) -> dict:
+    """Metrics and border numbers of the pipeline as its ``forward`` now computes the maps; ``peaks``: the
+    out-of-fold maps' maxima in the same variant (the pixel threshold's calibration)."""
     scored = score_dataset(pipeline, test)
-    peaks = []
-    for i in range(0, len(train_maps), 16):  # the out-of-fold map peaks through the same post-processing
-        maps, _ = pipeline.postprocessor_(train_maps[i : i + 16].float(), None)
-        peaks += maps.flatten(1).amax(1).double().tolist()
     pixel_threshold = ScoreCalibration.fit(peaks, rate).threshold
     good = scored.maps[scored.labels == 0]
     border = band_mask(*good.shape[1:], band)
@@ -92,14 +108,21 @@ def main() -> None:
             pipeline = Pipeline(detector=detector, device="cpu", image_size=SQUARE, false_alarm_rate=args.rate)
             pipeline.fit(train)
             train_maps = out_of_fold_maps(pipeline, train)
-            mean = train_maps.mean(0)
-            std = train_maps.std(0).clamp_min(1e-6 * float(train_maps.std()) + 1e-12)
+            raw_forward = pipeline.forward
             for variant in VARIANTS:
-                if variant == "standardised":
-                    pipeline.forward = standardising_forward(pipeline, mean, std)
-                    train_maps = (train_maps - mean) / std
+                if variant == "as is":
+                    pipeline.forward, peaks_of = raw_forward, smoothed(pipeline, train_maps)
+                elif variant == "per grid position":
+                    mean, std = moments(train_maps)
+                    pipeline.forward = standardising_forward(pipeline, mean, std, after=False)
+                    peaks_of = smoothed(pipeline, (train_maps - mean) / std)
+                else:
+                    mean, std = moments(smoothed(pipeline, train_maps))
+                    pipeline.forward = standardising_forward(pipeline, mean, std, after=True)
+                    peaks_of = (smoothed(pipeline, train_maps) - mean) / std
+                peaks = peaks_of.flatten(1).amax(1).tolist()
                 rows.append({"dataset": name, "detector": detector, "variant": variant,
-                             **variant_row(pipeline, test, train_maps, args.rate, args.band)})  # fmt: skip
+                             **variant_row(pipeline, test, peaks, args.rate, args.band)})  # fmt: skip
                 print(rows[-1], flush=True)
     data = run_record(rows)
     means = []

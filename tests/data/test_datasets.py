@@ -114,6 +114,17 @@ def test_folder_split_is_seeded_and_disjoint(tmp_path):
     assert not {r.path for r in train.records} & {r.path for r in test.records}
     assert test.labels.tolist() == [0, 0, 0, 1] and test[3]["mask"].mean() == 1.0
     assert [r.path for r in Folder(tmp_path / "good", test_split=0.3, split_seed=1).records] == [r.path for r in train.records]
+    assert test.name == f"test split of {tmp_path / 'good'} and {tmp_path / 'bad'}"  # where its images come from
+
+
+def test_a_broken_image_drawn_into_the_test_split_is_named_at_fit(tmp_path):
+    for i in range(10):
+        save_image(tmp_path / "good" / f"{i}.png")
+    train = Folder(tmp_path / "good", split="train", test_split=0.3, split_seed=1)
+    held = sorted(set((tmp_path / "good").iterdir()) - {r.path for r in train.records})[0]
+    held.write_bytes(held.read_bytes()[:60])  # truncated
+    with pytest.raises(DataError, match=rf"1 of 10 images cannot be used: {held}"):
+        Folder(tmp_path / "good", split="train", test_split=0.3, split_seed=1).check_readable()
 
 
 # --- synthetic: bad input gives one clear line --------------------------------------------------

@@ -80,6 +80,30 @@ def test_pooling_averages_neighbours():
     assert torch.allclose(smooth[..., 3, 3], unpooled[..., 2:5, 2:5].mean((-1, -2)), atol=1e-5)
 
 
+def test_stage_aggregation_pools_each_stage_with_a_zero_border_then_upsamples():
+    import torch.nn.functional as F
+
+    extractor = fast(aggregation="stage")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        got = extractor(x)
+        maps = extractor._stage_maps(x)
+    pooled = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True) for m in maps]
+    size = max(tuple(m.shape[-2:]) for m in pooled)
+    expected = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled], 1)
+    torch.testing.assert_close(got, expected)
+    corner = pooled[0][0, :, 0, 0]
+    torch.testing.assert_close(corner, maps[0][0, :, :2, :2].sum((-1, -2)) / 9)  # the border counts zeros
+
+
+def test_aggregation_auto_is_the_detectors_choice():
+    from anomatune import Pipeline
+
+    assert Pipeline(detector="patchcore").settings.features.aggregation == "stage"
+    assert Pipeline(detector="padim").settings.features.aggregation == "concat"
+    assert Pipeline(detector="patchcore", aggregation="concat").settings.features.aggregation == "concat"
+
+
 def test_pca_projection_fitted_once_and_saved(tmp_path):
     extractor = fast(proj_dim=8, proj="pca")
     x = torch.rand(2, 3, 32, 32)

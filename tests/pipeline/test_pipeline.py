@@ -50,6 +50,8 @@ def test_images_of_every_kind_give_the_same_scores(fast_run, brick):
     as_tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
     scores = [pipeline.predict(x).scores[0] for x in ([path], [image], [np.asarray(image)], as_tensor)]
     assert scores[0] == scores[1] == scores[2] and abs(scores[3] - scores[0]) < 0.05 * abs(scores[0])
+    for one in (path, str(path), image, np.asarray(image)):  # a single image, not a list of one
+        assert len(pipeline.predict(one)) == 1 and pipeline.predict(one).scores[0] == scores[0]
     with pytest.raises(AnomatuneError, match="expected an image path, a PIL image or an HxW"):
         pipeline.predict([np.zeros((4, 4, 3), np.float32)])
     with pytest.raises(AnomatuneError, match="the threshold must be a finite number"):

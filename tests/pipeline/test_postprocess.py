@@ -37,3 +37,33 @@ def test_the_mask_is_empty_exactly_for_good_images():
     assert not defect_mask(heat, 0.3, False).any()  # a good decision never draws a defect
     below = defect_mask(heat, 0.95, True)  # resizing lowered the peak below the threshold: the peak is kept
     assert below.sum() == 1 and below[1, 1]
+
+
+def test_the_standardisation_is_each_pixels_mean_and_std_over_the_good_maps():
+    torch.manual_seed(0)
+    good = torch.rand(7, 4, 4) * torch.linspace(1, 5, 4)  # columns of growing spread
+    post = PostProcessor(PostprocessSettings(sigma=0.0, standardize=True), (4, 4))
+    post.learn(good, batch=3)  # in batches: the same as all at once
+    torch.testing.assert_close(post.pixel_mean, good.mean(0))
+    torch.testing.assert_close(post.pixel_std, good.std(0))
+    maps, scores = post(good)
+    torch.testing.assert_close(maps.mean(0), torch.zeros(4, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps.std(0), torch.ones(4, 4), atol=1e-5, rtol=0)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+    off = PostProcessor(PostprocessSettings(sigma=0.0), (4, 4), post.state_dict())  # learnt, but not asked for
+    torch.testing.assert_close(off(good)[0], good)
+
+
+def test_a_standardised_run_saves_and_loads_its_statistics(brick, tmp_path):
+    from anomatune import Pipeline, open_dataset
+    from anomatune.folders.kinds import RunFolder
+    from tests.conftest import FAST
+
+    fitted = Pipeline(detector="padim", device="cpu", standardize=True, **FAST).fit(open_dataset(data=brick, category="brick"))
+    version = fitted.save(tmp_path / "run")
+    assert (version / RunFolder.POSTPROCESS).is_file()
+    peaks = fitted.calibration_["peaks"]  # out-of-fold peaks of standardised maps: a few standard deviations
+    assert 0 < np.median(peaks) < 20
+    images = sorted((brick / "brick" / "test").rglob("*.png"))[:3]
+    loaded = Pipeline.load(tmp_path / "run", device="cpu")
+    np.testing.assert_array_equal(loaded.predict(images).scores, fitted.predict(images).scores)

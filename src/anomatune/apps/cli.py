@@ -163,7 +163,7 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
 @options.options(EngineSettings)
 @NO_FIGURES_OPTION
 def evaluate_cmd(run, no_figures, **values):
-    """Score the test split (of the run's data unless given): RUN/evaluation/ with metrics, curves and heatmaps.
+    """Score the test split (of the run's data unless given): the served version's evaluation/ (RUN/versions/vN/evaluation/) with metrics, curves and heatmaps.
 
     With --category all: every run under RUN (the --out of 'fit --category all'), and RUN/summary.md.
     """
@@ -199,8 +199,10 @@ def echo_metrics(run: str, result: dict) -> None:
     def shown(value) -> str:
         return "n/a" if value is None or value != value else str(value)
 
+    from ..folders.kinds import EvaluationFolder, open_run
+
     metrics = "  ".join(f"{k.replace('_', ' ')} {shown(result[k])}" for k in ("image_auroc", "pixel_auroc", "aupro"))
-    click.echo(f"{metrics}  ({run}/evaluation/metrics.json)")
+    click.echo(f"{metrics}  ({open_run(run).evaluation / EvaluationFolder.METRICS})")
 
 
 @app.command("finetune")
@@ -459,7 +461,12 @@ def prune_cmd(run, keep):
 
 @app.command("report")
 @click.argument("run", type=click.Path())
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html].")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="HTML file to write [default: report.html in the served version's folder].",
+)
 def report_cmd(run, out):
     """One self-contained HTML page for an evaluated RUN: metrics, curves, fine-tuning diagnostics, heatmaps."""
     from ..inference.report import build_report

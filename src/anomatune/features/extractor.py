@@ -1,9 +1,10 @@
 """Differentiable patch features: the input of every detector and of the fine-tuning.
 
 ``FeatureExtractor`` normalises a [0, 1] RGB batch with the backbone's own statistics (or ImageNet's),
-takes the maps of the chosen stages, resizes them to the finest of them (at least a
-stride-8 grid: 32x32 for a 256x256 input), concatenates them, averages each position
-over a ``pool`` x ``pool`` neighbourhood, applies the fine-tuned :class:`Adaptor` when
+takes the maps of the chosen stages, averages each position over a ``pool`` x ``pool``
+neighbourhood (each stage at its own resolution with ``aggregation`` stage, zeros beyond
+the border counted; the concatenation, over what lies inside, with concat), resizes them to
+the finest of them (at least a stride-8 grid: 32x32 for a 256x256 input), concatenates them, applies the fine-tuned :class:`Adaptor` when
 the weights hold one, and optionally applies a fixed linear
 projection (``random`` or ``pca``) to ``proj_dim`` dimensions. Every step is
 differentiable, so the fine-tuning can backpropagate from a detector's density into the
@@ -24,7 +25,7 @@ from ..data.datasets import RowSample
 from ..errors import AnomatuneError, BackboneError
 from .adaptor import Adaptor
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
-from .settings import AUTO, NONE, FeatureSettings
+from .settings import AUTO, CONCAT, NONE, STAGE, FeatureSettings
 
 GRID_STRIDE = 8
 
@@ -63,6 +64,7 @@ class FeatureExtractor(nn.Module):
         self.layers = tuple(sorted(backbone.layers if settings.layers is None else settings.layers))
         self.patch_size = backbone.patch_size
         self.pool = settings.pool
+        self.aggregation = STAGE if settings.aggregation == STAGE else CONCAT
         self.proj = "pca" if settings.proj == AUTO else settings.proj
         self.freeze_batchnorm = freeze_batchnorm
         self.model = backbone.model
@@ -141,13 +143,16 @@ class FeatureExtractor(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise AnomatuneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
         maps = self._stage_maps(x)
+        pooled = self.pool > 1
+        if pooled and self.aggregation == STAGE:
+            maps = [F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=True) for m in maps]
         grid = (x.shape[-2] // GRID_STRIDE, x.shape[-1] // GRID_STRIDE)
         size = max([tuple(m.shape[-2:]) for m in maps] + [grid])
         maps = [
             m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps
         ]
         features = torch.cat(maps, dim=1)
-        if self.pool > 1:
+        if pooled and self.aggregation == CONCAT:
             features = F.avg_pool2d(features, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
         return features
 

@@ -10,6 +10,8 @@ from ..schema import Settings, setting
 AUTO = "auto"  # as projection: the detector's choice (PCA for the mixtures, none for PaDiM and PatchCore)
 NONE = "none"  # as projection: keep every feature
 PROJECTIONS = (AUTO, NONE, "random", "pca")
+STAGE, CONCAT = "stage", "concat"
+AGGREGATIONS = (AUTO, STAGE, CONCAT)
 NORMALIZATIONS = ("backbone", "imagenet")
 RANDOM = "random"  # as backbone weights: random weights drawn from a fixed seed
 
@@ -45,6 +47,14 @@ class FeatureSettings(Settings):
         choices=NORMALIZATIONS,
     )
     pool: int = setting(3, "Side of the average-pooling neighbourhood of patch features (odd; 1 = none).", interval="[1, 31]")
+    aggregation: str = setting(
+        AUTO,
+        "Where the patch features are averaged: stage (each stage at its own resolution, zeros beyond the border "
+        "counted, then upsampled and concatenated: the PatchCore paper's and anomalib's), concat (the stages "
+        "concatenated first, then averaged over what lies inside the image), or auto: the detector's choice "
+        "(stage for patchcore, concat for the others).",
+        choices=AGGREGATIONS,
+    )
     proj_dim: int | None = setting(
         None,
         "Project features to this many dimensions (none: keep all, or with --proj auto the "

@@ -55,6 +55,7 @@ class RunFolder(Folder):
     CONFIG = "config.yaml"
     DETECTOR = "detector.safetensors"
     PROJECTION = "projection.safetensors"
+    POSTPROCESS = "postprocess.safetensors"  # the maps' per-pixel standardisation (postprocess.standardize)
     SELECTION = "selection.json"  # --detector auto: the candidates' validation table
     CALIBRATION = "calibration.json"  # the good images' out-of-fold scores: the threshold's and drift's reference
     LINEAGE = "lineage.json"  # anomatune update: the parent version, the images added, both versions' metrics
@@ -63,7 +64,7 @@ class RunFolder(Folder):
     REPORT = "report.html"
     MODELS = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}
     MARKERS = (CONFIG,)
-    DETERMINING = (CONFIG, DETECTOR, PROJECTION, CALIBRATION)  # the files a version's id is the digest of
+    DETERMINING = (CONFIG, DETECTOR, PROJECTION, POSTPROCESS, CALIBRATION)  # the files a version's id is the digest of
 
     @property
     def evaluation(self) -> EvaluationFolder:

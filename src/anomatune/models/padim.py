@@ -20,7 +20,8 @@ class PaDiM(Detector):
     ``count_`` (images) and ``scatter_`` (h*w, D, D, float64: Σ (u − μ)(u − μ)ᵀ), so that
     :meth:`partial_fit` equals a fit on all the images; ``online_update`` keeps the running
     moments ``s1_``, ``s2_`` of each position. The precision is derived from the sums at load,
-    not saved: a run (and each of its versions) stores the largest tensor once.
+    not saved, and the scatter is saved as its upper triangle: a version stores a quarter of
+    what the two full matrices took.
     """
 
     Settings = PaDiMSettings
@@ -28,7 +29,20 @@ class PaDiM(Detector):
     online_state = ("s1", "s2")
     derived = ("prec_chol",)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors, the scatter as its upper triangle (it is symmetric: half the bytes)."""
+        state = super().state_dict()
+        rows, cols = torch.triu_indices(*state["scatter"].shape[1:])
+        state["scatter"] = state["scatter"][:, rows, cols].contiguous()
+        return state
+
     def _derive(self) -> None:
+        if self.scatter_.dim() == 2:  # saved as its upper triangle
+            packed, d = self.scatter_, self.means_.shape[1]
+            rows, cols = torch.triu_indices(d, d)
+            self.scatter_ = packed.new_zeros(len(packed), d, d)
+            self.scatter_[:, rows, cols] = packed
+            self.scatter_[:, cols, rows] = packed
         if hasattr(self, "s1_"):
             self._set_online_precision()
         else:

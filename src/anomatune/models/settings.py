@@ -32,6 +32,7 @@ class DetectorSettings(Settings):
     polymorphic = True
     name: ClassVar[str] = ""
     auto_proj_dim: ClassVar[int | None] = None  # feature dimension under --proj auto (None: keep them all)
+    auto_aggregation: ClassVar[str] = "concat"  # the features' aggregation under --aggregation auto
     registry: ClassVar[dict[str, type[DetectorSettings]]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -120,6 +121,7 @@ class PatchCoreSettings(DetectorSettings):
     holds the training patches, whose own scores are ~0)."""
 
     name = "patchcore"
+    auto_aggregation = "stage"  # the paper's: anomalib's image AUROC on transistor (benchmarks/results/patchcore_parity.md)
     coreset_ratio: float = setting(0.1, "Share of training patches kept in the memory bank.", interval="(0, 1]")
     num_neighbors: int = setting(9, "Neighbourhood of the image score's reweighting (the paper's b).", interval="[1, 10000]")
     proj_dim: int = setting(128, "Random-projection dimension of the coreset selection distances.", interval="[1, 100000]")

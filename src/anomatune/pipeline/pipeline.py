@@ -122,7 +122,10 @@ class Pipeline:
         features, detector = self.settings.features, self.settings.detector
         if features.proj == AUTO and features.proj_dim is None and detector.auto_proj_dim is not None:
             # the detector's choice, saved with the run
-            self.settings = replace(self.settings, features=replace(features, proj_dim=detector.auto_proj_dim))
+            features = replace(features, proj_dim=detector.auto_proj_dim)
+        if features.aggregation == AUTO:
+            features = replace(features, aggregation=detector.auto_aggregation)
+        self.settings = replace(self.settings, features=features)
 
     def __repr__(self) -> str:
         f = self.settings.features
@@ -228,11 +231,16 @@ class Pipeline:
         )
         if cross_fit:
             folds = fold_indices(len(train), s.threshold.folds, s.seed)
-            scores, peaks, median = self._outputs(*detector.held_out_detect(features, folds))
+            held_out_maps, held_out_scores = detector.held_out_detect(features, folds)
             del features
+            if s.postprocess.standardize:
+                self.postprocessor_.learn(held_out_maps, self.runtime.batch_size)
+            scores, peaks, median = self._outputs(held_out_maps, held_out_scores)
             self._calibrate([str(r.path.resolve()) for r in train.records], scores, peaks, median, folds.tolist())
         elif s.threshold.folds:
             log.warning("no threshold is learnt from 1 good image: give more, or pass --threshold to predict")
+        if s.postprocess.standardize and not cross_fit:
+            log.warning("--standardize needs the cross-fitting (--threshold-folds >= 2 and 2 images): maps not standardised")
         self.fit_seconds_ = round(time.perf_counter() - start, 2)
         self.data_ = getattr(dataset, "source", None)
         log.info("fitted %s on %d images (%dx%d px) in %.1f s", s.detector.name, len(train), size[1], size[0], self.fit_seconds_)
@@ -467,6 +475,8 @@ class Pipeline:
 
     def _write(self, stage: RunFolder, extra: Mapping[str, Path] | None) -> None:
         stage.write_tensors(RunFolder.DETECTOR, self.detector_.state_dict())
+        if self.postprocessor_.state_dict():
+            stage.write_tensors(RunFolder.POSTPROCESS, self.postprocessor_.state_dict())
         if self.extractor_.proj_dim is not None:
             stage.write_tensors(
                 RunFolder.PROJECTION, {k: v for k, v in self.extractor_.state_dict().items() if k.startswith("proj_")}
@@ -499,7 +509,8 @@ class Pipeline:
         detector = create_detector(config.settings.detector)
         detector.load_state_dict(run.read_tensors(RunFolder.DETECTOR), source=str(run / RunFolder.DETECTOR)).to(pipeline.device)
         pipeline.extractor_, pipeline.detector_ = extractor, detector
-        pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size)
+        state = run.read_tensors(RunFolder.POSTPROCESS) if (run / RunFolder.POSTPROCESS).is_file() else None
+        pipeline.postprocessor_ = PostProcessor(config.settings.postprocess, fitted.input_size, state)
         pipeline.fit_record_, pipeline.data_ = fitted, config.data
         for name, attribute in JSON_ATTRIBUTES:
             if (run / name).is_file():

@@ -24,6 +24,12 @@ class PostprocessSettings(Settings):
         "Gaussian smoothing of the pixel maps, in pixels of the input size (0 = none; 4 is the MVTec protocol).",
         interval="[0, 100]",
     )
+    standardize: bool = setting(
+        False,
+        "Standardise each pixel of the smoothed maps by the good images' out-of-fold maps there (their mean and "
+        "standard deviation; learnt with the threshold's cross-fitting): a border, or a part of the product that "
+        "varies, stops deciding the image score.",
+    )
 
 
 def _folds(value) -> int:
