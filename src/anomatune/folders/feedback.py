@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import RunFolderError
 from .base import atomic_write, json_text
-from .kinds import ModelFolder
+from .kinds import ModelFolder, RunFolder
 
 try:
     import fcntl
@@ -50,9 +50,7 @@ class FeedbackStore:
     MASKS = "masks"
 
     def __init__(self, folder: str | Path):
-        folder = Path(folder).resolve()
-        model = folder.parent.parent if folder.parent.name == ModelFolder.VERSIONS else folder
-        self.path = model / ModelFolder.FEEDBACK
+        self.path = RunFolder(folder).model_path / ModelFolder.FEEDBACK
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:

@@ -71,10 +71,15 @@ class RunFolder(Folder):
         return EvaluationFolder(self.path / self.EVALUATION)
 
     @property
+    def is_version(self) -> bool:
+        """Whether this run is a version of a model (``MODEL/versions/vN``)."""
+        return self.path.resolve().parent.name == ModelFolder.VERSIONS
+
+    @property
     def model_path(self) -> Path:
-        """The model's folder for a version (``MODEL/versions/vN``), else this folder."""
+        """The model's folder for a version, else this folder."""
         path = self.path.resolve()
-        return path.parent.parent if path.parent.name == ModelFolder.VERSIONS else path
+        return path.parent.parent if self.is_version else path
 
     @property
     def model_name(self) -> str:

@@ -35,20 +35,21 @@ log = logging.getLogger(__name__)
 DEFECTS = "defects"  # in a run: the confirmed defects of its lineage (images, and masks when every one has one)
 
 
+def lineage_chain(lineage: dict | None) -> list[dict]:
+    """A lineage's own entry (without its ancestors) and its ancestors' entries, newest first: a new version's
+    ``ancestors`` when ``lineage`` is its parent's."""
+    if not lineage:
+        return []
+    return [{k: v for k, v in lineage.items() if k != "ancestors"}, *lineage.get("ancestors", [])]
+
+
 def consumed_feedback(lineage: dict | None) -> set[str]:
     """The feedback parts a version's lineage has already used (training images or defects)."""
-    used: set[str] = set()
-    for entry in [lineage or {}, *((lineage or {}).get("ancestors") or [])]:
-        used.update(entry.get("feedback_good", []))
-        used.update(entry.get("feedback_defects", []))
-    return used
+    return {p for entry in lineage_chain(lineage) for p in entry.get("feedback_good", []) + entry.get("feedback_defects", [])}
 
 
 def learnt_as_good(lineage: dict | None) -> set[str]:
-    used: set[str] = set()
-    for entry in [lineage or {}, *((lineage or {}).get("ancestors") or [])]:
-        used.update(entry.get("feedback_good", []))
-    return used
+    return {p for entry in lineage_chain(lineage) for p in entry.get("feedback_good", [])}
 
 
 def file_digest(path: Path) -> str:
@@ -73,7 +74,7 @@ def update_run(
     lineage written."""
     run = Path(run)
     source = open_run(run)
-    model = source.path.parent.parent if source.path.parent.name == ModelFolder.VERSIONS else None
+    model = source.model_path if source.is_version else None
     out = Path(out) if out is not None else (model or run)
     same_model = model is not None and out.expanduser().resolve() == model.resolve()
     if not same_model and Folder(out).kind is not None:
@@ -120,7 +121,7 @@ def update_run(
         "update_seconds": updated.update_seconds_,
         "settings": settings.to_dict(),
         "metrics": metrics,
-        "ancestors": ancestors(lineage),
+        "ancestors": lineage_chain(lineage),
     }
     extra = _defect_files(source.path, store, defects)
     version = updated.save(out, extra=extra, parent=parent_version if same_model else None, command="update", promote=promote)
@@ -129,19 +130,12 @@ def update_run(
     return {"run": str(out), "version": version.path.name, "model": updated.model_id_, **updated.lineage_}
 
 
-def ancestors(lineage: dict | None) -> list[dict]:
-    """The lineage entries of a version's parent and of its ancestors, newest first."""
-    if not lineage:
-        return []
-    return [{k: v for k, v in lineage.items() if k != "ancestors"}, *lineage.get("ancestors", [])]
-
-
 def threshold_version(run: str | Path, *, promote: bool = True, runtime: RuntimeSettings | None = None,
                       **rule: Any) -> dict[str, Any]:  # fmt: skip
     """Add to the model at ``run`` a version of its served one deciding by a new threshold ``rule`` (see
     :meth:`Pipeline.recalibrated`): the same tensors (stored once), a new threshold, calibration and id."""
     source = open_run(run)
-    if source.path.parent.name != ModelFolder.VERSIONS:
+    if not source.is_version:
         raise RunFolderError(f"{run} is not part of a model folder: pass the model's folder")
     parent = Pipeline.load(source.path, **(runtime or RuntimeSettings()).to_dict())
     new = parent.recalibrated(**rule)
@@ -151,9 +145,9 @@ def threshold_version(run: str | Path, *, promote: bool = True, runtime: Runtime
         "parent_run": str(source.path.resolve()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "threshold": {"from": parent.threshold, "to": new.threshold, "rule": new.settings.threshold.to_dict()},
-        "ancestors": ancestors(getattr(parent, "lineage_", None)),
+        "ancestors": lineage_chain(getattr(parent, "lineage_", None)),
     }
-    version = new.save(source.path.parent.parent, parent=parent.version_, command="threshold", promote=promote)
+    version = new.save(source.model_path, parent=parent.version_, command="threshold", promote=promote)
     return {"version": version.path.name, "model": new.model_id_, "decision": new.image_calibration.describe(),
             **new.lineage_}  # fmt: skip
 
@@ -184,7 +178,7 @@ def _unseen(paths: list[Path], parent: Pipeline) -> list[Path]:
     twice."""
     known = set((getattr(parent, "calibration_", None) or {}).get("files", []))
     lineage = getattr(parent, "lineage_", None)
-    known.update(f for entry in [lineage or {}, *ancestors(lineage)] for f in entry.get("added_images", []))
+    known.update(f for entry in lineage_chain(lineage) for f in entry.get("added_images", []))
     data = getattr(parent, "data_", None)
     if data is not None:
         from ..data.layouts import open_dataset
