@@ -23,11 +23,9 @@ image do not depend on the other images), so the fits run through the real ``Pip
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,11 +33,10 @@ import torch
 from anomatune import Pipeline, open_dataset
 from anomatune.calibration import ScoreCalibration
 from anomatune.data.datasets import seeded_split
-from anomatune.features.extractor import FeatureExtractor
 from anomatune.models.settings import DEFAULT_DETECTOR, detector_settings
 from anomatune.pipeline.scoring import score_dataset
 from anomatune.validation.search import SEARCH_CORESET
-from common import DATASETS, RESULTS, SQUARE, dataset, write_results
+from common import DATASETS, RESULTS, SQUARE, dataset, features_once, write_results
 
 DETECTORS = [DEFAULT_DETECTOR, "padim", "patchcore"]
 SIZES = [20, 40, 100, None]  # None: every training image
@@ -47,27 +44,6 @@ RATES = [0.01, 0.05]
 DRAWS = 3
 DETECTOR_SETTINGS = {"patchcore": dict(SEARCH_CORESET)}
 PREVIOUS_HOLDOUT, PREVIOUS_QUANTILE = 0.1, 0.99  # the previous release's threshold
-
-
-@contextmanager
-def features_once():
-    """Every image's stage features computed once (keyed by the image's bytes), however many fits read it."""
-    original = FeatureExtractor.stage_features
-    cache: dict[str, torch.Tensor] = {}
-
-    def cached(self, x):
-        keys = [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in x.cpu()]
-        missing = [i for i, key in enumerate(keys) if key not in cache]
-        if missing:
-            for i, features in zip(missing, original(self, x[missing])):
-                cache[keys[i]] = features
-        return torch.stack([cache[key] for key in keys])
-
-    FeatureExtractor.stage_features = cached
-    try:
-        yield cache
-    finally:
-        FeatureExtractor.stage_features = original
 
 
 def rates_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float]:

@@ -108,3 +108,32 @@ def serving(run: Path, *options: str, timeout: float = 120):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@contextmanager
+def features_once():
+    """Every image's stage features computed once per extractor configuration (keyed by the backbone, its stages,
+    pooling and aggregation, and the image's bytes), however many fits and scorings read them."""
+    import hashlib
+
+    import torch
+
+    from anomatune.features.extractor import FeatureExtractor
+
+    original = FeatureExtractor.stage_features
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def cached(self, x):
+        config = (self.backbone_name, self.weights_id, self.layers, self.pool, self.aggregation)
+        keys = [(config, hashlib.sha1(image.numpy().tobytes()).hexdigest()) for image in x.cpu()]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            for i, features in zip(missing, original(self, x[missing])):
+                cache[keys[i]] = features
+        return torch.stack([cache[key] for key in keys])
+
+    FeatureExtractor.stage_features = cached
+    try:
+        yield cache
+    finally:
+        FeatureExtractor.stage_features = original

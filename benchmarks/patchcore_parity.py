@@ -46,7 +46,7 @@ def pooled_per_stage(zero_border: bool):
     """``FeatureExtractor.stage_features`` with each stage pooled at its own resolution before the upsampling."""
 
     def stage_features(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self._stage_maps(x)
+        maps = self.stage_maps(x)
         if self.pool > 1:
             maps = [F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=zero_border) for m in maps]
         grid = (x.shape[-2] // extractor_module.GRID_STRIDE, x.shape[-1] // extractor_module.GRID_STRIDE)

@@ -35,7 +35,7 @@ from anomatune.pipeline.pipeline import Pipeline
 from anomatune.pipeline.scoring import score_dataset
 from anomatune.pipeline.settings import PipelineSettings
 from anomatune.validation.scoring import detector_outputs, validation_metrics
-from anomatune.validation.search import DetectorSearch
+from anomatune.validation.search import DetectorSearch, FeatureView
 from anomatune.validation.sets import REAL, ValidationSet
 from anomatune.validation.settings import ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, dataset, write_results
@@ -47,7 +47,7 @@ REAL_DRAWS = 3
 
 def test_outputs(run, loader, cache: dict, postprocess) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores of the test split through a search candidate (features cached per stage set)."""
-    key = (id(run.extractor), run.projected)
+    key = (run.view, None if run.projection is None else id(run.projection[0]))
     if key not in cache:
         cache[key] = torch.cat([run.features(batch["image"]).cpu() for batch in loader])
     maps, scores = detector_outputs(run.detector, cache[key], tuple(loader.dataset.size_hw), postprocess)
@@ -98,7 +98,8 @@ def category(name: str, photos: bool) -> dict:
     masks = torch.cat([b["mask"] for b in loader]).numpy().astype(bool)[:, 0] if test.has_masks else None
     cache, rows, outputs = {}, [], []
     test_seconds = 0.0
-    for run in search.runs(resized.subset(fit_index), valset):
+    train_maps, validation_maps = search.stage_maps(resized, valset)
+    for run in search.runs(train_maps, fit_index, validation_maps, valset, start):
         began = time.perf_counter()
         maps, scores = test_outputs(run, loader, cache, settings.postprocess)
         metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(pixel_curves(masks, maps))
@@ -111,7 +112,8 @@ def category(name: str, photos: bool) -> dict:
     pick = int(np.argmax([r["score"] for r in rows]))
     winner = search.candidates[pick]
     began = time.perf_counter()
-    refit = Pipeline(winner.settings(settings, search.layers_)).fit(train)
+    chosen = winner.settings(settings, search.layers_)
+    refit = Pipeline(chosen).fit(train, raw_features=train_maps.features(FeatureView.of(chosen.features)))
     refit_seconds = time.perf_counter() - began
     auto = score_dataset(refit, test).metrics
     test_auroc = [r["test"]["image_auroc"] for r in rows]

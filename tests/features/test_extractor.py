@@ -87,7 +87,7 @@ def test_stage_aggregation_pools_each_stage_with_a_zero_border_then_upsamples():
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         got = extractor(x)
-        maps = extractor._stage_maps(x)
+        maps = extractor.stage_maps(x)
     pooled = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True) for m in maps]
     size = max(tuple(m.shape[-2:]) for m in pooled)
     expected = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled], 1)

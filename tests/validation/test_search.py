@@ -78,3 +78,72 @@ def test_the_default_candidates_cover_every_detector_on_both_stage_sets():
     names = {c.name for c in CANDIDATES}
     assert {"padim all default", "glad pca64 default", "glad all default", "patchcore all default"} <= names
     assert {"padim all fine", "glad pca64 fine", "patchcore all fine"} <= names
+
+
+@pytest.mark.parametrize("aggregation", ["concat", "stage"])
+def test_one_backbone_pass_gives_each_stage_set_exactly_its_own_extractors_features(aggregation):
+    import torch
+
+    from anomatune.features.extractor import FeatureExtractor
+    from anomatune.validation.search import FeatureView, StageMaps, stage_sets
+
+    default = FeatureExtractor(FAST["backbone"], backbone_weights="random").eval()
+    sets_ = stage_sets(default)
+    union = FeatureExtractor(FAST["backbone"], backbone_weights="random", layers=sets_[FINE]).eval()
+    images = torch.rand(5, 3, 48, 40)
+    maps = StageMaps(union, torch.split(images, 2), "test")
+    for layers in sets_.values():
+        alone = FeatureExtractor(FAST["backbone"], backbone_weights="random", layers=layers, aggregation=aggregation).eval()
+        with torch.no_grad():
+            expected = alone.raw_features(images[[4, 1]])
+        got = maps.features(FeatureView(layers, aggregation), rows=[4, 1])
+        torch.testing.assert_close(got, expected)
+        assert maps.positions(FeatureView(layers, aggregation)) == expected.shape[-2] * expected.shape[-1]
+
+
+def test_the_final_fit_from_the_searchs_features_equals_a_fit_from_the_images(brick):
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from anomatune.data.datasets import collate
+
+    train = open_dataset(data=brick, category="brick")
+    plain = Pipeline(detector="padim", **FAST).fit(train)
+    loader = DataLoader(train.at_size(plain.input_size), batch_size=5, collate_fn=collate)
+    with torch.no_grad():
+        raw = torch.cat([plain.extractor_.raw_features(batch["image"]) for batch in loader])
+    given = Pipeline(detector="padim", **FAST).fit(train, raw_features=raw)
+    assert given.threshold == pytest.approx(plain.threshold, rel=1e-5)
+    test = sorted(str(p) for p in (brick / "brick" / "test").rglob("*.png"))
+    np.testing.assert_allclose(given.predict(test).scores, plain.predict(test).scores, rtol=1e-5)
+    with pytest.raises(AnomatuneError, match="do not fit 12 images"):
+        Pipeline(detector="padim", **FAST).fit(train, raw_features=raw[:3])
+
+
+def test_a_budget_skips_the_candidates_it_cannot_afford_and_says_so(brick):
+    search = _search(budget=1e-6).fit(open_dataset(data=brick, category="brick"))  # the first always runs
+    assert [row["candidate"] for row in search.results_] == ["padim all default"]
+    assert [s["candidate"] for s in search.best_.selection_["skipped"]] == ["glad pca64 default"]
+    assert search.best_.selection_["skipped"][0]["estimated_seconds"] >= 0
+
+
+def test_patchcore_candidates_read_its_own_aggregation():
+    from anomatune.validation.search import CANDIDATES
+
+    base = PipelineSettings()
+    layers = {"default": (2, 3), FINE: (1, 2, 3)}
+    aggregations = {c.detector: c.settings(base, layers).features.aggregation for c in CANDIDATES}
+    assert aggregations == {"patchcore": "stage", "padim": "concat", "glad": "concat"}
+
+
+def test_the_cost_estimates_rank_the_candidates_as_measured():
+    from anomatune.models.settings import detector_settings
+    from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM
+
+    padim, patchcore = detector_settings("padim"), detector_settings("patchcore", **dict(SEARCH_CORESET))
+    glad = detector_settings("glad", **dict(SEARCH_EM))
+    assert padim.work(2, 3, 4, 5) == 3 * 2 * 2 * (4 + 5 + 2)
+    # transistor at 256 px: 183 images fitted on, 210 validation images, 1,024 positions (benchmarks: 10 s, 49 s, 167 s, 20 s)
+    work = [d.work(dim, 1024, 183, 210) for d, dim in ((padim, 152), (glad, 64), (glad, 152), (patchcore, 152))]
+    assert work[0] < work[3] < work[1] < work[2]

@@ -30,6 +30,44 @@ from .settings import AUTO, CONCAT, NONE, STAGE, FeatureSettings
 GRID_STRIDE = 8
 
 
+def combine_stages(maps: Sequence[torch.Tensor], input_hw: tuple[int, int], pool: int, aggregation: str) -> torch.Tensor:
+    """Stage maps pooled, resized to the finest of them (at least a stride-8 grid of the input) and concatenated:
+    ``stage`` pools each map at its own resolution, zeros beyond the border counted; ``concat`` pools the
+    concatenation over what lies inside. A function of the maps alone, so several stage sets can share one pass."""
+    pooled = pool > 1
+    if pooled and aggregation == STAGE:
+        maps = [F.avg_pool2d(m, pool, stride=1, padding=pool // 2, count_include_pad=True) for m in maps]
+    grid = (input_hw[0] // GRID_STRIDE, input_hw[1] // GRID_STRIDE)
+    size = max([tuple(m.shape[-2:]) for m in maps] + [grid])
+    maps = [m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+    features = torch.cat(list(maps), dim=1)
+    if pooled and aggregation == CONCAT:
+        features = F.avg_pool2d(features, pool, stride=1, padding=pool // 2, count_include_pad=False)
+    return features
+
+
+def pca_projection(
+    raw: torch.Tensor | Sequence[torch.Tensor], dim: int, max_patches: int = 200_000, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PCA of raw features ``(N, C, h, w)`` (one tensor or batches) to ``dim`` dimensions: ``(weight (dim, C),
+    mean (C,))`` in float32, from a seeded sample of ``max_patches`` patches drawn before any copy is made."""
+    batches = [raw] if isinstance(raw, torch.Tensor) else list(raw)
+    channels = batches[0].shape[1]
+    sample = RowSample(sum(b.shape[0] * b.shape[2] * b.shape[3] for b in batches), max_patches, seed)
+    patches = torch.cat([sample.take(b.permute(0, 2, 3, 1).reshape(-1, channels)).double() for b in batches])
+    if len(patches) < 2:
+        raise AnomatuneError("fit_projection got too few patches: pass at least one batch of good images")
+    mean = patches.mean(0)
+    _, vectors = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending eigenvalues
+    return vectors[:, -dim:].flip(1).T.float(), mean.float()
+
+
+def project_features(features: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """A linear projection of features ``(B, C, h, w)`` to ``(B, dim, h, w)`` after centring."""
+    centred = features - mean.view(1, -1, 1, 1)
+    return torch.einsum("dc,bchw->bdhw", weight.to(features.dtype), centred)
+
+
 class FeatureExtractor(nn.Module):
     """Patch features ``(B, D, h, w)`` of an image batch ``(B, 3, H, W)`` in [0, 1].
 
@@ -77,7 +115,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD if imagenet else backbone.std).view(1, 3, 1, 1))
         with torch.no_grad():
             probe = self.model.eval()
-            self.stage_channels = tuple(m.shape[1] for m in self._stage_maps(torch.zeros(1, 3, 64, 64)))
+            self.stage_channels = tuple(m.shape[1] for m in self.stage_maps(torch.zeros(1, 3, 64, 64)))
             probe.train(self.training)
         self.raw_dim = sum(self.stage_channels)
         self.adaptor = None if backbone.adaptor is None else Adaptor.from_state(backbone.adaptor, settings.backbone_weights)
@@ -120,7 +158,8 @@ class FeatureExtractor(nn.Module):
                     module.eval()
         return self
 
-    def _stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each chosen stage's map at its own resolution, in the order of ``layers``."""
         x = (x - self.mean) / self.std
         if self.patch_size > 1:  # transformers take sides that are multiples of the patch
             h, w = (max(self.patch_size, round(s / self.patch_size) * self.patch_size) for s in x.shape[-2:])
@@ -142,19 +181,7 @@ class FeatureExtractor(nn.Module):
         """Concatenated, pooled stage features, before any adaptor."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise AnomatuneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
-        maps = self._stage_maps(x)
-        pooled = self.pool > 1
-        if pooled and self.aggregation == STAGE:
-            maps = [F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=True) for m in maps]
-        grid = (x.shape[-2] // GRID_STRIDE, x.shape[-1] // GRID_STRIDE)
-        size = max([tuple(m.shape[-2:]) for m in maps] + [grid])
-        maps = [
-            m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps
-        ]
-        features = torch.cat(maps, dim=1)
-        if pooled and self.aggregation == CONCAT:
-            features = F.avg_pool2d(features, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
-        return features
+        return combine_stages(self.stage_maps(x), tuple(x.shape[-2:]), self.pool, self.aggregation)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the fixed projection (identity when ``proj_dim`` is None)."""
@@ -162,8 +189,7 @@ class FeatureExtractor(nn.Module):
             return features
         if not bool(self.proj_fitted):
             raise AnomatuneError("the PCA projection is not fitted: call fit_projection(good images) first")
-        centred = features - self.proj_mean.view(1, -1, 1, 1)
-        return torch.einsum("dc,bchw->bdhw", self.proj_weight.to(features.dtype), centred)
+        return project_features(features, self.proj_weight, self.proj_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.raw_features(x))
@@ -214,15 +240,8 @@ class FeatureExtractor(nn.Module):
         the images), as one tensor or batch by batch; the patch sample is drawn before any copy is made."""
         if self.proj_dim is None or self.proj == "random":
             return self
-        batches = [raw] if isinstance(raw, torch.Tensor) else list(raw)
-        sample = RowSample(sum(b.shape[0] * b.shape[2] * b.shape[3] for b in batches), max_patches, seed)
-        patches = torch.cat([sample.take(b.permute(0, 2, 3, 1).reshape(-1, self.raw_dim)).double() for b in batches])
-        if len(patches) < 2:
-            raise AnomatuneError("fit_projection got too few patches: pass at least one batch of good images")
-        mean = patches.mean(0)
-        cov = torch.cov((patches - mean).T)
-        _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
-        self.proj_weight.copy_(vectors[:, -self.proj_dim :].flip(1).T.float().to(self.proj_weight.device))
-        self.proj_mean.copy_(mean.float().to(self.proj_mean.device))
+        weight, mean = pca_projection(raw, self.proj_dim, max_patches, seed)
+        self.proj_weight.copy_(weight.to(self.proj_weight.device))
+        self.proj_mean.copy_(mean.to(self.proj_mean.device))
         self.proj_fitted.fill_(True)
         return self

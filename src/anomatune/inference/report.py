@@ -230,11 +230,14 @@ def _selection_section(run: RunFolder) -> str:
     ]
     header = ("candidate", "validation score", "validation AUPRO", *families, "fit + score s")
     v = selection["validation"]
+    skipped = ", ".join(f"{s['candidate']} (about {s['estimated_seconds']:.0f} s)" for s in selection.get("skipped", ()))
     return (
         "<h2>How the detector was chosen (--detector auto)</h2>"
         f"<p>Chose <b>{html.escape(selection['winner'])}</b>: {html.escape(selection['why'])}. Validation: "
         f"{v['held_out_good_images']} held-out good images, each also with one synthetic anomaly of every family; "
-        f"candidates fitted on {v['fit_images']} good images; no test image read.</p>" + _table(rows, header)
+        f"candidates fitted on {v['fit_images']} good images; no test image read.</p>"
+        + (f"<p>Skipped to keep within --search-budget: {html.escape(skipped)}.</p>" if skipped else "")
+        + _table(rows, header)
     )
 
 

@@ -44,6 +44,11 @@ class DetectorSettings(Settings):
     def names(cls) -> list[str]:
         return list(DetectorSettings.registry)
 
+    def work(self, dim: int, positions: int, n_fit: int, n_scored: int) -> float:
+        """Multiply-adds of a fit on ``n_fit`` images and of scoring ``n_scored`` more, with ``dim`` features at
+        ``positions`` grid positions: the detector search plans its budget with it (a rough count, not a time)."""
+        return float(positions * dim * dim * (n_fit + n_scored))
+
     @classmethod
     def resolve(cls, value: Any) -> type[DetectorSettings]:
         """The settings class of a detector name, a ``{name: ..., ...}`` mapping or an instance."""
@@ -96,6 +101,10 @@ class GMMSettings(DetectorSettings):
     seed: int = setting(0, "Seed of the subsample and the k-means++ start.")
     normalize: bool = setting(True, NORMALIZE_HELP)
 
+    def work(self, dim: int, positions: int, n_fit: int, n_scored: int) -> float:
+        em_patches = min(self.max_patches, n_fit * positions)  # E and M steps, then every patch's density once
+        return float(self.n_components * dim * dim * (2 * em_patches * self.max_iter + (n_fit + n_scored) * positions))
+
 
 @dataclass(frozen=True)
 class GLADSettings(GMMSettings):
@@ -113,6 +122,9 @@ class PaDiMSettings(DetectorSettings):
     name = "padim"
     ridge: float = setting(0.01, "Added to every covariance's diagonal (absolute, as in the PaDiM paper).", interval="(0, inf)")
     normalize: bool = setting(False, NORMALIZE_HELP)
+
+    def work(self, dim: int, positions: int, n_fit: int, n_scored: int) -> float:
+        return float(positions * dim * dim * (n_fit + n_scored + dim))  # the sums, one inverse per position, the scores
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,11 @@ class PatchCoreSettings(DetectorSettings):
         interval="[1, inf)",
     )
     seed: int = setting(0, "Seed of the projection, of the patch sample and of the first coreset patch.")
+
+    def work(self, dim: int, positions: int, n_fit: int, n_scored: int) -> float:
+        patches = n_fit * positions if self.max_patches is None else min(self.max_patches, n_fit * positions)
+        bank = max(1.0, self.coreset_ratio * patches)  # the greedy selection, then every scored patch's search
+        return float(patches * bank * self.proj_dim + n_scored * positions * bank * dim)
 
 
 @dataclass(frozen=True)

@@ -162,12 +162,14 @@ class Pipeline:
 
     # -- fitting ----------------------------------------------------------------------------
 
-    def fit(self, dataset: AnomalyDataset) -> Pipeline:
+    def fit(self, dataset: AnomalyDataset, raw_features: torch.Tensor | None = None) -> Pipeline:
         """Fit on the good images of ``dataset`` (a training split).
 
         The input size follows the images' median aspect ratio (or ``WxH``). Every image is fitted on; each is also
         scored by a model fitted without its fold (``threshold.folds``), and those out-of-fold scores set the decision
-        threshold at the ``false_alarm_rate`` asked (see :attr:`image_calibration`).
+        threshold at the ``false_alarm_rate`` asked (see :attr:`image_calibration`). ``raw_features``: the images'
+        features before any projection, in the dataset's order, when the caller has already computed them with this
+        pipeline's stages (the detector search): the backbone pass is skipped.
         """
         s = self.settings
         device = self.device
@@ -196,8 +198,14 @@ class Pipeline:
         extractor = self._extractor()
         detector = create_detector(s.detector)
         cross_fit = s.threshold.folds >= 2 and len(train) >= 2
+        if raw_features is not None and tuple(raw_features.shape[:2]) != (len(train), extractor.raw_dim):
+            raise AnomatuneError(
+                f"raw_features of shape {tuple(raw_features.shape)} do not fit {len(train)} images of "
+                f"{extractor.raw_dim} features: pass the features of these images, or none"
+            )
+        given = None if raw_features is None else torch.split(raw_features, self.runtime.batch_size)
         if extractor.proj_dim is not None and extractor.proj == "pca":  # one pass over the images: fit the PCA, then project
-            raw = list(extractor.stream(self._loader(train), desc="train features", raw=True))
+            raw = list(given or extractor.stream(self._loader(train), desc="train features", raw=True))
             extractor.fit_projection_on(raw, seed=s.seed)
             projected = []
             while raw:  # each raw batch is freed once projected: at most the raw features and the projected ones at once
@@ -209,7 +217,11 @@ class Pipeline:
             kept = []
 
             def streamed():
-                for batch in extractor.stream(self._loader(train), desc="train features"):
+                if given is None:
+                    batches = extractor.stream(self._loader(train), desc="train features")
+                else:
+                    batches = (extractor.project(b) for b in given)
+                for batch in batches:
                     batch = batch.to(device)
                     if cross_fit:  # the cross-fitting scores every training image again
                         kept.append(batch)

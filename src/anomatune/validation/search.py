@@ -2,18 +2,20 @@
 
 Like scikit-learn's ``GridSearchCV`` around a :class:`Pipeline`: :class:`DetectorSearch`
 holds out a seeded share of the good training images, builds the validation set from
-them (:class:`.sets.ValidationSet`), extracts the features once per stage set, fits each
+them (:class:`.sets.ValidationSet`), runs the backbone once over every training and
+validation image (the union of the candidates' stages, :class:`StageMaps`), fits each
 candidate (detector x projection x stages) on the remaining good images and scores the
 validation images; then the best candidate is refit as a normal run on every training
-image, and the candidates' table is kept with it (``pipeline.selection_``, saved in the
-run as ``selection.json``; ``anomatune report`` shows it). No test image is read.
+image from the same features, and the candidates' table is kept with it (``pipeline.selection_``,
+saved in the run as ``selection.json``; ``anomatune report`` shows it). No test image is read.
+With ``--search-budget``, candidates whose estimated cost would overrun it are skipped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..data.datasets import AnomalyDataset, collate
 from ..device import resolve_device
 from ..errors import AnomatuneError, check_is_fitted
 from ..features.backbones import create_backbone
-from ..features.extractor import FeatureExtractor
-from ..features.settings import AUTO, NONE
+from ..features.extractor import FeatureExtractor, combine_stages, pca_projection, project_features
+from ..features.settings import AUTO, NONE, FeatureSettings
 from ..folders.base import Folder
 from ..folders.kinds import ModelFolder, RunFolder
 from ..models.base import Detector
@@ -61,13 +64,14 @@ class Candidate:
         return f"{self.detector} {proj} {self.stages}"
 
     def settings(self, base: PipelineSettings, layers: dict[str, tuple[int, ...]]) -> PipelineSettings:
-        """The pipeline settings of this candidate on top of ``base``."""
-        return base.updated(
+        """The pipeline settings of this candidate on top of ``base`` (the aggregation resolved as a fit resolves it)."""
+        settings = base.updated(
             detector=detector_settings(self.detector, **dict(self.changes)),
             layers=layers[self.stages],
             proj=AUTO if self.proj == "pca" else NONE,  # auto: no projection when there are no more features than PCA_DIM
             proj_dim=PCA_DIM if self.proj == "pca" else None,
         )
+        return Pipeline(settings).settings
 
 
 SEARCH_EM = (("max_patches", 20_000), ("max_iter", 15))  # the mixtures' EM within the search's time budget
@@ -86,32 +90,83 @@ CANDIDATES = (
 
 
 def stage_sets(extractor: FeatureExtractor) -> dict[str, tuple[int, ...]]:
-    """The backbone's default stages and, for a CNN with a stride-4 stage, the same with it (small defects)."""
+    """The backbone's default stages and, for a CNN with a stride-4 stage, the same with it (small defects); only
+    the default ones when the weights carry a fine-tuned adaptor (it was trained on those)."""
     sets = {DEFAULT: extractor.layers}
     info = getattr(extractor.model, "feature_info", None)
-    if extractor.patch_size == 1 and info is not None:
+    if extractor.patch_size == 1 and info is not None and extractor.adaptor is None:
         fine = [i for i, f in enumerate(info) if f["reduction"] == 4]
         if fine and fine[-1] not in extractor.layers:
             sets[FINE] = tuple(sorted({*extractor.layers, fine[-1]}))
     return sets
 
 
+class StageMaps:
+    """Every image's stage maps from one backbone pass over the union of the candidates' stages: any stage set's
+    features are combined from them, exactly as that set's own extractor computes them, with no second pass."""
+
+    def __init__(self, extractor: FeatureExtractor, batches: Iterable, desc: str):
+        self.extractor = extractor
+        device = extractor.mean.device
+        per_batch = []
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, leave=False):
+                images = (batch["image"] if isinstance(batch, dict) else batch).to(device)
+                per_batch.append([m.cpu() for m in extractor.stage_maps(images)])
+                self.input_hw = tuple(images.shape[-2:])
+        self.maps = [torch.cat(stage) for stage in zip(*per_batch)]
+
+    def __len__(self) -> int:
+        return len(self.maps[0])
+
+    def positions(self, view: FeatureView) -> int:
+        """The grid positions of ``view``'s features."""
+        probe = [self.maps[self.extractor.layers.index(i)][:1, :1] for i in view.layers]
+        return combine_stages(probe, self.input_hw, 1, view.aggregation)[0, 0].numel()
+
+    @torch.no_grad()
+    def features(self, view: FeatureView, rows: Sequence[int] | None = None, batch_size: int = 32) -> torch.Tensor:
+        """The raw features (before any projection) of ``view`` for the images ``rows`` (default: all), on the CPU."""
+        rows = torch.arange(len(self)) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        where = [self.extractor.layers.index(layer) for layer in view.layers]
+        device = self.extractor.mean.device
+        chunks = []
+        for chunk in torch.split(rows, batch_size):
+            maps = [self.maps[i][chunk].to(device) for i in where]
+            combined = combine_stages(maps, self.input_hw, self.extractor.pool, view.aggregation)
+            chunks.append(self.extractor.adapt(combined).cpu())
+        return torch.cat(chunks)
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """What a candidate reads of the shared pass: a stage set and an aggregation (and, in a run, a PCA)."""
+
+    layers: tuple[int, ...]
+    aggregation: str
+
+    @classmethod
+    def of(cls, features: FeatureSettings) -> FeatureView:
+        return cls(tuple(features.layers), features.aggregation)
+
+
 @dataclass
 class CandidateRun:
-    """A candidate fitted during the search: its row of the table, its detector, the features it reads, and its
-    outputs on the validation images (pixel maps, image scores)."""
+    """A candidate fitted during the search: its row of the table, its detector, and its outputs on the validation
+    images (pixel maps, image scores); :meth:`features` gives any other images' features (a benchmark's test)."""
 
     candidate: Candidate
     row: dict
     detector: Detector
     extractor: FeatureExtractor
-    projected: bool
+    view: FeatureView
+    projection: tuple[torch.Tensor, torch.Tensor] | None
     outputs: tuple[torch.Tensor, torch.Tensor]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        raw = self.extractor.raw_features(images.to(self.extractor.mean.device))
-        return self.extractor.project(raw) if self.projected else raw
+        raw = StageMaps(self.extractor, [images], desc="features").features(self.view)
+        return raw if self.projection is None else project_features(raw, *self.projection)
 
 
 class DetectorSearch:
@@ -182,52 +237,90 @@ class DetectorSearch:
         )
         return resized, fit_index, valset
 
-    def runs(self, train: AnomalyDataset, valset: ValidationSet) -> Iterator[CandidateRun]:
-        """Each candidate fitted on ``train`` (good images at the input size) and scored on ``valset``, in turn.
+    def stage_maps(self, resized: AnomalyDataset, valset: ValidationSet) -> tuple[StageMaps, StageMaps]:
+        """One backbone pass over the training images (every one: the final fit reads them too) and the validation
+        images, for the union of the candidates' stage sets; sets ``layers_`` (the stage sets by name)."""
+        s = self.settings
+        backbone = create_backbone(s.features.backbone, weights=s.features.backbone_weights)
+        default = FeatureExtractor(s.features, backbone=backbone, seed=s.seed)
+        self.layers_ = {k: v for k, v in stage_sets(default).items() if k in {c.stages for c in self.candidates}}
+        union = tuple(sorted({layer for layers in self.layers_.values() for layer in layers}))
+        extractor = default if union == default.layers else FeatureExtractor(s.features, backbone=backbone, layers=union)
+        extractor = extractor.to(resolve_device(self.runtime.device)).eval()
+        loader = DataLoader(resized, batch_size=self.runtime.batch_size, collate_fn=collate)
+        train = StageMaps(extractor, loader, "train features")
+        validation = StageMaps(extractor, torch.split(valset.images, self.runtime.batch_size), "validation features")
+        return train, validation
 
-        The features are extracted once per stage set; the PCA once for the candidates that project."""
+    def runs(
+        self, train: StageMaps, fit_index: Sequence[int], validation: StageMaps, valset: ValidationSet, start: float
+    ) -> Iterator[CandidateRun]:
+        """Each candidate fitted on the ``fit_index`` images of ``train`` and scored on the validation, in turn; with
+        a budget, those whose estimated cost would end the search past it (counted from ``start``, a
+        ``time.perf_counter()``) are skipped and listed in ``skipped_``. One view's features are held at a time."""
         s = self.settings
         device = resolve_device(self.runtime.device)
-        loader = DataLoader(train, batch_size=self.runtime.batch_size, collate_fn=collate)
+        budget = self.validation.budget
+        self.skipped_: list[dict] = []
+        held: dict[FeatureView, tuple[torch.Tensor, torch.Tensor]] = {}
+        projections: dict[FeatureView, tuple[torch.Tensor, torch.Tensor]] = {}
+        work_done = seconds_done = 0.0
+        for candidate in (c for c in self.candidates if c.stages in self.layers_):
+            settings = candidate.settings(s, self.layers_)
+            view = FeatureView.of(settings.features)
+            dim = sum(train.extractor.stage_channels[train.extractor.layers.index(i)] for i in view.layers)
+            if settings.features.proj_dim is not None and settings.features.proj_dim < dim:
+                dim = settings.features.proj_dim
+            positions = train.positions(view)
+            work = settings.detector.work(dim, positions, len(fit_index), len(valset))
+            if budget is not None and work_done:
+                estimate = work * seconds_done / work_done
+                if time.perf_counter() - start + estimate > budget:
+                    self.skipped_.append({"candidate": candidate.name, "estimated_seconds": round(estimate, 1)})
+                    log.info("%s: skipped (about %.0f s, over the %.0f s budget)", candidate.name, estimate, budget)
+                    continue
+            if view not in held:
+                held.clear()
+                held[view] = (train.features(view, fit_index), validation.features(view))
+            fit_raw, val_raw = held[view]
+            projection = None
+            if settings.features.proj_dim is not None and settings.features.proj_dim < fit_raw.shape[1]:
+                if view not in projections:
+                    projections[view] = pca_projection(fit_raw, settings.features.proj_dim, seed=s.seed)
+                projection = projections[view]
 
-        def extractor_of(layers: tuple[int, ...] | None) -> FeatureExtractor:
-            backbone = create_backbone(s.features.backbone, weights=s.features.backbone_weights)
-            features = s.features.updated(proj=AUTO, proj_dim=PCA_DIM, layers=layers)
-            return FeatureExtractor(features, backbone=backbone, seed=s.seed).to(device)
+            def project(raw: torch.Tensor, projection=projection) -> torch.Tensor:
+                return raw.to(device) if projection is None else project_features(raw, *projection).to(device)
 
-        default = extractor_of(s.features.layers)
-        self.layers_ = stage_sets(default)
-        for stages in dict.fromkeys(c.stages for c in self.candidates if c.stages in self.layers_):
-            extractor = default if stages == DEFAULT else extractor_of(self.layers_[stages])
-            fit_raw = extractor.extract(loader, desc=f"features ({stages} stages)", raw=True)
-            val_raw = extractor.extract(torch.split(valset.images, self.runtime.batch_size), desc="validation features", raw=True)
-            if any(c.proj == "pca" for c in self.candidates if c.stages == stages):
-                extractor.fit_projection_on(fit_raw, seed=s.seed)
-            for candidate in (c for c in self.candidates if c.stages == stages):
-                project = extractor.project if candidate.proj == "pca" else (lambda f: f)
-                began = time.perf_counter()
-                detector = create_detector(candidate.settings(s, self.layers_).detector).fit(project(fit_raw).to(device))
-                outputs = detector_outputs(detector, project(val_raw).to(device), valset.images.shape[-2:], s.postprocess)
-                row = {"candidate": candidate.name, **validation_metrics(valset, *outputs)}
-                row["seconds"] = round(time.perf_counter() - began, 1)
-                log.info("%s: validation %.4f (%.1f s)", candidate.name, row["score"], row["seconds"])
-                yield CandidateRun(candidate, row, detector, extractor, candidate.proj == "pca", outputs)
-            del fit_raw, val_raw
+            began = time.perf_counter()
+            detector = create_detector(settings.detector).fit(project(fit_raw))
+            outputs = detector_outputs(detector, project(val_raw), valset.images.shape[-2:], s.postprocess)
+            row = {"candidate": candidate.name, **validation_metrics(valset, *outputs)}
+            row["seconds"] = round(time.perf_counter() - began, 1)
+            work_done, seconds_done = work_done + work, seconds_done + row["seconds"]
+            log.info("%s: validation %.4f (%.1f s)", candidate.name, row["score"], row["seconds"])
+            yield CandidateRun(candidate, row, detector, train.extractor, view, projection, outputs)
 
     def fit(self, dataset: AnomalyDataset) -> DetectorSearch:
         """Score every candidate on the validation set built from ``dataset``'s good images; refit the best on all."""
         start = time.perf_counter()
         resized, fit_index, valset = self.prepare(dataset)
-        results = [(run.candidate, run.row) for run in self.runs(resized.subset(fit_index), valset)]
+        train, validation = self.stage_maps(resized, valset)
+        results = [(run.candidate, run.row) for run in self.runs(train, fit_index, validation, valset, start)]
+        del validation
         if not results:
-            raise AnomatuneError("no candidate applies to this backbone: choose a detector")
+            raise AnomatuneError("no candidate applies to this backbone (or fits in the search budget): choose a detector")
         best_candidate, best_row = max(results, key=lambda pair: pair[1]["score"])  # the first of equals: the cheaper
         log.info("chose %s (validation %.4f); refitting it on every training image", best_candidate.name, best_row["score"])
         self.results_ = [row for _, row in results]
         self.best_candidate_ = best_candidate
-        best = Pipeline(best_candidate.settings(self.settings, self.layers_), **self.runtime.to_dict()).fit(dataset)
+        searched = time.perf_counter() - start
+        settings = best_candidate.settings(self.settings, self.layers_)
+        raw = train.features(FeatureView.of(settings.features))
+        del train
+        best = Pipeline(settings, **self.runtime.to_dict()).fit(dataset, raw_features=raw)
         n_held = int((np.array(valset.groups) == GOOD).sum())
-        best.selection_ = self.selection(best_candidate, n_held, len(fit_index), time.perf_counter() - start)
+        best.selection_ = self.selection(best_candidate, n_held, len(fit_index), searched)
         self.best_, self.valset_ = best, valset
         return self
 
@@ -258,5 +351,6 @@ class DetectorSearch:
                 "seed": self.validation.seed,
             },
             "candidates": self.results_,
+            "skipped": self.skipped_,
             "search_seconds": round(seconds, 1),
         }

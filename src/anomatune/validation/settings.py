@@ -51,6 +51,14 @@ class ValidationSettings(Settings):
         "Good images each candidate is fitted on during the search at most (seeded choice); the winner is refit on all.",
         interval="[2, 100000]",
     )
+    budget: float | None = setting(
+        None,
+        "Seconds the detector search may spend (validation set, features, candidates; not the final fit): candidates "
+        "whose estimated cost would overrun it are skipped, and the run says which; default: no limit.",
+        interval="(0, inf)",
+        flag="search-budget",
+        metavar="SECONDS",
+    )
     seed: int = setting(0, "Seed of the held-out images and of the synthetic anomalies.")
 
     @property
