@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from anomatune.device import resolve_device
 from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
+from anomatune.finetune.loop import Finetuner
 from anomatune.folders.kinds import FinetuneFolder, RunFolder
 from anomatune.metrics import image_auroc, pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
@@ -137,6 +139,75 @@ class Category:
         result = split_metrics(self.labels, scores, pixel_curves(self.masks, maps))
         metrics = {m: None if np.isnan(result[m]) else round(result[m], 4) for m in METRICS}
         return metrics | {"image_scores": [float(f"{v:.6g}") for v in scores]}  # for the bootstrap over test images
+
+
+@contextmanager
+def oracle_curve(cat: Category, models: list[str], curve: list[dict]):
+    """While a fine-tuning runs, each validated checkpoint's test metrics too: every detector refitted on the
+    checkpoint's features of all training images and scored on the test split. Reads test labels: a diagnostic of
+    whether training can help at all, never an input of a choice."""
+    original = Finetuner.validate
+
+    def validate(self) -> None:
+        original(self)
+        if self.valset is None or not self.state.validation:
+            return
+        was_training = self.extractor.training
+        self.extractor.eval()
+        split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
+        train = self.extractor.extract(split(cat.train_images), "oracle train", raw=True)
+        test = self.extractor.extract(split(cat.test_images), "oracle test", raw=True)
+        self.extractor.train(was_training)
+        point = {"step": self.state.step, "validation": self.state.validation[-1]["score"]}
+        for model in models:
+            metrics = cat.metrics(model, train, test)
+            point[model] = {m: metrics[m] for m in ("image_auroc", "aupro")}
+        print(json.dumps({"oracle": cat.name, **point}), flush=True)
+        curve.append(point)
+
+    Finetuner.validate = validate
+    try:
+        yield curve
+    finally:
+        Finetuner.validate = original
+
+
+def oracle_table(rows: list[dict]) -> list[str]:
+    """Per run's category and detector: the test gain at the kept checkpoint, at the best checkpoint on test (an upper
+    bound that reads test labels) and the rank correlation of validation and test along the run."""
+    runs = [r for r in rows if r.get("curve") and r["backbone"] == "fine-tuned"]
+    if not runs:
+        return []
+    lines = [
+        "## The oracle curve: could the training help at all, or only the judge not pick it?",
+        "",
+        "For every validated checkpoint of a run, the detectors refitted on its features and scored on the test split. "
+        "*best on test* reads test labels: an upper bound, never used for a default. Gains are over step 0 (the frozen "
+        "features); ρ: Spearman's rank correlation of the validation score and the test image AUROC along the run "
+        "(mean over runs).",
+        "",
+        "| configuration | dataset | detector | runs | gain at kept | gain at best on test | best step | ρ validation–test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["config"], r["dataset"], r["model"]), []).append(r)
+    for (config, dataset, model), group in groups.items():
+        kept, best, steps, rhos = [], [], [], []
+        for r in group:
+            curve = [p for p in r["curve"] if p[model]["image_auroc"] is not None]
+            base = next(p for p in curve if p["step"] == 0)[model]["image_auroc"]
+            at = {p["step"]: p[model]["image_auroc"] for p in curve}
+            kept.append(at.get(r["kept_step"], base) - base)
+            top = max(curve, key=lambda p: p[model]["image_auroc"])
+            best.append(top[model]["image_auroc"] - base)
+            steps.append(top["step"])
+            rhos.append(_spearman([p["validation"] for p in curve], [p[model]["image_auroc"] for p in curve]))
+        lines.append(
+            f"| {config} | {dataset} | {model} | {len(group)} | {_mean_std(kept)} | {_mean_std(best)} | "
+            f"{', '.join(map(str, steps))} | {np.nanmean(rhos):.2f} |"
+        )
+    return lines + [""]
 
 
 def _mean_std(values) -> str:
@@ -261,6 +332,7 @@ def write_table(files: list[Path], out: Path) -> None:
         "",
     ]
     lines += bootstrap_table(parts)
+    lines += oracle_table(rows)
     lines += [
         "## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)",
         "",
@@ -347,6 +419,9 @@ def main() -> None:
     parser.add_argument(
         "--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE", help="Changes for every configuration."
     )
+    parser.add_argument(
+        "--oracle", action="store_true", help="Also score every validated checkpoint on the test split (a diagnostic)."
+    )
     parser.add_argument("--budget", type=float, default=float("inf"), help="Seconds after which no new unit starts.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Folder for the results file.")
@@ -421,7 +496,8 @@ def main() -> None:
         changes = CONFIGS[config] | common | {"seed": seed}
         families = {k: changes.pop(k) for k in ("validation_families",) if k in changes}  # the validation's setting
         settings = FinetuneSettings().updated(**changes)
-        with tempfile.TemporaryDirectory() as tmp:
+        curve: list[dict] = []
+        with tempfile.TemporaryDirectory() as tmp, oracle_curve(cat, args.models, curve) if args.oracle else nullcontext():
             t = time.perf_counter()
             report = finetune(
                 cat.train,
@@ -459,6 +535,7 @@ def main() -> None:
                             **metrics,
                             "validation_gain": round(scores[step] - scores[0], 5),
                             **tune,
+                            **({"curve": curve} if curve and backbone == "fine-tuned" else {}),
                         }
                     )
 

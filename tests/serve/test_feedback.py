@@ -221,3 +221,28 @@ def test_a_threshold_set_from_the_api_is_a_new_version(own_run, images):
     with serve([own_run]) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         closed = c.post("/models/run/threshold", data={"false_alarm_rate": "0.02"})
         assert closed.status_code == 403 and "--api-key" in closed.json()["error"]
+
+
+def test_every_inspection_and_verdict_is_kept_and_listed_for_dashboards(own_run, images, tmp_path):
+    from anomatune.store import InspectionStore
+
+    database = tmp_path / "line.sqlite"
+    with serve([own_run], store=str(database), station="cell-2") as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        files = [("file", (p.name, p.read_bytes())) for p in (images["good"], images["defective"], images["good"])]
+        results = c.post("/predict?images=none", files=files).json()["results"]
+        c.post("/feedback", data={"id": results[1]["id"], "verdict": "good", "note": "dust"}).raise_for_status()
+        listed = c.get("/inspections").json()
+        tally = c.get("/tally").json()
+        good_only = c.get("/inspections", params={"verdict": "good"}).json()
+        later = c.get("/inspections", params={"since": "2999-01-01T00:00:00Z"}).json()
+        bad = c.get("/inspections", params={"since": "yesterday"})
+    assert sorted(r["id"] for r in listed) == sorted(r["id"] for r in results)
+    assert {r["station"] for r in listed} == {"cell-2"} and {r["version"] for r in listed} == {"v1"}
+    row = next(r for r in listed if r["id"] == results[1]["id"])
+    assert row["operator_verdict"] == "good" and row["operator_note"] == "dust" and row["score"] == results[1]["score"]
+    decisions = [r["decision"] for r in results]
+    assert tally["inspected"] == 3 and tally["good"] == decisions.count("good") and tally["defect"] == decisions.count("defective")
+    assert tally["confirmed"] + tally["overturned"] == 1
+    assert all(r["verdict"] == "good" for r in good_only) and later == []
+    assert bad.status_code == 422
+    assert len(InspectionStore(database).inspections()) == 3  # in the database, after the server stopped

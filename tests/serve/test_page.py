@@ -2,6 +2,7 @@
 overrule one, take it back and give it again (feedback stored in the model's folder) and see the drift line."""
 
 import shutil
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 
 from anomatune import Pipeline
 from anomatune.folders.feedback import FeedbackStore
+from anomatune.store import InspectionStore
+from anomatune.store.inspections import DATABASE
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) drives the page")
 
@@ -67,6 +70,10 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
             page.wait_for_selector(".feedback[data-saved='defect']", timeout=30000)
             page.wait_for_function("document.getElementById('drift-line').textContent.includes('Last')", timeout=30000)
             drift_line = page.text_content("#drift-line")
+            page.reload()  # the shift comes back from the inspections store
+            page.wait_for_function("document.getElementById('history').children.length >= 2", timeout=30000)
+            tally_text = page.text_content("#tally")
+            history = page.eval_on_selector_all("#history li", "items => items.map(i => i.textContent)")
         finally:
             browser.close()
     shown = {name: (decision, width, text) for name, decision, width, text in decisions}
@@ -87,6 +94,11 @@ def test_the_page_inspects_uploads_in_chromium(server, fast_run, images):
     assert mask.shape == np.asarray(Image.open(uploaded[0])).shape[:2] and set(np.unique(mask)) == {0, 255}
     assert 0.01 < (mask > 0).mean() < 0.6  # the painted stroke, not the whole image
     assert "above the threshold" in drift_line
+    midnight = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    shift = InspectionStore(fast_run / DATABASE).tally(since=midnight)
+    assert tally_text.startswith(f"{shift['inspected']} inspected") and shift["inspected"] >= 2
+    assert uploaded[-1].name in history[0] and "(operator: good)" in history[0]
+    assert uploaded[0].name in history[1] and "(operator: defect)" in history[1]
     for path, label in zip(images.values(), expected.labels):
         assert shown[path.name][0] == ("defective" if label else "good")
         assert shown[path.name][1] > 0  # the overlay loaded

@@ -25,6 +25,7 @@ from ..errors import AnomatuneError
 from ..features.settings import FeatureSettings
 from ..finetune.settings import FinetuneSettings
 from ..inference.settings import ExportSettings, PredictSettings
+from ..line.settings import MqttSettings, WatchSettings
 from ..models.settings import UpdateSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..serve.settings import API_KEY_ENV, ServeSettings
@@ -524,6 +525,30 @@ def serve_cmd(runs, **values):
         log.warning("listening on %s without --api-key: anyone who reaches this machine can use the server", settings.host)
     click.echo(f"serving {', '.join(ids)} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
     uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@app.command("watch")
+@click.argument("model", type=click.Path())
+@options.options(WatchSettings)
+@options.options(MqttSettings)
+@options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
+def watch_cmd(model, **values):
+    """Score every image a camera writes into a folder with MODEL's served version, each exactly once across
+    restarts: the result in the inspections store, the image moved to done/ or failed/, the verdict over MQTT.
+
+    Stop it with Ctrl-C (or a kill: nothing is lost). MQTT and file events need pip install 'anomatune[line]'.
+    """
+    from ..line.hotfolder import Watcher
+
+    settings, mqtt = options.build(WatchSettings, values), options.build(MqttSettings, values)
+    runtime = options.build(RuntimeSettings, values)
+    watcher = Watcher(model, settings, mqtt, **runtime.to_dict())
+    click.echo(f"watching {watcher.folder.path} with {watcher.pipeline.model_id_}; inspections in {watcher.store.url}")
+    try:
+        scored = watcher.run()
+    except KeyboardInterrupt:
+        scored = watcher.scored
+    click.echo(f"{scored} images scored")
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -36,6 +36,7 @@ import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -56,8 +57,10 @@ from ..allocator import release_memory
 from ..data.images import ImageTooLarge, header_size, open_image, read_image
 from ..errors import AnomatuneError, DataError
 from ..folders.feedback import VERDICTS, WITHDRAWN, FeedbackStore
-from ..folders.kinds import folder_stamp
+from ..folders.kinds import RunFolder, folder_stamp
 from ..pipeline.update import threshold_version
+from ..store import InspectionStore
+from ..store.inspections import DATABASE
 from .batching import Batcher
 from .drift import DriftMonitor, MetricsCollector
 from .models import ServedModel, check_run_names, encode, png_bytes
@@ -189,6 +192,10 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
         self.monitors: dict[str, DriftMonitor] = {}
         self.stores = {m.name: FeedbackStore(m.run_dir) for m in models}
+        shared = None if settings.store is None else InspectionStore(settings.store, settings.station)
+        self.inspections = {
+            m.name: shared or InspectionStore(RunFolder(m.run_dir).model_path / DATABASE, settings.station) for m in models
+        }
         self.reloading: dict[str, asyncio.Lock] = {m.name: asyncio.Lock() for m in models}
         for m in models:
             self.swap(m)
@@ -428,7 +435,25 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             elif images == "url":
                 answer |= {"overlay": image_url(cache, result["overlay"]), "mask": image_url(cache, result["mask"])}
             answers.append(answer)
+            await run_in_threadpool(record, served, answer["id"], name, result)
         return {"model": served.id, "anomatune_version": __version__, "threshold": served.threshold, "results": answers}
+
+    def record(served: ServedModel, inspection_id: str, name: str, result: dict) -> None:
+        """One inspection in the store, under the id the answer gives (feedback on it finds it)."""
+        decision = result["decision"]
+        registry.inspections[served.name].add(
+            id=inspection_id,
+            source="api",
+            model=served.name,
+            version=served.pipeline.version_,
+            model_id=served.id,
+            file_name=name,
+            score=result["score"],
+            normalized=result["normalized_score"],
+            false_alarm_rate=result["false_alarm_rate"],
+            threshold=served.threshold,
+            verdict="defect" if decision == "defective" else decision,
+        )
 
     @app.post("/feedback", dependencies=[Depends(authorised)])
     async def feedback(
@@ -461,7 +486,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             width, height = await run_in_threadpool(header_size, io.BytesIO(kept.data), "image", served.max_pixels)
             async with budget.hold(width * height):
                 mask_png = await run_in_threadpool(binary_mask, mask, kept.data, served.max_pixels)
-        record = {
+        line = {
             "verdict": verdict,
             "result_id": id,
             "file": kept.file,
@@ -473,7 +498,9 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
             "decision": kept.decision,
             "note": note,
         }
-        entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, record, mask_png)
+        entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, line, mask_png)
+        if id is not None:
+            await run_in_threadpool(registry.inspections[served.name].set_operator_verdict, id, verdict, note or "")
         return {"id": entry["id"], "part": entry["part"], "verdict": verdict, "model": kept.model, "time": entry["time"]}
 
     @app.post("/models/{name}/threshold", dependencies=[Depends(authorised)])
@@ -536,6 +563,31 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         """Each served run: id, version and parent, backbone, detector, threshold, input size, its evaluation's metrics
         (null if not evaluated) and the drift of its recent scores."""
         return registry.info()
+
+    @app.get("/inspections", dependencies=[Depends(authorised)])
+    async def inspections(
+        since: datetime | None = Query(None, description="From this time on (ISO 8601, e.g. 2026-12-04T06:00:00+01:00)."),
+        until: datetime | None = Query(None, description="Before this time."),
+        verdict: Literal["good", "defect", "unknown", "failed"] | None = Query(None),
+        version: str | None = Query(None, description="A version name (v1, v2, ...)."),
+        model: str | None = Query(None, description="A model's name; default: the only one served."),
+        limit: int = Query(100, ge=1, le=10_000),
+    ):
+        """The newest inspections first (every /predict result and, with a shared store, every station's), with the
+        operator's verdicts: for dashboards and the page's history."""
+        served = registry.find(model)
+        store = registry.inspections[served.name]
+        return await run_in_threadpool(store.inspections, since, until, verdict, version, served.name, None, limit)
+
+    @app.get("/tally", dependencies=[Depends(authorised)])
+    async def tally(
+        since: datetime | None = Query(None, description="The shift's start (ISO 8601); default: every inspection."),
+        model: str | None = Query(None, description="A model's name; default: the only one served."),
+    ):
+        """The shift's counts: inspected, good, defective, failed, and the operator's verdicts that confirmed or
+        overturned the tool's."""
+        served = registry.find(model)
+        return await run_in_threadpool(registry.inspections[served.name].tally, since, served.name)
 
     @app.get("/metrics", response_class=Response, dependencies=[Depends(authorised)])
     async def prometheus_metrics():

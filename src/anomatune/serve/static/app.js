@@ -166,6 +166,7 @@ async function sendFeedback(id, verdict, control, overlay) {
     const body = await answer.json();
     if (!answer.ok) throw new Error(body.error || answer.statusText);
     showVerdict(control, verdict);
+    loadShift();
     saved.textContent = verdict === "none" ? "Verdict taken back."
       : `Saved: ${verdict === "good" ? "good part" : mask ? "defect, with where it is" : "defect"}.`;
   } catch (problem) {
@@ -199,10 +200,49 @@ async function inspectAll(files) {
   $("status").textContent = `Inspecting ${files.length} image(s)…`;
   for (const file of files) await inspect(file);
   $("status").textContent = `Inspected ${files.length} image(s).`;
+  loadShift();
+}
+
+// The shift, from the inspections store: what survives a reload of the page (or of the server).
+function shiftStart() {
+  if (!$("shift-start").value) {
+    const midnight = new Date();
+    midnight.setHours(0, 0, 0, 0);
+    $("shift-start").value = new Date(midnight - midnight.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+  }
+  return new Date($("shift-start").value).toISOString();
+}
+
+async function loadShift() {
+  const model = encodeURIComponent($("model").value);
+  const since = encodeURIComponent(shiftStart());
+  try {
+    const [tally, rows] = await Promise.all(
+      [`/tally?model=${model}&since=${since}`, `/inspections?model=${model}&since=${since}&limit=20`].map(async (url) => {
+        const answer = await fetch(url, { headers: keyHeaders() });
+        if (!answer.ok) throw new Error((await answer.json()).error || answer.statusText);
+        return answer.json();
+      }),
+    );
+    $("tally").textContent = `${tally.inspected} inspected: ${tally.good} good, ${tally.defect} defective` +
+      (tally.failed ? `, ${tally.failed} unreadable` : "") +
+      `; the operator confirmed ${tally.confirmed} and overturned ${tally.overturned}.`;
+    $("history").replaceChildren(...rows.map((row) => {
+      const item = document.createElement("li");
+      const operator = row.operator_verdict ? ` (operator: ${row.operator_verdict})` : "";
+      const score = row.normalized == null ? "" : `, score ${row.normalized.toFixed(3)}`;
+      item.textContent = `${new Date(row.time).toLocaleTimeString()} ${row.file_name}: ${row.verdict}${score}${operator}`;
+      item.className = row.verdict;
+      return item;
+    }));
+  } catch (problem) {
+    $("tally").textContent = `Cannot read the shift: ${problem.message}`;
+  }
 }
 
 $("file").addEventListener("change", (event) => inspectAll([...event.target.files]));
-$("model").addEventListener("change", showModel);
+$("model").addEventListener("change", () => { showModel(); loadShift(); });
+$("shift-start").addEventListener("change", loadShift);
 const drop = $("drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -211,6 +251,6 @@ drop.addEventListener("drop", (event) => {
   drop.classList.remove("over");
   inspectAll([...event.dataTransfer.files]);
 });
-const startUp = () => loadModels().catch((problem) => { $("model-line").textContent = `Cannot load the models: ${problem.message}`; });
+const startUp = () => loadModels().then(loadShift).catch((problem) => { $("model-line").textContent = `Cannot load the models: ${problem.message}`; });
 $("api-key").addEventListener("change", startUp);
 startUp();

@@ -1,0 +1,6 @@
+"""Every inspection kept, in a real database: SQLite beside the model by default, PostgreSQL through a URL."""
+
+from .inspections import InspectionStore, store_url
+from .tables import Inspection
+
+__all__ = ["Inspection", "InspectionStore", "store_url"]
