@@ -16,7 +16,7 @@ import pytest
 from anomatune import Pipeline
 from anomatune.line.hotfolder import CLAIMED, DONE, FAILED, OVERLAYS, HotFolder, Watcher
 from anomatune.line.settings import MqttSettings, WatchSettings
-from anomatune.store import InspectionStore
+from anomatune.store import InspectionStore, StoreSettings
 from anomatune.store.inspections import DATABASE
 
 
@@ -149,8 +149,10 @@ def test_verdicts_reach_a_subscriber_through_a_broker_restart(model, parts, tmp_
     subscriber.loop_start()
     camera = tmp_path / "camera"
     camera.mkdir()
-    settings = WatchSettings(folder=str(camera), settle=0.1, poll=True, interval=0.05, station="cell-1")
-    watcher = Watcher(model, settings, MqttSettings(url=mosquitto.url, topic="line"), device="cpu")
+    settings = WatchSettings(folder=str(camera), settle=0.1, poll=True, interval=0.05)
+    watcher = Watcher(
+        model, settings, MqttSettings(url=mosquitto.url, topic="line"), StoreSettings(station="cell-1"), device="cpu"
+    )
     running = threading.Thread(target=watcher.run)
     running.start()
 
@@ -181,5 +183,51 @@ def test_verdicts_reach_a_subscriber_through_a_broker_restart(model, parts, tmp_
     assert {m["station"] for m in received.values()} == {"cell-1"} and all(m["version"] == "v1" for m in received.values())
     assert store.unpublished() == []
     assert statuses["line/cell-1/model/status"] | {"online": None} == {
-        "version": "v1", "model_id": Pipeline.load(model).model_id_, "threshold": Pipeline.load(model).threshold, "online": None
+        "version": "v1",
+        "model_id": Pipeline.load(model).model_id_,
+        "threshold": Pipeline.load(model).threshold,
+        "online": None,
     }  # retained; offline once the watcher stopped
+
+
+def test_a_server_with_a_hot_folder_lists_the_folders_inspections(model, parts, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    from .conftest import free_port
+
+    camera, port = tmp_path / "camera", free_port()
+    camera.mkdir()
+    command = [str(Path(sys.executable).with_name("anomatune")), "serve", str(model), "--port", str(port), "--device", "cpu",
+               "--in", str(camera), "--settle", "0", "--poll", "--interval", "0.05"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        shutil.copy(parts[0], camera / "from_the_camera.png")
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
+            try:
+                rows = httpx.get(f"http://127.0.0.1:{port}/inspections", timeout=2).json()
+            except httpx.HTTPError:
+                rows = []
+            if rows:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert [(r["file_name"], r["source"]) for r in rows] == [("from_the_camera.png", "watch")]
+    assert (camera / DONE / "from_the_camera.png").is_file()
+
+
+def test_retention_deletes_the_oldest_files_by_age_then_size(tmp_path):
+    from anomatune.line.hotfolder import prune
+
+    done, overlays = tmp_path / "done", tmp_path / "overlays"
+    done.mkdir(), overlays.mkdir()
+    now = time.time()
+    for i, (folder, days_old) in enumerate([(done, 10), (overlays, 5), (done, 2), (overlays, 1), (done, 0)]):
+        path = folder / f"f{i}"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (now - days_old * 86400, now - days_old * 86400))
+    assert prune([done, overlays], keep_days=7, keep_bytes=None, now=now) == 1  # f0, ten days old
+    assert prune([done, overlays], keep_days=None, keep_bytes=250, now=now) == 2  # then the oldest: f1, f2
+    assert sorted(p.name for p in [*done.iterdir(), *overlays.iterdir()]) == ["f3", "f4"]

@@ -48,10 +48,12 @@ def serve(runs, **settings):
     from anomatune.serve.app import create_app
     from anomatune.serve.models import ServedModel
     from anomatune.serve.settings import ServeSettings
+    from anomatune.store import StoreSettings
 
     runtime = settings.pop("runtime", "torch")
+    store = StoreSettings(**{key: settings.pop(key) for key in ("store", "station") if key in settings})
     models = [ServedModel.load(run, runtime, device="cpu") for run in runs]
-    return Server(create_app(models, ServeSettings(runtime=runtime, **settings)))
+    return Server(create_app(models, ServeSettings(runtime=runtime, **settings), store))
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,9 @@ def test_every_inspection_and_verdict_is_kept_and_listed_for_dashboards(own_run,
     row = next(r for r in listed if r["id"] == results[1]["id"])
     assert row["operator_verdict"] == "good" and row["operator_note"] == "dust" and row["score"] == results[1]["score"]
     decisions = [r["decision"] for r in results]
-    assert tally["inspected"] == 3 and tally["good"] == decisions.count("good") and tally["defect"] == decisions.count("defective")
+    assert (
+        tally["inspected"] == 3 and tally["good"] == decisions.count("good") and tally["defect"] == decisions.count("defective")
+    )
     assert tally["confirmed"] + tally["overturned"] == 1
     assert all(r["verdict"] == "good" for r in good_only) and later == []
     assert bad.status_code == 422

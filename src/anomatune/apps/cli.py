@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -29,6 +30,7 @@ from ..line.settings import MqttSettings, WatchSettings
 from ..models.settings import UpdateSettings
 from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..serve.settings import API_KEY_ENV, ServeSettings
+from ..store.settings import StoreSettings
 from ..validation.settings import AUTO_DETECTOR, ValidationSettings
 from . import options
 from .jobs import SUMMARY_CSV, SUMMARY_MD, Job, evaluate, finetune, fit, run_categories
@@ -53,6 +55,7 @@ DEVICE_ONLY = ("device",)
 # the fine-tuning's validation set; its held-out share and fit images are FinetuneSettings' (0: no validation)
 FINETUNE_VALIDATION = ("validation_max_images", "validation_families", "validation_photos", "validation_defects")
 DEVICE_AND_LIMIT = ("device", "max_pixels")  # commands that read images one by one, whatever their batch
+SERVED_HOT_FOLDER = ("in", "after", "settle", "poll", "interval", "batch", "overlays")  # serve --in: watch, but never --once
 NO_FIGURES_OPTION = click.option("--no-figures", is_flag=True, help="Skip the ROC, PRO and heatmap PNGs and the gallery.")
 
 
@@ -497,14 +500,21 @@ def export_cmd(run, out, **values):
 @app.command("serve")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @options.options(ServeSettings)
+@options.options(StoreSettings)
+@options.options(WatchSettings, only=SERVED_HOT_FOLDER)
+@options.options(MqttSettings)
 @options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
 def serve_cmd(runs, **values):
-    """Serve RUNS over HTTP: POST /predict, GET /health, /models, /docs, and a page for the operator at /.
+    """Serve RUNS over HTTP: POST /predict, GET /health, /models, /inspections, /docs, and a page for the operator
+    at /; with --in DIR, also score the images a camera writes into DIR (as anomatune watch does).
 
     Listens on 127.0.0.1 only unless --host says otherwise. Needs the serve extra: pip install 'anomatune[serve]'.
     """
     settings = options.build(ServeSettings, values)
     runtime = options.build(RuntimeSettings, values)
+    store, watch = options.build(StoreSettings, values), options.build(WatchSettings, values)
+    if watch.folder is not None and len(runs) != 1:
+        raise AnomatuneError("--in scores a hot folder with one model: serve one run with it")
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
         settings = settings.updated(api_key=os.environ[API_KEY_ENV])
     try:
@@ -524,12 +534,24 @@ def serve_cmd(runs, **values):
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("listening on %s without --api-key: anyone who reaches this machine can use the server", settings.host)
     click.echo(f"serving {', '.join(ids)} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
-    uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port, log_level="warning")
+    watcher = None
+    if watch.folder is not None:
+        from ..line.hotfolder import Watcher
+
+        watcher = Watcher(runs[0], watch, options.build(MqttSettings, values), store, **runtime.to_dict())
+        threading.Thread(target=watcher.run, name="anomatune-watch", daemon=True).start()
+        click.echo(f"watching {watcher.folder.path}; inspections in {watcher.store.url}")
+    try:
+        uvicorn.run(create_app(models, settings, store), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        if watcher is not None:
+            watcher.stop()
 
 
 @app.command("watch")
 @click.argument("model", type=click.Path())
 @options.options(WatchSettings)
+@options.options(StoreSettings)
 @options.options(MqttSettings)
 @options.options(RuntimeSettings, only=DEVICE_AND_LIMIT)
 def watch_cmd(model, **values):
@@ -542,7 +564,7 @@ def watch_cmd(model, **values):
 
     settings, mqtt = options.build(WatchSettings, values), options.build(MqttSettings, values)
     runtime = options.build(RuntimeSettings, values)
-    watcher = Watcher(model, settings, mqtt, **runtime.to_dict())
+    watcher = Watcher(model, settings, mqtt, options.build(StoreSettings, values), **runtime.to_dict())
     click.echo(f"watching {watcher.folder.path} with {watcher.pipeline.model_id_}; inspections in {watcher.store.url}")
     try:
         scored = watcher.run()

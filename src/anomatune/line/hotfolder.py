@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -28,14 +29,14 @@ from ..folders.base import atomic_write
 from ..folders.kinds import RunFolder, folder_stamp, open_run
 from ..inference.predict import draw
 from ..pipeline.pipeline import Pipeline
-from ..store import InspectionStore
-from ..store.inspections import DATABASE
+from ..store import InspectionStore, StoreSettings
 from .mqtt import Publisher
 from .settings import MqttSettings, WatchSettings
 
 log = logging.getLogger(__name__)
 
 CLAIMED, DONE, FAILED, OVERLAYS = ".anomatune", "done", "failed", "overlays"
+RETENTION_EVERY = 60.0  # seconds between two prunings of the scored files
 UNFINISHED = (".tmp", ".part", ".partial", ".crdownload", ".filepart")  # names writers give a file before renaming it
 
 
@@ -132,6 +133,23 @@ class HotFolder:
         os.replace(path, target)
 
 
+def prune(folders: list[Path], keep_days: float | None, keep_bytes: float | None, now: float | None = None) -> int:
+    """Delete the files of ``folders`` older than ``keep_days`` and then the oldest beyond ``keep_bytes`` in all;
+    returns how many went (the store's rows stay)."""
+    files = sorted(((p.stat().st_mtime, p.stat().st_size, p) for f in folders for p in f.iterdir() if p.is_file()),
+                   key=lambda entry: entry[0])  # fmt: skip
+    now = time.time() if now is None else now
+    total, removed = sum(size for _, size, _ in files), 0
+    for mtime, size, path in files:
+        too_old = keep_days is not None and now - mtime > keep_days * 86400
+        too_big = keep_bytes is not None and total > keep_bytes
+        if not (too_old or too_big):
+            continue
+        path.unlink(missing_ok=True)
+        total, removed = total - size, removed + 1
+    return removed
+
+
 def source_key(name: str, data: bytes) -> str:
     """A file once: its name and content (a camera reusing a name for a new part makes a new key)."""
     return f"{name}:{hashlib.sha256(data).hexdigest()[:32]}"
@@ -141,18 +159,26 @@ class Watcher:
     """Scores a hot folder with a model's served version (reloaded when another version is promoted), records every
     inspection in the store and publishes it over MQTT when asked."""
 
-    def __init__(self, model: str | Path, settings: WatchSettings, mqtt: MqttSettings | None = None, **runtime: Any):
+    def __init__(
+        self,
+        model: str | Path,
+        settings: WatchSettings,
+        mqtt: MqttSettings | None = None,
+        store: StoreSettings | None = None,
+        **runtime: Any,
+    ):
         self.model, self.settings, self.runtime = Path(model), settings, runtime
         if settings.folder is None:
             raise AnomatuneError("give the folder to watch: --in DIR")
         open_run(model)  # one line when the model folder is not one
         self.folder = HotFolder(settings.folder, settings.settle, keep=settings.after == "keep")
         self.name = RunFolder(model).model_path.name  # the model's name (the folder a version belongs to)
-        self.store = InspectionStore(settings.store or RunFolder(model).model_path / DATABASE, settings.station)
+        self.store = InspectionStore.chosen(store, RunFolder(model).model_path)
         self.publisher = Publisher(mqtt, self.store) if mqtt is not None and mqtt.url else None
         self.scored = 0
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._stamp = None
+        self._retained = -math.inf
         self._reload()
 
     def _reload(self) -> None:
@@ -166,6 +192,17 @@ class Watcher:
         if self.publisher is not None:
             self.publisher.status(self.name, version=getattr(self.pipeline, "version_", None),
                                   model_id=self.pipeline.model_id_, threshold=self.pipeline.threshold)  # fmt: skip
+
+    def _retain(self) -> None:
+        """At most once a minute: the scored images and overlays beyond ``keep_days`` or ``keep_gb`` go."""
+        s = self.settings
+        if (s.keep_days is None and s.keep_gb is None) or time.monotonic() - self._retained < RETENTION_EVERY:
+            return
+        self._retained = time.monotonic()
+        folders = [self.folder.path / name for name in (DONE, FAILED, OVERLAYS)]
+        removed = prune(folders, s.keep_days, None if s.keep_gb is None else s.keep_gb * 1e9)
+        if removed:
+            log.info("watch: %d scored images and overlays deleted (--keep-days, --keep-gb); their rows stay", removed)
 
     def wake(self) -> None:
         """A file event: look at the folder now."""
@@ -184,6 +221,7 @@ class Watcher:
         try:
             while not self._stopping.is_set():
                 self._reload()
+                self._retain()
                 batch = self.folder.left_claimed()[: self.settings.batch]
                 room = self.settings.batch - len(batch)
                 batch += [p for p in map(self.folder.claim, self.folder.ready(room) if room else []) if p is not None]

@@ -38,13 +38,18 @@ class WatchSettings(Settings):
     )
     batch: int = setting(16, "Images scored in one forward pass at most (a burst is taken in batches).", interval="[1, 1024]")
     overlays: bool = setting(True, "Write each image's heatmap overlay (its path goes into the store and the message).")
-    store: str | None = setting(
+    keep_days: float | None = setting(
         None,
-        "Database of the inspections: an SQLite file or a URL (postgresql+psycopg://user:password@host/db, several "
-        "stations sharing one history); default: inspections.sqlite in the model's folder.",
-        metavar="URL",
+        "Days the scored images (done/, failed/) and overlays are kept; older ones are deleted, their rows stay; "
+        "default: kept for ever.",
+        interval="(0, 100000]",
     )
-    station: str | None = setting(None, "This station's name in the store and the messages; default: the host name.")
+    keep_gb: float | None = setting(
+        None,
+        "Gigabytes the scored images and overlays may take at most; the oldest are deleted beyond it, their rows stay; "
+        "default: no limit.",
+        interval="(0, 1000000]",
+    )
     once: bool = setting(False, "Score what is in the folder (waiting for files to settle), then stop.")
 
 

@@ -59,8 +59,7 @@ from ..errors import AnomatuneError, DataError
 from ..folders.feedback import VERDICTS, WITHDRAWN, FeedbackStore
 from ..folders.kinds import RunFolder, folder_stamp
 from ..pipeline.update import threshold_version
-from ..store import InspectionStore
-from ..store.inspections import DATABASE
+from ..store import InspectionStore, StoreSettings
 from .batching import Batcher
 from .drift import DriftMonitor, MetricsCollector
 from .models import ServedModel, check_run_names, encode, png_bytes
@@ -187,15 +186,13 @@ class Registry:
     """The served models by run name, each with its drift monitor and feedback store; :meth:`swap` puts a new
     version in whole (a request holds the :class:`ServedModel` it started with)."""
 
-    def __init__(self, models: list[ServedModel], settings: ServeSettings):
+    def __init__(self, models: list[ServedModel], settings: ServeSettings, store: StoreSettings | None = None):
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
         self.monitors: dict[str, DriftMonitor] = {}
         self.stores = {m.name: FeedbackStore(m.run_dir) for m in models}
-        shared = None if settings.store is None else InspectionStore(settings.store, settings.station)
-        self.inspections = {
-            m.name: shared or InspectionStore(RunFolder(m.run_dir).model_path / DATABASE, settings.station) for m in models
-        }
+        shared = None if store is None or store.store is None else InspectionStore.chosen(store, ".")
+        self.inspections = {m.name: shared or InspectionStore.chosen(store, RunFolder(m.run_dir).model_path) for m in models}
         self.reloading: dict[str, asyncio.Lock] = {m.name: asyncio.Lock() for m in models}
         for m in models:
             self.swap(m)
@@ -319,11 +316,12 @@ def binary_mask(upload: UploadFile, image: bytes, max_pixels: int) -> bytes:
     return png_bytes(Image.fromarray(((values > 0) * 255).astype(np.uint8)))
 
 
-def create_app(models: list[ServedModel], settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``models`` (their ids must differ)."""
+def create_app(models: list[ServedModel], settings: ServeSettings | None = None, store: StoreSettings | None = None) -> FastAPI:
+    """The FastAPI application serving ``models`` (their ids must differ); their inspections go to ``store`` (default:
+    each model's own SQLite file)."""
     settings = settings or ServeSettings()
     check_run_names([m.run_dir for m in models])
-    registry = Registry(models, settings)
+    registry = Registry(models, settings, store)
     batcher = Batcher(settings.max_batch, settings.max_wait_ms)
     cache = BoundedCache(int(settings.image_cache_mb * 2**20))  # overlays and masks of ?images=url
     uploads = BoundedCache(int(settings.image_cache_mb * 2**20))  # scored uploads, for feedback on their id

@@ -57,14 +57,6 @@ class ServeSettings(Settings):
         "loaded and swapped in without dropping a request; 0: never (POST /models/NAME/reload still does it).",
         interval="[0, 86400]",
     )
-    store: str | None = setting(
-        None,
-        "Database of the inspections (each /predict result, the operator's verdicts; the page's shift and "
-        "/inspections): an SQLite file or a URL (postgresql+psycopg://user:password@host/db, several stations sharing "
-        "one history); default: inspections.sqlite in each model's folder.",
-        metavar="URL",
-    )
-    station: str | None = setting(None, "This station's name in the inspections store; default: the host name.")
     drift_window: int = setting(
         500,
         "Recent scores per model whose drift from the calibration scores /metrics and /models report.",

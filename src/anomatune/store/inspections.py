@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import AnomatuneError
+from .settings import StoreSettings
 from .tables import Inspection
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,10 @@ class InspectionStore:
         return f"InspectionStore({self.engine.url.render_as_string(hide_password=True)!r}, station={self.station!r})"
 
     @classmethod
-    def beside(cls, model: str | Path, station: str | None = None) -> InspectionStore:
-        """The default store: an SQLite file in the model's folder."""
-        return cls(Path(model) / DATABASE, station)
+    def chosen(cls, settings: StoreSettings | None, model_folder: str | Path) -> InspectionStore:
+        """The store ``settings`` names, else the default one: an SQLite file in the model's folder."""
+        settings = settings or StoreSettings()
+        return cls(settings.store or Path(model_folder) / DATABASE, settings.station)
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a new database is created; an older one is moved on)."""
