@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import AnomatuneError
 from .lazy import lazy_exports
 
-__version__ = "0.2.0"  # the one place it is spelled: pyproject.toml reads it from here
+__version__ = "0.3.0"  # the one place it is spelled: pyproject.toml reads it from here
 
 if TYPE_CHECKING:  # the names below, for editors and type checkers (imported on first use at run time)
     from .data.layouts import open_dataset

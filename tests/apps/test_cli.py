@@ -55,6 +55,15 @@ def one_line_error(code: int, err: str, text: str) -> None:
     assert "Traceback" not in err
 
 
+def test_help_groups_the_options_by_settings_group_and_shows_no_empty_default():
+    output = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200).output
+    headings = [line.rstrip(":") for line in output.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert {"Data", "Features", "Detector", "Threshold", "Validation", "Options"} <= set(headings)
+    assert headings[-1] == "Options" and "[default: none]" not in output
+    detector = output.split("\nDetector:")[1].split("\n\n")[0]
+    assert "--detector" in detector and "--set" in detector
+
+
 def test_help_lists_every_option_with_its_default():
     result = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200)
     assert result.exit_code == 0

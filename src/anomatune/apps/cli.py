@@ -73,6 +73,9 @@ def app(verbose: bool) -> None:
     logging.getLogger("timm").setLevel(logging.WARNING)
 
 
+app.command_class = options.GroupedCommand  # --help: the options under one heading per settings group
+
+
 @app.command("backbones")
 def backbones_cmd() -> None:
     """List the backbones whose weights ship in a package, with their default feature layers."""

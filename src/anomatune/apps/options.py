@@ -47,21 +47,56 @@ def _metavar(flat: FlatSetting) -> str:
     return "TEXT"
 
 
-def _option(flat: FlatSetting):
-    """The option of one setting; its default is shown, not passed (an unset option leaves the setting alone)."""
+class GroupedOption(click.Option):
+    """An option that knows the settings group it belongs to (its heading in ``--help``)."""
+
+    def __init__(self, *args, group: str = "Options", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class GroupedCommand(click.Command):
+    """``--help`` lists the options under one heading per settings group (Features, Detector, Threshold, ...), in
+    the order the command declares them, then the command's own options."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                groups.setdefault(getattr(param, "group", "Options"), []).append(record)
+        for name in [*(g for g in groups if g != "Options"), "Options"]:
+            if name in groups:
+                with formatter.section(name):
+                    formatter.write_dl(groups[name])
+
+
+def _group(cls: type[Settings], flat: FlatSetting) -> str:
+    if isinstance(flat.default, Settings):  # a polymorphic group chosen by name (the detector)
+        section = flat.default.section
+    else:
+        section = flat.path[0] if len(flat.path) > 1 else cls.section or "options"
+    return section.replace("_", " ").capitalize()
+
+
+def _option(flat: FlatSetting, group: str):
+    """The option of one setting; its default is shown (when it has one), not passed (an unset option leaves the
+    setting alone)."""
     names = [f"--{flat.flag}", *(f"--{a}" for a in flat.aliases)]
-    help_text = flat.help + (f" Range: {flat.interval}." if flat.interval else "") + f"  [default: {_show(flat.default)}]"
+    shown = "" if flat.default is None or flat.default == () else f"  [default: {_show(flat.default)}]"
+    help_text = flat.help + (f" Range: {flat.interval}." if flat.interval else "") + shown
+    common = dict(default=None, help=help_text, show_default=False, cls=GroupedOption, group=group)
     if flat.kind is bool:
-        return click.option(f"{names[0]}/--no-{flat.flag}", flat.key, default=None, help=help_text, show_default=False)
+        return click.option(f"{names[0]}/--no-{flat.flag}", flat.key, **common)
     multiple = "tuple[str" in str(flat.kind)
-    return click.option(
-        *names, flat.key, default=None, multiple=multiple, metavar=_metavar(flat), help=help_text, show_default=False
-    )
+    return click.option(*names, flat.key, multiple=multiple, metavar=_metavar(flat), **common)
 
 
 SET_OPTION = click.option(
     "--set",
     "detector_changes",
+    cls=GroupedOption,
+    group="Detector",
     multiple=True,
     metavar="KEY=VALUE",
     help="A setting of the detector (or guide), e.g. --set n_components=8 (repeatable; see 'anomatune detectors').",
@@ -76,7 +111,7 @@ def options(cls: type[Settings], only: Iterable[str] | None = None):
         for flat in reversed(chosen):  # the last decorator applied is listed first
             if isinstance(flat.default, DetectorSettings):
                 command = SET_OPTION(command)
-            command = _option(flat)(command)
+            command = _option(flat, _group(cls, flat))(command)
         return command
 
     return decorate
