@@ -79,4 +79,5 @@ def test_two_stations_writing_at_once_lose_no_row(database, tmp_path, request):
         assert writer.wait(120) == 0, writer.stderr.read().decode()[-2000:]
     store = InspectionStore(url)
     assert store.tally()["inspected"] == 2 * n
+    assert store.inspections(limit=1)[0]["time"].endswith("+00:00")  # times come back in UTC, whichever database
     assert {s: len(store.inspections(station=s, limit=1000)) for s in ("one", "two")} == {"one": n, "two": n}

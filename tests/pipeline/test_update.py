@@ -229,3 +229,23 @@ def test_the_report_shows_the_lineage(split_folders, tmp_path):
     page = build_report(run).read_text()
     assert "Lineage (anomatune update)" in page and Pipeline.load(run, "v1", device="cpu").model_id_ in page
     assert load_file(str(served(run) / "detector.safetensors"))["count"].item() == 12
+
+
+def test_update_learns_the_stores_verdicts_and_imports_the_log_once(split_folders, tmp_path, caplog):
+    from anomatune.store import InspectionStore, StoreSettings
+
+    run = tmp_path / "cap"
+    fitted(split_folders / "old", "padim").save(run)
+    files = FeedbackStore(run)
+    images = sorted((split_folders / "new").glob("*.png"))
+    first = files.add(images[0].read_bytes(), ".png", {"verdict": "good", "model": "x", "score": 1.0})
+    second = files.add(images[1].read_bytes(), ".png", {"verdict": "good", "model": "x", "score": 1.0})
+    shared = tmp_path / "line.sqlite"
+    line = InspectionStore(shared, station="cell-2")  # another station says the second part is a defect, later
+    line.add_feedback(id="b" * 32, model="cap", part=second["part"], verdict="defect", image=second["image"])
+    with caplog.at_level("INFO"):
+        result = update_run(run, None, feedback=True, inspections=StoreSettings(store=str(shared)))
+    assert result["feedback_good"] == [first["part"]] and result["feedback_defects"] == [second["part"]]
+    assert "2 verdicts of" in caplog.text  # the log's lines, imported once
+    assert line.import_feedback(files.records(), model="cap") == 0
+    assert [v["part"] for v in line.verdicts("cap")] == [first["part"], second["part"]]

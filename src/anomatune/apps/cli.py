@@ -362,6 +362,7 @@ PROMOTE_OPTION = click.option(
 )
 @options.options(DataSettings, only=("good_test", "defect", "masks"))
 @options.options(UpdateSettings)
+@options.options(StoreSettings, only=("store",))
 @options.options(RuntimeSettings)
 def update_cmd(run, good, feedback, out, promote, then_evaluate, **values):
     """A new version of the model RUN that has also learnt the good images of --good, without re-reading its
@@ -385,7 +386,7 @@ def update_cmd(run, good, feedback, out, promote, then_evaluate, **values):
 
     result = update_run(
         run, good, out, feedback=feedback, evaluate=then_evaluate, test_data=test, promote=promote, settings=settings,
-        runtime=runtime,
+        runtime=runtime, inspections=options.build(StoreSettings, values),
     )  # fmt: skip
     added = len(result["added_images"])
     click.echo(

@@ -4,8 +4,10 @@
 result id and file name it was scored under, the version that scored it, its score, the
 verdict (``good``, ``defect``, or ``none`` to withdraw one), the operator's note, the stored
 image and mask; ``images/`` and ``masks/`` hold the files, each image stored once whatever
-the number of verdicts on it. The versions of the model share it. What ``update`` learns is
-:meth:`FeedbackStore.verdicts`: the last verdict on each part (every line stays in the log).
+the number of verdicts on it. The versions of the model share it. The server also records each verdict in the
+inspections store (``anomatune.store``), which is what ``update --feedback`` reads (the last verdict on each part,
+every station's when the store is shared); lines the store lacks are imported from here first (every line stays in
+the log).
 
 Nothing stored is ever lost or corrupted by a crash: each file is written atomically (a
 temporary file, then a rename) *before* its line, and a line is appended with a single
@@ -113,16 +115,6 @@ class FeedbackStore:
         text = self.log_path.read_bytes()
         complete = text[: text.rfind(b"\n") + 1]
         return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
-
-    def verdicts(self) -> list[dict[str, Any]]:
-        """The last verdict on each part (a withdrawn one dropped), in the order of those last lines: what an update
-        learns, whatever the number of lines on a part or how they changed."""
-        last: dict[str, dict[str, Any]] = {}
-        for record in self.records():
-            key = record.get("part") or record["id"]
-            last.pop(key, None)
-            last[key] = record
-        return [r for r in last.values() if r["verdict"] in VERDICTS]
 
     def file(self, name: str) -> Path:
         """The stored file a record names, refused in one line if it lies outside the store (a hand-edited line)."""

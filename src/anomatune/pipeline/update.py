@@ -27,6 +27,7 @@ from ..folders.feedback import FeedbackStore
 from ..folders.kinds import ModelFolder, open_run
 from ..metrics import MAIN_METRICS
 from ..models.settings import UpdateSettings
+from ..store import InspectionStore, StoreSettings
 from .pipeline import Pipeline
 from .settings import RuntimeSettings
 
@@ -67,11 +68,12 @@ def update_run(
     promote: bool = True,
     settings: UpdateSettings | None = None,
     runtime: RuntimeSettings | None = None,
+    inspections: StoreSettings | None = None,
 ) -> dict[str, Any]:
     """Add to the model at ``run`` (or write to the new model folder ``out``) a version of its served one updated
-    with the good images of ``good`` and, with ``feedback``, the parts marked good; with ``evaluate``, both
-    versions are scored on ``test_data`` (default: the run's own test split, when it holds defects). Returns the
-    lineage written."""
+    with the good images of ``good`` and, with ``feedback``, the parts marked good (the verdicts of the
+    ``inspections`` store, default: the model's own); with ``evaluate``, both versions are scored on ``test_data``
+    (default: the run's own test split, when it holds defects). Returns the lineage written."""
     run = Path(run)
     source = open_run(run)
     model = source.model_path if source.is_version else None
@@ -93,7 +95,7 @@ def update_run(
     parent = Pipeline.load(source.path, **runtime.to_dict())
     store = FeedbackStore(source.path)
     lineage = getattr(parent, "lineage_", None)
-    good_feedback, defects = _fresh_feedback(store, lineage) if feedback else ([], [])
+    good_feedback, defects = _fresh_feedback(store, _store_verdicts(store, inspections), lineage) if feedback else ([], [])
     paths += [store.file(r["image"]) for r in good_feedback]
     paths = _unseen(paths, parent)
     if not paths:
@@ -152,12 +154,26 @@ def threshold_version(run: str | Path, *, promote: bool = True, runtime: Runtime
             **new.lineage_}  # fmt: skip
 
 
-def _fresh_feedback(store: FeedbackStore, lineage: dict | None) -> tuple[list[dict], list[dict]]:
+def _store_verdicts(files: FeedbackStore, settings: StoreSettings | None) -> list[dict]:
+    """The last verdict on each part, from the inspections store (every station's, when it is shared), after the
+    model's ``feedback.jsonl`` lines it does not hold yet were imported (once: by their ids)."""
+    model = files.path.parent
+    store = InspectionStore.chosen(settings, model)
+    try:
+        imported = store.import_feedback(files.records(), model=model.name)
+        if imported:
+            log.info("%d verdicts of %s imported into %s", imported, files.log_path, store.url)
+        return store.verdicts(model.name)
+    finally:
+        store.close()
+
+
+def _fresh_feedback(store: FeedbackStore, verdicts: list[dict], lineage: dict | None) -> tuple[list[dict], list[dict]]:
     """The parts whose last verdict no ancestor used yet: good ones and defects, each with its files on disk (a line
     whose image is missing is skipped, a missing mask dropped, each said in one warning)."""
     used, learnt = consumed_feedback(lineage), learnt_as_good(lineage)
     good, defects = [], []
-    for record in store.verdicts():
+    for record in verdicts:
         part = record.get("part") or record["id"]
         if part in used:
             if record["verdict"] == "defect" and part in learnt:

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -193,6 +194,7 @@ class Registry:
         self.stores = {m.name: FeedbackStore(m.run_dir) for m in models}
         shared = None if store is None or store.store is None else InspectionStore.chosen(store, ".")
         self.inspections = {m.name: shared or InspectionStore.chosen(store, RunFolder(m.run_dir).model_path) for m in models}
+        self.model_names = {m.name: RunFolder(m.run_dir).model_path.name for m in models}  # the rows' model column
         self.reloading: dict[str, asyncio.Lock] = {m.name: asyncio.Lock() for m in models}
         for m in models:
             self.swap(m)
@@ -442,7 +444,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None,
         registry.inspections[served.name].add(
             id=inspection_id,
             source="api",
-            model=served.name,
+            model=registry.model_names[served.name],
             version=served.pipeline.version_,
             model_id=served.id,
             file_name=name,
@@ -497,8 +499,15 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None,
             "note": note,
         }
         entry = await run_in_threadpool(registry.stores[served.name].add, kept.data, kept.suffix, line, mask_png)
+        inspections = registry.inspections[served.name]
+        await run_in_threadpool(
+            partial(inspections.add_feedback, id=entry["id"], model=registry.model_names[served.name], model_id=kept.model,
+                    version=kept.version, part=entry["part"], verdict=verdict, note=note, file_name=kept.file,
+                    inspection_id=id, score=kept.score, normalized=kept.normalized_score, threshold=kept.threshold,
+                    decision=kept.decision, image=entry["image"], mask=entry["mask"])
+        )  # fmt: skip
         if id is not None:
-            await run_in_threadpool(registry.inspections[served.name].set_operator_verdict, id, verdict, note or "")
+            await run_in_threadpool(inspections.set_operator_verdict, id, verdict, note or "")
         return {"id": entry["id"], "part": entry["part"], "verdict": verdict, "model": kept.model, "time": entry["time"]}
 
     @app.post("/models/{name}/threshold", dependencies=[Depends(authorised)])
@@ -575,7 +584,8 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None,
         operator's verdicts: for dashboards and the page's history."""
         served = registry.find(model)
         store = registry.inspections[served.name]
-        return await run_in_threadpool(store.inspections, since, until, verdict, version, served.name, None, limit)
+        name = registry.model_names[served.name]
+        return await run_in_threadpool(store.inspections, since, until, verdict, version, name, None, limit)
 
     @app.get("/tally", dependencies=[Depends(authorised)])
     async def tally(
@@ -585,7 +595,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None,
         """The shift's counts: inspected, good, defective, failed, and the operator's verdicts that confirmed or
         overturned the tool's."""
         served = registry.find(model)
-        return await run_in_threadpool(registry.inspections[served.name].tally, since, served.name)
+        return await run_in_threadpool(registry.inspections[served.name].tally, since, registry.model_names[served.name])
 
     @app.get("/metrics", response_class=Response, dependencies=[Depends(authorised)])
     async def prometheus_metrics():

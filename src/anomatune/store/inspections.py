@@ -12,7 +12,7 @@ import logging
 import socket
 import uuid
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import AnomatuneError
 from .settings import StoreSettings
-from .tables import Inspection
+from .tables import Feedback, Inspection
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE = "inspections.sqlite"  # the default store's file, in the model's folder
 MIGRATION_LOCK = 0x616E6F6D  # PostgreSQL advisory lock: two stations starting at once migrate one after the other
 COLUMNS = tuple(column.name for column in Inspection.__table__.columns)
+FEEDBACK_COLUMNS = tuple(column.name for column in Feedback.__table__.columns)
+JSONL_FIELDS = {"result_id": "inspection_id", "file": "file_name", "normalized_score": "normalized", "model": "model_id"}
 OPERATOR_VERDICTS = ("good", "defect", "none")  # none: the operator took a verdict back
 
 
@@ -47,14 +49,17 @@ def now() -> datetime:
 
 def _aware(moment: datetime | None) -> datetime | None:
     """SQLite gives times back without their zone: they were written in UTC."""
-    return None if moment is None or moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    if moment is None:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _row(inspection: Inspection) -> dict[str, Any]:
-    out = {name: getattr(inspection, name) for name in COLUMNS}
+def _row(inspection: Inspection | Feedback) -> dict[str, Any]:
+    out = {column.name: getattr(inspection, column.name) for column in inspection.__table__.columns}
     for name in ("time", "operator_time", "published_at"):
-        moment = _aware(out[name])
-        out[name] = None if moment is None else moment.isoformat()
+        if name in out:
+            moment = _aware(out[name])
+            out[name] = None if moment is None else moment.isoformat()
     return out
 
 
@@ -224,3 +229,44 @@ class InspectionStore:
             query = query.where(Inspection.station == station)
         with Session(self.engine) as session:
             return [_row(row) for row in session.scalars(query)]
+
+    # -- the operators' verdicts ---------------------------------------------------------------------------
+
+    def add_feedback(self, **values: Any) -> bool:
+        """Record a verdict (the columns of :class:`Feedback`; ``id`` is the feedback line's); a verdict already
+        recorded under that id is left as it is. Returns whether it was added."""
+        values = {"time": now(), "station": self.station} | values
+        with Session(self.engine) as session:
+            session.add(Feedback(**{k: v for k, v in values.items() if k in FEEDBACK_COLUMNS}))
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return False
+            return True
+
+    def import_feedback(self, records: list[dict[str, Any]], model: str) -> int:
+        """The lines of a model's ``feedback.jsonl`` not recorded yet (by line id), in their order; returns how many
+        were added. Lines of one second keep their order (a microsecond apart)."""
+        with Session(self.engine) as session:
+            known = set(session.scalars(select(Feedback.id).where(Feedback.model == model)))
+        added = 0
+        for index, record in enumerate(records):
+            if record["id"] in known:
+                continue
+            values = {JSONL_FIELDS.get(k, k): v for k, v in record.items()}
+            moment = datetime.fromisoformat(values["time"]) if values.get("time") else now()
+            values["time"] = _aware(moment) + timedelta(microseconds=index)
+            added += self.add_feedback(**values, model=model)
+        return added
+
+    def verdicts(self, model: str) -> list[dict[str, Any]]:
+        """The last verdict on each part of ``model`` (a withdrawn one dropped), oldest first: what an update learns,
+        whichever station gave it."""
+        query = select(Feedback).where(Feedback.model == model).order_by(Feedback.time, Feedback.id)
+        last: dict[str, dict[str, Any]] = {}
+        with Session(self.engine) as session:
+            for row in session.scalars(query):
+                last.pop(row.part, None)
+                last[row.part] = _row(row)
+        return [r for r in last.values() if r["verdict"] in ("good", "defect")]

@@ -44,3 +44,31 @@ class Inspection(Base):
         UniqueConstraint("station", "source_key", name="uq_inspections_station_source_key"),
         Index("ix_inspections_unpublished", "published_at", "time"),
     )
+
+
+class Feedback(Base):
+    """One verdict of an operator on a part (the SHA-256 of its image): what ``anomatune update --feedback`` learns
+    (the last verdict on each part). The image and mask files stay in the model's ``feedback/`` folder; the
+    append-only ``feedback.jsonl`` there is imported once (rows keep its line ids)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    station: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str | None] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(400))
+    part: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # good | defect | none (taken back)
+    note: Mapped[str | None] = mapped_column(Text)
+    file_name: Mapped[str | None] = mapped_column(String(1024))
+    inspection_id: Mapped[str | None] = mapped_column(String(32))
+    score: Mapped[float | None] = mapped_column(Float)
+    normalized: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    image: Mapped[str | None] = mapped_column(Text)  # relative to the model's feedback folder
+    mask: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_feedback_model_time", "model", "time"),)
