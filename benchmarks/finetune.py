@@ -21,7 +21,7 @@ protocol), at the default input size (short side 256, aspect ratio kept), with t
 default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
 ``benchmarks/results/<name>.json``; ``--table`` turns result files into ``<name>.md``.
 
-    python benchmarks/finetune.py --configs default --seeds 0 1 2 --explore issue21_default near+pasted --name finetune
+    python benchmarks/finetune.py --configs default --seeds 0 1 2 --explore pasted near+pasted --name finetune
     python benchmarks/finetune.py --configs adaptor adaptor_cutpaste --seeds 0 --then-best-seeds 1 2 --budget 540
     python benchmarks/finetune.py --table finetune_gpu.json finetune_cpu.json --name finetune
     python benchmarks/finetune.py --configs default --set backbone=dinov2_vits14 --name finetune_dinov2
@@ -83,8 +83,8 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
     "adaptor_lr1e-2": ADAPTOR | {"lr": 1e-2},
     "adaptor_1000_steps": ADAPTOR | {"steps": 1000, "checkpoint_every": 200},
     "adaptor_width8": ADAPTOR | {"adaptor_width": 8},
-    # issue 22: near negatives, the loss where the anomaly is, a curriculum, a guide per detector
-    "issue21_default": ADAPTOR | {"negative_mode": "pasted", "context_positives": False},
+    # near negatives, the loss where the anomaly is, a curriculum, a guide per detector
+    "pasted": ADAPTOR | {"negative_mode": "pasted", "context_positives": False},
     "near": ADAPTOR | {"negative_mode": "synthetic"},
     "near+pasted": ADAPTOR | {"negative_mode": "synthetic+pasted"},
     "near+noise": ADAPTOR | {"negative_mode": "synthetic+noise"},
@@ -338,7 +338,7 @@ def write_table(files: list[Path], out: Path) -> None:
         "",
         "Each Δ: the mean over the categories of fine-tuned minus frozen, per seed, then mean ± std over the seeds (one "
         "seed: the number alone); the categories are listed per configuration below. Validation gain: the validation "
-        "score (issue 21: the mean image AUROC over the anomaly families of the validation set) of the kept "
+        "score (the mean image AUROC over the anomaly families of the validation set) of the kept "
         "checkpoint minus the frozen features', mean ± std over runs. Fallbacks: runs that kept the frozen backbone.",
         "",
         "| configuration | runs | fallbacks | validation gain | "

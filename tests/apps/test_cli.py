@@ -184,6 +184,8 @@ def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
     out = tmp_path / "predictions"
     code, stdout, err = cli("predict", fast_run, good, broken, wide, phone, "--out", out, "--device", "cpu")
     assert code == 1 and "1 failed" in stdout, err  # a bad file is a row, and the exit code says so
+    lines = {line.split()[0]: line for line in stdout.splitlines() if line.startswith("  ")}  # a line per image
+    assert "failed: " in lines["broken.png"] and "calibrated" in lines["phone.jpg"] and f"{out}/results.csv" in stdout
     rows = {r["path"]: r for r in __import__("csv").DictReader(open(out / "results.csv", encoding="utf-8"))}
     assert rows[str(broken)]["decision"] == "error" and "broken.png" in rows[str(broken)]["error"]
     for row in (r for r in rows.values() if r["decision"] != "error"):
@@ -199,7 +201,7 @@ def test_predict_writes_one_set_per_call(fast_run, brick, tmp_path):
     code, stdout, err = cli(
         "predict", fast_run, "--data", brick, "--category", "brick", "--out", tmp_path / "split", "--device", "cpu"
     )
-    assert code == 0 and stdout.startswith("10 images scored"), err  # the test split of a dataset, in any layout
+    assert code == 0 and stdout.splitlines()[-1].startswith("10 images scored"), err  # the test split of a dataset, in any layout
     one_line_error(*cli("predict", fast_run, tmp_path / "nowhere", "--out", tmp_path / "p2")[::2], "does not exist")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("mine")
@@ -370,3 +372,13 @@ def test_help_and_option_errors_do_not_import_torch():
         "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith("False")
+
+
+def test_the_demo_says_in_one_line_whether_the_fine_tuning_was_kept():
+    from anomatune.apps.demo import kept_line
+
+    validation = [{"step": 0, "score": 0.9271}, {"step": 40, "score": 0.9282}]
+    kept = kept_line({"fallback": False, "kept_step": 40, "validation": validation})
+    assert kept.startswith("fine-tuning: kept step 40 (validation 0.9282 against 0.9271 frozen")
+    fell_back = kept_line({"fallback": True, "kept_step": 0, "validation": validation[:1]})
+    assert fell_back.startswith("fine-tuning: not kept: no step beat the frozen backbone (0.9271)")

@@ -323,9 +323,23 @@ def predict_cmd(run, inputs, out, **values):
         rows = predict(run, inputs, out, **chosen)
         failed = sum(bool(r.error) for r in rows)
         scored, defective, results = len(rows) - failed, sum(r.decision == "defective" for r in rows), PredictionsFolder.RESULTS
+        if len(rows) <= PREDICT_TABLE:
+            for row in rows:
+                click.echo(f"  {Path(row.path).name:32s} {prediction_text(row)}")
     click.echo(f"{scored} image{'' if scored == 1 else 's'} scored, {defective} defective, {failed} failed; {out}/{results}")
     if failed:
         sys.exit(1)
+
+
+PREDICT_TABLE = 20  # predict prints a line per image up to this many, then only the summary
+
+
+def prediction_text(row) -> str:
+    """One image's result for the terminal: its decision, calibrated and raw score (or why it failed)."""
+    if row.error:
+        return f"failed: {row.error}"
+    calibrated = "" if row.normalized_score is None else f", calibrated {row.normalized_score:.2f} (0.50 = threshold)"
+    return f"{row.decision:9s} score {row.score:.4g}{calibrated}"
 
 
 PROMOTE_OPTION = click.option(

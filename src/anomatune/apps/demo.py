@@ -7,6 +7,7 @@ Everything comes from an installed package, so the demo needs no data and no net
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -137,9 +138,15 @@ def run_demo(
     settings = FinetuneSettings().updated(
         backbone=features.backbone, image_size=features.image_size, steps=steps, checkpoint_every=steps
     )
-    report = finetune(train, negatives, tuned.path, settings, **runtime)
-    if report["fallback"]:
-        print("the fine-tuning did not beat the frozen backbone on validation: the fine-tuned run uses the frozen backbone")
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG  # the fine-tuning's diagnostics: with --verbose
+    finetune_log = logging.getLogger("anomatune.finetune")
+    level = finetune_log.level
+    finetune_log.setLevel(logging.WARNING if quiet else level)
+    try:
+        report = finetune(train, negatives, tuned.path, settings, **runtime)
+    finally:
+        finetune_log.setLevel(level)
+    print(kept_line(report))
     results = {}
     for name, weights in (("frozen", None), ("fine-tuned", str(tuned.path))):
         run_dir = out / f"{pipeline.detector.name}-{name}"
@@ -151,5 +158,23 @@ def run_demo(
         print(
             f"{name:12s}{r['image_auroc']:13.3f}{r['pixel_auroc']:13.3f}{r['aupro']:8.3f}{r.get('f1_at_learnt_threshold', float('nan')):16.3f}"
         )
-    print(f"\nreport: {results['fine-tuned']['report']}")
+    f1 = {name: r.get("f1_at_learnt_threshold", float("nan")) for name, r in results.items()}
+    if f1["fine-tuned"] < f1["frozen"] - 0.005:
+        print(
+            f"on these test images the fine-tuned run decides worse (F1 {f1['fine-tuned']:.3f} against "
+            f"{f1['frozen']:.3f}): the validation chose its step without labels; the frozen run is the one to use"
+        )
+    print(f"\nreports: {results['frozen']['report']}, {results['fine-tuned']['report']}")
     return results
+
+
+def kept_line(report: dict) -> str:
+    """Whether the fine-tuning's step was kept, and why, in one line."""
+    scores = {v["step"]: v["score"] for v in report.get("validation", [])}
+    frozen = scores.get(0)
+    if report["fallback"] or not report["kept_step"]:
+        against = f" ({frozen:.4f})" if frozen is not None else ""
+        return f"fine-tuning: not kept: no step beat the frozen backbone{against} on validation; the fine-tuned run uses the frozen one"
+    kept = scores.get(report["kept_step"])
+    detail = f" (validation {kept:.4f} against {frozen:.4f} frozen" if kept is not None and frozen is not None else " ("
+    return f"fine-tuning: kept step {report['kept_step']}{detail}: the mean image AUROC over synthetic anomalies of held-out good images)"
