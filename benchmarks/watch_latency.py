@@ -33,7 +33,8 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = folder / "mosquitto.conf"
     config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(config)])
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     time.sleep(0.5)
     return broker, port
 
@@ -60,9 +61,10 @@ def measure(model: Path, images: list[Path], rate: float, seconds: float, settle
     command = [str(ANOMATUNE), "watch", str(model), "--in", str(camera), "--settle", str(settle), "--device", "cpu",
                "--mqtt", f"mqtt://127.0.0.1:{port}", "--mqtt-topic", "bench", "--station", camera.name,
                "--store", str(work / f"{camera.name}.sqlite")]  # fmt: skip
-    watcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = work / f"{camera.name}.log"
+    watcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     if not ready.wait(120):
-        raise RuntimeError(f"the watcher did not start: {watcher.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"the watcher did not start: {log.read_text()[-2000:]}")
     n = max(10, int(rate * seconds))
     written: dict[str, float] = {}
     start = time.perf_counter()
