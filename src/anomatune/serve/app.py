@@ -192,7 +192,7 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
         self.monitors: dict[str, DriftMonitor] = {}
         self.stores = {m.name: FeedbackStore(m.run_dir) for m in models}
-        shared = None if store is None or store.store is None else InspectionStore.chosen(store, ".")
+        shared = None if store is None or store.store is None else InspectionStore(store.store, store.station)
         self.inspections = {m.name: shared or InspectionStore.chosen(store, RunFolder(m.run_dir).model_path) for m in models}
         self.model_names = {m.name: RunFolder(m.run_dir).model_path.name for m in models}  # the rows' model column
         self.reloading: dict[str, asyncio.Lock] = {m.name: asyncio.Lock() for m in models}
