@@ -263,16 +263,16 @@ class DetectorSearch:
         budget = self.validation.budget
         self.skipped_: list[dict] = []
         held: dict[FeatureView, tuple[torch.Tensor, torch.Tensor]] = {}
-        projections: dict[FeatureView, tuple[torch.Tensor, torch.Tensor]] = {}
+        projections: dict[tuple[FeatureView, int], tuple[torch.Tensor, torch.Tensor]] = {}
         work_done = seconds_done = 0.0
         for candidate in (c for c in self.candidates if c.stages in self.layers_):
             settings = candidate.settings(s, self.layers_)
             view = FeatureView.of(settings.features)
-            dim = sum(train.extractor.stage_channels[train.extractor.layers.index(i)] for i in view.layers)
-            if settings.features.proj_dim is not None and settings.features.proj_dim < dim:
-                dim = settings.features.proj_dim
-            positions = train.positions(view)
-            work = settings.detector.work(dim, positions, len(fit_index), len(valset))
+            raw_dim = sum(train.extractor.stage_channels[train.extractor.layers.index(i)] for i in view.layers)
+            proj_dim = settings.features.proj_dim
+            if proj_dim is not None and proj_dim >= raw_dim:  # --proj auto: no projection to as many dimensions
+                proj_dim = None
+            work = settings.detector.work(proj_dim or raw_dim, train.positions(view), len(fit_index), len(valset))
             if budget is not None and work_done:
                 estimate = work * seconds_done / work_done
                 if time.perf_counter() - start + estimate > budget:
@@ -284,10 +284,10 @@ class DetectorSearch:
                 held[view] = (train.features(view, fit_index), validation.features(view))
             fit_raw, val_raw = held[view]
             projection = None
-            if settings.features.proj_dim is not None and settings.features.proj_dim < fit_raw.shape[1]:
-                if view not in projections:
-                    projections[view] = pca_projection(fit_raw, settings.features.proj_dim, seed=s.seed)
-                projection = projections[view]
+            if proj_dim is not None:
+                if (view, proj_dim) not in projections:
+                    projections[view, proj_dim] = pca_projection(fit_raw, proj_dim, seed=s.seed)
+                projection = projections[view, proj_dim]
 
             def project(raw: torch.Tensor, projection=projection) -> torch.Tensor:
                 return raw.to(device) if projection is None else project_features(raw, *projection).to(device)
