@@ -72,6 +72,7 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
     "backbone_deepest_stage": BACKBONE | {"frozen_blocks": 3},
     "backbone_trust": BACKBONE | {"trust": 1.0},
     "backbone_lr1e-4": BACKBONE | {"lr": 1e-4},
+    "backbone_1000_steps": BACKBONE | {"steps": 1000, "checkpoint_every": 100},
     "adaptor": ADAPTOR,
     "adaptor_cutpaste": ADAPTOR | {"negative_mode": "cutpaste"},
     "adaptor_pasted+cutpaste": ADAPTOR | {"negative_mode": "pasted+cutpaste"},

@@ -63,6 +63,16 @@ def test_the_best_checkpoint_is_kept_and_a_run_that_never_beats_the_frozen_one_f
     assert torch.allclose(torch.as_tensor(pipeline.predict(test_images).scores), torch.as_tensor(frozen_scores))
 
 
+def test_max_minutes_stops_early_and_validates_the_step_reached(train, natural_dir, tmp_path, monkeypatch, caplog):
+    scores = iter([0.9, 0.95])  # step 0, then the step the time limit stops at
+    monkeypatch.setattr(loop, "score_detector", lambda *a, **k: scored(next(scores)))
+    with caplog.at_level("WARNING"):  # a millisecond's budget: after step 1 no further step fits
+        report = finetune(train, natural_dir, tmp_path / "ft", _tiny(steps=6, max_minutes=1e-5), device="cpu")
+    assert [v["step"] for v in report["validation"]] == [0, 1] and report["kept_step"] == 1
+    assert len(report["history"]) == 1 and (tmp_path / "ft" / FinetuneFolder.BACKBONE).exists()
+    assert any("stopped at step 1 of 6: max_minutes=1e-05" in r.message for r in caplog.records)
+
+
 def test_adaptor_mode_trains_only_an_identity_initialised_adaptor_that_fit_then_applies(train, natural_dir, tmp_path):
     settings = _tiny(mode="adaptor", adaptor_width=4, validation_share=0, trust=0.5)
     tuner = Finetuner(train, natural_dir, tmp_path / "ft", settings, device="cpu")

@@ -244,3 +244,19 @@ def test_greedy_coreset_takes_one_patch_of_each_far_cluster():
     x = (centres[:, None] + torch.randn(6, 50, 40, generator=generator)).reshape(300, 40)
     chosen = greedy_coreset(x, 6, proj_dim=16, seed=0)
     assert sorted((chosen // 50).tolist()) == list(range(6))  # k-center: every cluster covered once
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_fit_on_cuda_matches_the_cpu(name):
+    """Every tensor a fit creates follows the features' device, the collapsing component's path included, and the
+    seeded draws are the CPU's: the same model on either device."""
+    x = torch.zeros(40, 3, 2, 2)
+    x[:20] += 5.0
+    x += 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    cpu = create_detector(name, **SMALL[name]).fit(x)
+    cuda = create_detector(name, **SMALL[name]).fit(x.cuda())
+    assert torch.allclose(cuda.anomaly_map(x.cuda()).cpu(), cpu.anomaly_map(x), rtol=1e-3, atol=1e-3)

@@ -98,6 +98,7 @@ class Finetuner:
     ):
         self.settings = s = settings or FinetuneSettings()
         self.validation = validation = validation or ValidationSettings()
+        self.session_start, self.validation_seconds = time.perf_counter(), 0.0  # max_minutes counts from here
         self.guide = guide_for(s)
         if {"photos", "pasted"} & set(s.negative_kinds) and negatives is None:
             raise AnomatuneError(f"negative_mode {s.negative_mode} needs a folder of natural photos: pass --negatives DIR")
@@ -295,6 +296,7 @@ class Finetuner:
         """Score the current features on the validation set; remember them when they are the best so far."""
         if self.valset is None:
             return
+        started = time.perf_counter()
         s, state = self.settings, self.state
         fit = self.strategy.features(self.good[self.fit_index], "fit")
         features = self.strategy.features(self.valset.images, "validation")
@@ -302,6 +304,7 @@ class Finetuner:
         record = {"step": state.step, **{k: round(result[k], 5) for k in ("score", "image_auroc", "aupro")}}
         record["families"] = {f: round(m["image_auroc"], 5) for f, m in result["families"].items()}
         state.remember(record, self.strategy.trained.state_dict(), s.min_gain)
+        self.validation_seconds = time.perf_counter() - started
         log.info(
             "validation at step %d: %.4f, mean image AUROC over the anomaly families (AUPRO %.4f; best: step %d)",
             state.step,
@@ -371,6 +374,7 @@ class Finetuner:
             disable=not self.group.is_main,
         )
         for _ in progress:
+            step_started = time.perf_counter()
             try:
                 record = self.step(optimizer)
             except FloatingPointError as exc:
@@ -386,11 +390,28 @@ class Finetuner:
                 neg=f"{record['p_neg_inside']:.3f}",
                 refresh=False,
             )
-            if self.state.step % s.checkpoint_every == 0 or self.state.step == s.steps:
+            out_of_time = self.out_of_time(time.perf_counter() - step_started)
+            if self.state.step % s.checkpoint_every == 0 or self.state.step == s.steps or out_of_time:
                 self.validate()
                 if self.group.is_main:
                     self.outputs.save_checkpoint(self.checkpoint(optimizer))
+            if out_of_time:
+                log.warning(
+                    "stopped at step %d of %d: max_minutes=%g leaves no time for another step and validation",
+                    self.state.step, s.steps, s.max_minutes,
+                )  # fmt: skip
+                break
         return self.finish(time.perf_counter() - start)
+
+    def out_of_time(self, step_seconds: float) -> bool:
+        """Whether another step and a validation would end past ``max_minutes`` (counted from this session's start);
+        under torchrun the processes agree (any one out of time stops them all, at the same step)."""
+        s = self.settings
+        if s.max_minutes is None or self.state.step >= s.steps:
+            return False
+        needed = time.perf_counter() - self.session_start + step_seconds + self.validation_seconds
+        late = torch.tensor([float(needed > 60 * s.max_minutes)], device=self.device)
+        return bool(self.group.sum(late).item() > 0)
 
     def finish(self, seconds: float) -> dict:
         """Keep the best checkpoint (or fall back), write the outputs; rank 0 writes while the others wait."""

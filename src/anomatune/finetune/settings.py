@@ -129,6 +129,13 @@ class FinetuneSettings(Settings):
     )
     clip_grad: float | None = setting(None, "Clip the gradient norm to this value (default: no clipping).", interval="(0, inf)")
     amp: bool = setting(True, "bfloat16 mixed precision for the backbone on CUDA (ignored on the CPU).")
+    max_minutes: float | None = setting(
+        None,
+        "Stop once this many minutes of this session have passed (setup and validations counted), early enough for "
+        "the last validation: the step reached is validated and kept if it wins. For a fine-tuning that must fit a "
+        "slot (default: run every step).",
+        interval="(0, inf)",
+    )
     checkpoint_every: int = setting(
         50, "Validate and write a checkpoint every this many steps (atomically).", interval="[1, 10000000]"
     )

@@ -25,12 +25,13 @@ WARM_START_STEPS = 5  # EM steps of a fold's refit from the whole fit's paramete
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each new centre drawn with probability proportional to squared distance."""
+    """k-means++ seeding: each new centre drawn with probability proportional to squared distance (drawn on the CPU,
+    where ``generator`` lives, so that a fit on CUDA draws the same centres as on the CPU)."""
     centres = [x[torch.randint(len(x), (1,), generator=generator)].squeeze(0)]
     dist = ((x - centres[0]) ** 2).sum(1)
     for _ in range(1, k):
         probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1 / len(dist))
-        centres.append(x[torch.multinomial(probs.float(), 1, generator=generator)].squeeze(0))
+        centres.append(x[torch.multinomial(probs.float().cpu(), 1, generator=generator)].squeeze(0))
         dist = torch.minimum(dist, ((x - centres[-1]) ** 2).sum(1))
     return torch.stack(centres)
 
@@ -159,9 +160,9 @@ class GMM(Detector):
             self.reg_ = torch.tensor(s.ridge * x.double().var(0).mean().item(), dtype=torch.float64)
             centres = kmeans_plus_plus(x, s.n_components, generator)
             resp = torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(1), s.n_components)
-            self.weights_ = torch.full((s.n_components,), 1.0 / s.n_components, dtype=torch.float64)
+            self.weights_ = torch.full((s.n_components,), 1.0 / s.n_components, dtype=torch.float64, device=x.device)
             self.means_ = centres.double()
-            self.prec_chol_ = torch.eye(x.shape[1], dtype=torch.float64).repeat(s.n_components, 1, 1)
+            self.prec_chol_ = torch.eye(x.shape[1], dtype=torch.float64, device=x.device).repeat(s.n_components, 1, 1)
             self._m_step(x, resp, generator)
         previous = -math.inf
         progress = tqdm(range(steps), desc=f"EM ({self.name}, K={s.n_components})", leave=False, mininterval=1.0)
