@@ -191,7 +191,9 @@ class Finetuner:
             self.loss.temperature = auto_temperature(good_ld, neg_ld)
             log.info("temperature (auto): %.3g", self.loss.temperature)
         self.loss.calibrate(boundary_log_density(good_ld, neg_ld, s.calibration, s.boundary_quantile))
+        began = time.perf_counter()
         self.state.start = self.diagnose()
+        self.state.start["seconds"] = round(time.perf_counter() - began, 2)  # what max_minutes keeps for the end's
         return self.state.start
 
     def diagnose(self) -> dict:
@@ -404,12 +406,14 @@ class Finetuner:
         return self.finish(time.perf_counter() - start)
 
     def out_of_time(self, step_seconds: float) -> bool:
-        """Whether another step and a validation would end past ``max_minutes`` (counted from this session's start);
-        under torchrun the processes agree (any one out of time stops them all, at the same step)."""
+        """Whether another step, a validation and the outputs would end past ``max_minutes`` (counted from this
+        session's start; the outputs, the end's diagnostics and their figures, counted as twice the start's
+        diagnostics); under torchrun the processes agree (any one out of time stops them all, at the same step)."""
         s = self.settings
         if s.max_minutes is None or self.state.step >= s.steps:
             return False
-        needed = time.perf_counter() - self.session_start + step_seconds + self.validation_seconds
+        outputs = 2 * self.state.start.get("seconds", 0.0)
+        needed = time.perf_counter() - self.session_start + step_seconds + self.validation_seconds + outputs
         late = torch.tensor([float(needed > 60 * s.max_minutes)], device=self.device)
         return bool(self.group.sum(late).item() > 0)
 

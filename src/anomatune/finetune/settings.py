@@ -132,8 +132,8 @@ class FinetuneSettings(Settings):
     max_minutes: float | None = setting(
         None,
         "Stop once this many minutes of this session have passed (setup and validations counted), early enough for "
-        "the last validation: the step reached is validated and kept if it wins. For a fine-tuning that must fit a "
-        "slot (default: run every step).",
+        "the last validation and the outputs: the step reached is validated and kept if it wins. For a fine-tuning "
+        "that must fit a slot (default: run every step).",
         interval="(0, inf)",
     )
     checkpoint_every: int = setting(
