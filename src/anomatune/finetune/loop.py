@@ -392,28 +392,30 @@ class Finetuner:
                 neg=f"{record['p_neg_inside']:.3f}",
                 refresh=False,
             )
-            out_of_time = self.out_of_time(time.perf_counter() - step_started)
-            if self.state.step % s.checkpoint_every == 0 or self.state.step == s.steps or out_of_time:
+            due = self.state.step % s.checkpoint_every == 0 or self.state.step == s.steps
+            out_of_time = self.out_of_time(time.perf_counter() - step_started, 2 if due else 1)
+            if due or out_of_time:
                 self.validate()
                 if self.group.is_main:
                     self.outputs.save_checkpoint(self.checkpoint(optimizer))
             if out_of_time:
                 log.warning(
-                    "stopped at step %d of %d: max_minutes=%g leaves no time for another step and validation",
+                    "stopped at step %d of %d: max_minutes=%g leaves no time for another step, a validation and the outputs",
                     self.state.step, s.steps, s.max_minutes,
                 )  # fmt: skip
                 break
         return self.finish(time.perf_counter() - start)
 
-    def out_of_time(self, step_seconds: float) -> bool:
-        """Whether another step, a validation and the outputs would end past ``max_minutes`` (counted from this
-        session's start; the outputs, the end's diagnostics and their figures, counted as twice the start's
-        diagnostics); under torchrun the processes agree (any one out of time stops them all, at the same step)."""
+    def out_of_time(self, step_seconds: float, validations: int) -> bool:
+        """Whether another step would end past ``max_minutes`` (counted from this session's start) with the
+        ``validations`` still to come (this step's when due, and the last one) and the outputs (the end's diagnostics
+        and figures, counted as twice the start's diagnostics); under torchrun the processes agree (any one out of
+        time stops them all, at the same step)."""
         s = self.settings
         if s.max_minutes is None or self.state.step >= s.steps:
             return False
         outputs = 2 * self.state.start.get("seconds", 0.0)
-        needed = time.perf_counter() - self.session_start + step_seconds + self.validation_seconds + outputs
+        needed = time.perf_counter() - self.session_start + step_seconds + validations * self.validation_seconds + outputs
         late = torch.tensor([float(needed > 60 * s.max_minutes)], device=self.device)
         return bool(self.group.sum(late).item() > 0)
 
