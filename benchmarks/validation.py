@@ -11,7 +11,6 @@ aggregate) and on the test split (image AUROC, AUPRO). Reported:
   against each fixed candidate refit the same way is not run: the fixed candidates' test
   metrics here are those of the search's fits, the same for all;
 - the time of the whole ``fit --detector auto`` (search + refit of the winner);
-- successive halving (the search's default) against the full search: its pick, regret and search time;
 - with 1, 3 and 5 real defects drawn from the test defects (removed from that test set,
   3 draws each), the same Spearman with them as one more validation family.
 
@@ -100,7 +99,6 @@ def category(name: str, photos: bool) -> dict:
     cache, rows, outputs = {}, [], []
     test_seconds = 0.0
     train_maps, validation_maps = search.stage_maps(resized, valset)
-    prepared = time.perf_counter() - start  # the validation set and the one backbone pass, shared by both searches
     for run in search.runs(train_maps, fit_index, validation_maps, valset, start):
         began = time.perf_counter()
         maps, scores = test_outputs(run, loader, cache, settings.postprocess)
@@ -119,22 +117,12 @@ def category(name: str, photos: bool) -> dict:
     refit_seconds = time.perf_counter() - began
     auto = score_dataset(refit, test).metrics
     test_auroc = [r["test"]["image_auroc"] for r in rows]
-    began = time.perf_counter()
-    rungs, halving_winner = search.rungs(train_maps, fit_index, validation_maps, valset, began)
-    halving_seconds = prepared + time.perf_counter() - began
-    halving_test = next(r["test"]["image_auroc"] for r in rows if r["candidate"] == halving_winner.name)
     result = {
         "dataset": name,
         "candidates": rows,
         "auto": {"candidate": winner.name, "search": rows[pick]["test"], "refit": {k: auto[k] for k in ("image_auroc", "aupro")}},
         "regret": float(max(test_auroc) - test_auroc[pick]),
         "seconds": {"search": round(search_seconds, 1), "refit": round(refit_seconds, 1)},
-        "halving": {
-            "candidate": halving_winner.name,
-            "regret": float(max(test_auroc) - halving_test),
-            "search_seconds": round(halving_seconds, 1),
-            "rungs": [{k: r[k] for k in ("candidate", "rung", "fit_images", "score", "seconds")} for r in rungs],
-        },
         "spearman": {
             "aggregate": spearman([r["score"] for r in rows], test_auroc),
             "aggregate_vs_aupro": spearman([r["score"] for r in rows], [r["test"]["aupro"] for r in rows]),
@@ -205,29 +193,6 @@ def markdown(results: list[dict], command: str) -> str:
         + " | ".join(f"{m:.4f}" for m in means)
         + f" | | **{auto_search:.4f}** | **{auto_refit:.4f}** | {np.mean([r['regret'] for r in results]):.4f} | |"
     )
-    if all("halving" in r for r in results):
-        lines += [
-            "",
-            "## Successive halving (the default) against every candidate on every fit image",
-            "",
-            "Search seconds: the validation set, the backbone pass and the candidates, without the final fit (shared "
-            "by both); measured in this benchmark's run, beside the test scoring.",
-            "",
-            "| dataset | full search picks | regret | search s | halving picks | regret | search s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in results:
-            h = r["halving"]
-            lines.append(
-                f"| {r['dataset']} | {r['auto']['candidate']} | {r['regret']:.4f} | {r['seconds']['search']:.0f} | "
-                f"{h['candidate']} | {h['regret']:.4f} | {h['search_seconds']:.0f} |"
-            )
-        lines.append(
-            f"| **mean** | | {np.mean([r['regret'] for r in results]):.4f} | "
-            f"{np.mean([r['seconds']['search'] for r in results]):.0f} | | "
-            f"{np.mean([r['halving']['regret'] for r in results]):.4f} | "
-            f"{np.mean([r['halving']['search_seconds'] for r in results]):.0f} |"
-        )
     lines += [
         "",
         "## Validation score (aggregate) of every candidate",

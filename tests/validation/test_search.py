@@ -147,19 +147,3 @@ def test_the_cost_estimates_rank_the_candidates_as_measured():
     # transistor at 256 px: 183 images fitted on, 210 validation images, 1,024 positions (benchmarks: 10 s, 49 s, 167 s, 20 s)
     work = [d.work(dim, 1024, 183, 210) for d, dim in ((padim, 152), (glad, 64), (glad, 152), (patchcore, 152))]
     assert work[0] < work[3] < work[1] < work[2]
-
-
-def test_successive_halving_keeps_the_best_third_on_three_times_the_images(brick, monkeypatch):
-    from anomatune.validation import search as search_module
-
-    monkeypatch.setattr(search_module, "FIRST_RUNG", 2)
-    four = (*TWO, Candidate("padim", stages=FINE), Candidate("glad", "pca", FINE, SMALL_GLAD))
-    search = _search(candidates=four).fit(open_dataset(data=brick, category="brick"))
-    rows = {row["candidate"]: row for row in search.results_}
-    first, second = ([r for r in rows.values() if r["rung"] == rung] for rung in (0, 1))
-    assert len(first) == 2 and len(second) == 2 and {r["fit_images"] for r in first} == {2}
-    assert {r["fit_images"] for r in second} == {6}  # 2 x 3 of the fit images
-    assert search.best_candidate_.name == max(second, key=lambda r: r["score"])["candidate"]
-    assert "fitted on 6 good images" in search.best_.selection_["why"]
-    whole = _search(candidates=four, halving=False).fit(open_dataset(data=brick, category="brick"))
-    assert {r["rung"] for r in whole.results_} == {0} and len(whole.results_) == 4

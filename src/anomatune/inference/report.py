@@ -224,21 +224,18 @@ def _selection_section(run: RunFolder) -> str:
             c["score"],
             c["aupro"],
             *(c["families"][f]["image_auroc"] for f in families if f in c["families"]),
-            c.get("fit_images", selection["validation"]["fit_images"]),
             c["seconds"],
         )
         for c in selection["candidates"]
     ]
-    header = ("candidate", "validation score", "validation AUPRO", *families, "fit images", "fit + score s")
+    header = ("candidate", "validation score", "validation AUPRO", *families, "fit + score s")
     v = selection["validation"]
     skipped = ", ".join(f"{s['candidate']} (about {s['estimated_seconds']:.0f} s)" for s in selection.get("skipped", ()))
     return (
         "<h2>How the detector was chosen (--detector auto)</h2>"
         f"<p>Chose <b>{html.escape(selection['winner'])}</b>: {html.escape(selection['why'])}. Validation: "
         f"{v['held_out_good_images']} held-out good images, each also with one synthetic anomaly of every family; "
-        f"candidates fitted on {'up to ' if v.get('halving') else ''}{v['fit_images']} good images"
-        + (" (successive halving: the best third of a rung goes on with three times as many)" if v.get("halving") else "")
-        + "; no test image read.</p>"
+        f"candidates fitted on {v['fit_images']} good images; no test image read.</p>"
         + (f"<p>Skipped to keep within --search-budget: {html.escape(skipped)}.</p>" if skipped else "")
         + _table(rows, header)
     )

@@ -8,6 +8,7 @@ The rows are also the MQTT outbox: ``published_at`` stays empty until the broker
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import uuid
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -105,17 +107,18 @@ class InspectionStore:
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        for attempt in range(3):  # two processes creating one SQLite file at once: the second sees the first's tables
+        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        # two stations starting at once migrate one after the other: PostgreSQL by an advisory lock, an SQLite file
+        # by a lock file beside it (SQLite's DDL does not take the database's write lock at the transaction's start)
+        with FileLock(f"{database}.lock") if database and database != ":memory:" else contextlib.nullcontext():
             try:
                 with self.engine.begin() as connection:
                     if connection.dialect.name == "postgresql":
                         connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
                     config.attributes["connection"] = connection
                     command.upgrade(config, "head")
-                return
             except DBAPIError as exc:
-                if attempt == 2 or exc.connection_invalidated:
-                    raise AnomatuneError(f"{self!r}: cannot open the inspections database ({exc.orig})") from exc
+                raise AnomatuneError(f"{self!r}: cannot open the inspections database ({exc.orig})") from exc
 
     def close(self) -> None:
         self.engine.dispose()

@@ -14,7 +14,6 @@ With ``--search-budget``, candidates whose estimated cost would overrun it are s
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT, FINE = "default", "fine"  # stage sets: the backbone's own, and the same with its stride-4 stage
 PCA_DIM = 64
-FIRST_RUNG, HALVING_FACTOR = 32, 3  # successive halving: fit images of the first rung; growth and the share kept
 
 
 @dataclass(frozen=True)
@@ -255,27 +253,19 @@ class DetectorSearch:
         return train, validation
 
     def runs(
-        self,
-        train: StageMaps,
-        fit_index: Sequence[int],
-        validation: StageMaps,
-        valset: ValidationSet,
-        start: float,
-        candidates: Sequence[Candidate] | None = None,
+        self, train: StageMaps, fit_index: Sequence[int], validation: StageMaps, valset: ValidationSet, start: float
     ) -> Iterator[CandidateRun]:
-        """Each candidate (default: all that apply) fitted on the ``fit_index`` images of ``train`` and scored on the
-        validation, in turn; with a budget, those whose estimated cost would end the search past it (counted from
-        ``start``, a ``time.perf_counter()``) are skipped and listed in ``skipped_``. One view's features are held at
-        a time."""
+        """Each candidate fitted on the ``fit_index`` images of ``train`` and scored on the validation, in turn; with
+        a budget, those whose estimated cost would end the search past it (counted from ``start``, a
+        ``time.perf_counter()``) are skipped and listed in ``skipped_``. One view's features are held at a time."""
         s = self.settings
         device = resolve_device(self.runtime.device)
         budget = self.validation.budget
-        self.skipped_: list[dict] = getattr(self, "skipped_", [])
+        self.skipped_: list[dict] = []
         held: dict[FeatureView, tuple[torch.Tensor, torch.Tensor]] = {}
         projections: dict[tuple[FeatureView, int], tuple[torch.Tensor, torch.Tensor]] = {}
         work_done = seconds_done = 0.0
-        candidates = [c for c in self.candidates if c.stages in self.layers_] if candidates is None else candidates
-        for candidate in candidates:
+        for candidate in (c for c in self.candidates if c.stages in self.layers_):
             settings = candidate.settings(s, self.layers_)
             view = FeatureView.of(settings.features)
             raw_dim = sum(train.extractor.stage_channels[train.extractor.layers.index(i)] for i in view.layers)
@@ -305,50 +295,24 @@ class DetectorSearch:
             began = time.perf_counter()
             detector = create_detector(settings.detector).fit(project(fit_raw))
             outputs = detector_outputs(detector, project(val_raw), valset.images.shape[-2:], s.postprocess)
-            row = {"candidate": candidate.name, "fit_images": len(fit_index), **validation_metrics(valset, *outputs)}
+            row = {"candidate": candidate.name, **validation_metrics(valset, *outputs)}
             row["seconds"] = round(time.perf_counter() - began, 1)
             work_done, seconds_done = work_done + work, seconds_done + row["seconds"]
             log.info("%s: validation %.4f (%.1f s)", candidate.name, row["score"], row["seconds"])
             yield CandidateRun(candidate, row, detector, train.extractor, view, projection, outputs)
 
-    def rungs(
-        self, train: StageMaps, fit_index: Sequence[int], validation: StageMaps, valset: ValidationSet, start: float
-    ) -> tuple[list[dict], Candidate]:
-        """Successive halving (``halving``): every candidate fitted on :data:`FIRST_RUNG` of the fit images (spread
-        evenly), the best third of them on three times as many, until one is left or every fit image is used; the
-        winner is the best of the last rung. Without halving, one rung of every candidate on every fit image. Returns
-        each candidate's row from the last rung it reached (``rung`` says which) and the winner."""
-        alive = [c for c in self.candidates if c.stages in self.layers_]
-        n_images = min(FIRST_RUNG, len(fit_index)) if self.validation.halving else len(fit_index)
-        rows: dict[Candidate, dict] = {}
-        winner = None
-        for rung in range(len(alive)):
-            subset = [fit_index[int(i)] for i in torch.linspace(0, len(fit_index) - 1, n_images).round().long()]
-            runs = self.runs(train, subset, validation, valset, start, alive)
-            scored = [(run.candidate, run.row | {"rung": rung}) for run in runs]
-            if not scored:  # the budget skipped every one: the previous rung's best stands
-                break
-            rows.update(scored)
-            ranked = sorted(scored, key=lambda pair: -pair[1]["score"])  # stable: the first of equals, the cheaper
-            winner, alive = ranked[0][0], [c for c, _ in ranked[: math.ceil(len(ranked) / HALVING_FACTOR)]]
-            if len(alive) == 1 or n_images == len(fit_index):
-                break
-            n_images = min(n_images * HALVING_FACTOR, len(fit_index))
-            log.info("rung %d: %s go on with %d fit images", rung + 1, ", ".join(c.name for c in alive), n_images)
-        if winner is None:
-            raise AnomatuneError("no candidate applies to this backbone (or fits in the search budget): choose a detector")
-        return list(rows.values()), winner
-
     def fit(self, dataset: AnomalyDataset) -> DetectorSearch:
-        """Score the candidates on the validation set built from ``dataset``'s good images; refit the best on all."""
+        """Score every candidate on the validation set built from ``dataset``'s good images; refit the best on all."""
         start = time.perf_counter()
         resized, fit_index, valset = self.prepare(dataset)
         train, validation = self.stage_maps(resized, valset)
-        self.skipped_ = []
-        self.results_, best_candidate = self.rungs(train, fit_index, validation, valset, start)
+        results = [(run.candidate, run.row) for run in self.runs(train, fit_index, validation, valset, start)]
         del validation
-        best_row = next(r for r in self.results_ if r["candidate"] == best_candidate.name)
+        if not results:
+            raise AnomatuneError("no candidate applies to this backbone (or fits in the search budget): choose a detector")
+        best_candidate, best_row = max(results, key=lambda pair: pair[1]["score"])  # the first of equals: the cheaper
         log.info("chose %s (validation %.4f); refitting it on every training image", best_candidate.name, best_row["score"])
+        self.results_ = [row for _, row in results]
         self.best_candidate_ = best_candidate
         searched = time.perf_counter() - start
         settings = best_candidate.settings(self.settings, self.layers_)
@@ -372,11 +336,9 @@ class DetectorSearch:
 
     def selection(self, winner: Candidate, n_held: int, n_fit: int, seconds: float) -> dict:
         """What the run records of the search: the table, the winner and why."""
-        last = max(r["rung"] for r in self.results_)
-        ranked = sorted((r for r in self.results_ if r["rung"] == last), key=lambda r: -r["score"])
+        ranked = sorted(self.results_, key=lambda r: -r["score"])
         runner_up = ranked[1] if len(ranked) > 1 else None
-        why = f"highest validation score ({ranked[0]['score']:.4f}, mean image AUROC over the anomaly families"
-        why += f", fitted on {ranked[0]['fit_images']} good images)" if last else ")"
+        why = f"highest validation score ({ranked[0]['score']:.4f}, mean image AUROC over the anomaly families)"
         if runner_up is not None:
             why += f"; next: {runner_up['candidate']} ({runner_up['score']:.4f})"
         return {
@@ -386,7 +348,6 @@ class DetectorSearch:
                 "held_out_good_images": n_held,
                 "families": list(self.validation.families) + (["real"] if self.validation.defects else []),
                 "fit_images": n_fit,
-                "halving": self.validation.halving,
                 "seed": self.validation.seed,
             },
             "candidates": self.results_,

@@ -51,12 +51,6 @@ class ValidationSettings(Settings):
         "Good images each candidate is fitted on during the search at most (seeded choice); the winner is refit on all.",
         interval="[2, 100000]",
     )
-    halving: bool = setting(
-        True,
-        "Successive halving: every candidate is first fitted on a few good images (32), the best third of them on three "
-        "times as many, and so on until one is left; off: every candidate on every fit image.",
-        flag="search-halving",
-    )
     budget: float | None = setting(
         None,
         "Seconds the detector search may spend (validation set, features, candidates; not the final fit): candidates "
