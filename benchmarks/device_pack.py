@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from anomatune import open_dataset
+from anomatune.data.images import IMAGE_EXTENSIONS
 from common import DATASETS, SHARED
 
 
@@ -26,7 +27,7 @@ def write_category(root: Path, category: str, out: Path, image_size: int, qualit
     size_hw = open_dataset(data=root, category=category, split="train").size_for(image_size)
     written = 0
     for path in sorted((root / category).rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         target = out / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -81,12 +81,14 @@ class InspectionStore:
         self.url = store_url(url)
         self.station = station or socket.gethostname()
         sqlite = self.url.startswith("sqlite")
-        if sqlite and ":memory:" not in self.url:
-            Path(self.url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine = create_engine(self.url, connect_args={"timeout": 30} if sqlite else {}, pool_pre_ping=True)
         except Exception as exc:  # an unknown dialect or a driver that is not installed
             raise AnomatuneError(f"--store {self.url!r}: {exc}") from exc
+        database = self.engine.url.database if sqlite else None
+        self.sqlite_file = Path(database) if database and database != ":memory:" else None  # None: a server, or memory
+        if self.sqlite_file is not None:
+            self.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.migrate()
@@ -107,10 +109,10 @@ class InspectionStore:
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
         # two stations starting at once migrate one after the other: PostgreSQL by an advisory lock, an SQLite file
         # by a lock file beside it (SQLite's DDL does not take the database's write lock at the transaction's start)
-        with FileLock(f"{database}.lock") if database and database != ":memory:" else contextlib.nullcontext():
+        lock = self.sqlite_file and FileLock(f"{self.sqlite_file}.lock")
+        with lock or contextlib.nullcontext():
             try:
                 with self.engine.begin() as connection:
                     if connection.dialect.name == "postgresql":
