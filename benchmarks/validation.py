@@ -35,8 +35,8 @@ from anomatune.pipeline.pipeline import Pipeline
 from anomatune.pipeline.scoring import score_dataset
 from anomatune.pipeline.settings import PipelineSettings
 from anomatune.validation.scoring import detector_outputs, validation_metrics
-from anomatune.validation.search import DetectorSearch, FeatureView
-from anomatune.validation.sets import REAL, ValidationSet
+from anomatune.validation.search import CANDIDATES, DetectorSearch, FeatureView
+from anomatune.validation.sets import GOOD, REAL, ValidationSet
 from anomatune.validation.settings import ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, dataset, write_results
 
@@ -52,6 +52,30 @@ def test_outputs(run, loader, cache: dict, postprocess) -> tuple[np.ndarray, np.
         cache[key] = torch.cat([run.features(batch["image"]).cpu() for batch in loader])
     maps, scores = detector_outputs(run.detector, cache[key], tuple(loader.dataset.size_hw), postprocess)
     return maps.numpy(), scores.numpy()
+
+
+def rounded(scores) -> list[float]:
+    """Per-image scores kept in the results (for ensembles computed afterwards), at float32's precision."""
+    return [float(f"{v:.7g}") for v in np.asarray(scores, float)]
+
+
+def ensemble(result: dict, size: int = 2) -> dict:
+    """The z-normalised mean of the ``size`` best candidates on validation, as one more candidate: each one's image
+    scores standardised by its held-out good validation images, its validation aggregate (mean image AUROC over
+    the families) and test image AUROC computed from the stored scores, no refit."""
+    rows = sorted(result["candidates"], key=lambda r: -r["score"])[:size]
+    groups = np.array(result["validation_groups"])
+    good = groups == GOOD
+
+    def z(row: dict, split: str) -> np.ndarray:
+        reference = np.asarray(row["scores"]["validation"])[good]
+        return (np.asarray(row["scores"][split]) - reference.mean()) / (reference.std() + 1e-12)
+
+    validation = np.mean([z(r, "validation") for r in rows], axis=0)
+    families = [f for f in dict.fromkeys(groups) if f != GOOD]
+    score = float(np.mean([image_auroc(groups[good | (groups == f)] == f, validation[good | (groups == f)]) for f in families]))
+    test = float(image_auroc(np.array(result["test_labels"]), np.mean([z(r, "test") for r in rows], axis=0)))
+    return {"members": [r["candidate"] for r in rows], "score": score, "test_image_auroc": test}
 
 
 def spearman(x, y) -> float:
@@ -89,7 +113,7 @@ def category(name: str, photos: bool) -> dict:
     train, test = MVTecAD(root, cat, "train", image_size=SQUARE), MVTecAD(root, cat, "test", image_size=SQUARE)
     settings = PipelineSettings().updated(image_size=SQUARE)
     validation = ValidationSettings(photos=str(PHOTOS) if photos else None)
-    search = DetectorSearch(settings, validation)
+    search = DetectorSearch(settings, validation, CANDIDATES)  # every candidate; the pools below are subsets
     start = time.perf_counter()
     resized, fit_index, valset = search.prepare(train)
     test = test.at_size(resized.size_hw)
@@ -103,7 +127,7 @@ def category(name: str, photos: bool) -> dict:
         began = time.perf_counter()
         maps, scores = test_outputs(run, loader, cache, settings.postprocess)
         metrics = {"image_auroc": image_auroc(labels, scores)} | pixel_metrics(pixel_curves(masks, maps))
-        rows.append({**run.row, "test": metrics})
+        rows.append({**run.row, "test": metrics, "scores": {"validation": rounded(run.outputs[1]), "test": rounded(scores)}})
         outputs.append((run.outputs, maps, scores))
         test_seconds += time.perf_counter() - began
         logging.info("%s %s: validation %.4f, test %.4f", name, run.row["candidate"], run.row["score"], metrics["image_auroc"])
@@ -120,6 +144,8 @@ def category(name: str, photos: bool) -> dict:
     result = {
         "dataset": name,
         "candidates": rows,
+        "validation_groups": list(valset.groups),
+        "test_labels": [int(v) for v in labels],
         "auto": {"candidate": winner.name, "search": rows[pick]["test"], "refit": {k: auto[k] for k in ("image_auroc", "aupro")}},
         "regret": float(max(test_auroc) - test_auroc[pick]),
         "seconds": {"search": round(search_seconds, 1), "refit": round(refit_seconds, 1)},
@@ -171,7 +197,7 @@ def markdown(results: list[dict], command: str) -> str:
     names = [c["candidate"] for c in results[0]["candidates"]]
     lines += [
         "",
-        "## Test image AUROC of every candidate, and of auto",
+        "## Test image AUROC of every candidate, and of the search over all of them (auto)",
         "",
         "| dataset | " + " | ".join(names) + " | auto picks | auto (search fit) | auto (refit) | regret | fit auto s |",
         "|---|" + "---|" * (len(names) + 6),
@@ -214,7 +240,7 @@ def markdown(results: list[dict], command: str) -> str:
         lines.append(
             f"| {r['dataset']} | " + " | ".join(f"{default['families'][f]['image_auroc']:.3f}" for f in families[3:]) + " |"
         )
-    return "\n".join(lines + aggregate_table(results)) + "\n"
+    return "\n".join(lines + aggregate_table(results) + pool_table(results) + ensemble_table(results)) + "\n"
 
 
 def aggregates(result: dict) -> dict[str, list[float]]:
@@ -248,6 +274,69 @@ def aggregate_table(results: list[dict]) -> list[str]:
     for name in names:
         values = [spearman(aggregates(r)[name], [c["test"]["image_auroc"] for c in r["candidates"]]) for r in results]
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {np.nanmean(values):.2f} |")
+    return lines
+
+
+def ensemble_table(results: list[dict]) -> list[str]:
+    """The two best candidates on validation, z-normalised and averaged: would the search pick it, and should it?"""
+    if not all("scores" in c for r in results for c in r["candidates"]):
+        return []
+    lines = [
+        "",
+        "## A z-normalised ensemble of the two best candidates on validation (from the stored scores, no refit)",
+        "",
+        "| dataset | members | validation | best single on validation | test image AUROC | pick's test | best candidate's test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gains = []
+    for r in results:
+        e = ensemble(r)
+        pick = max(r["candidates"], key=lambda c: c["score"])
+        best = max(c["test"]["image_auroc"] for c in r["candidates"])
+        chosen = e["test_image_auroc"] if e["score"] > pick["score"] else pick["test"]["image_auroc"]
+        gains.append(chosen - pick["test"]["image_auroc"])
+        lines.append(
+            f"| {r['dataset']} | {' + '.join(e['members'])} | {e['score']:.4f} | {pick['score']:.4f} | "
+            f"{e['test_image_auroc']:.4f} | {pick['test']['image_auroc']:.4f} | {best:.4f} |"
+        )
+    lines += [
+        "",
+        f"With the ensemble in the pool (picked where its validation is higher), the mean test image AUROC of the pick changes by {np.mean(gains):+.4f}.",
+    ]
+    return lines
+
+
+POOLS = {
+    "all": None,
+    "without GLAD": ("padim all default", "patchcore all default", "padim all fine", "patchcore all fine"),
+    "default stages (the default pool)": ("padim all default", "glad pca64 default", "glad all default", "patchcore all default"),
+    "PaDiM and PatchCore, default stages": ("padim all default", "patchcore all default"),
+    "PaDiM, GLAD PCA-64 and PatchCore, default stages": ("padim all default", "glad pca64 default", "patchcore all default"),
+}
+
+
+def pool_table(results: list[dict]) -> list[str]:
+    """Smaller pools, from the same rows: the pick within each, its test image AUROC, its regret against the best of
+    every candidate, and the candidates' own seconds (fit and validation scoring; the fixed costs come on top)."""
+    lines = [
+        "",
+        "## Smaller pools, from the same rows (the pick within the pool; regret against the best of all candidates)",
+        "",
+        "| pool | mean test image AUROC of the pick | mean regret | worst regret | categories with regret <= 0.01 | candidates' s (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pool, names in POOLS.items():
+        picked, regrets, seconds = [], [], []
+        for r in results:
+            rows = [c for c in r["candidates"] if names is None or c["candidate"] in names]
+            pick = max(rows, key=lambda c: c["score"])
+            picked.append(pick["test"]["image_auroc"])
+            regrets.append(max(c["test"]["image_auroc"] for c in r["candidates"]) - picked[-1])
+            seconds.append(sum(c["seconds"] for c in rows))
+        lines.append(
+            f"| {pool} | {np.mean(picked):.4f} | {np.mean(regrets):.4f} | {max(regrets):.4f} | "
+            f"{sum(g <= 0.01 for g in regrets)} of {len(results)} | {np.median(seconds):.0f} |"
+        )
     return lines
 
 

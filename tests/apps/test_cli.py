@@ -85,7 +85,9 @@ def test_help_lists_every_option_with_its_default():
         "--config",
     ):
         assert option in result.output
-    assert "[default: glad]" in result.output and "[default: auto]" in result.output and "[default: 256]" in result.output
+    detector = result.output.split("\nDetector:")[1].split("\n\n")[0]
+    assert "|auto]" in detector and "[default: auto]" in detector  # fit chooses the detector unless told
+    assert "[default: 256]" in result.output
     finetune_help = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200).output
     for flat in flat_settings(FinetuneSettings):
         assert "--" + flat.flag in finetune_help
@@ -100,9 +102,13 @@ def test_detectors_lists_their_settings():
 @pytest.mark.parametrize(
     "args, text",
     [
-        (["fit", "--good", ".", "--set", "bogus=1"], "unknown setting detector.bogus: choose from n_components"),
-        (["fit", "--good", ".", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
-        (["fit", "--good", ".", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
+        (
+            ["fit", "--good", ".", "--detector", "glad", "--set", "bogus=1"],
+            "unknown setting detector.bogus: choose from n_components",
+        ),
+        (["fit", "--good", ".", "--detector", "glad", "--set", "ridge=x"], "detector.ridge: expected a number, got 'x'"),
+        (["fit", "--good", ".", "--detector", "glad", "--set", "ridge"], "--set expects KEY=VALUE, not 'ridge'"),
+        (["fit", "--good", ".", "--set", "ridge=1"], "--set changes a fixed detector's settings: add --detector NAME"),
         (["fit", "--good", ".", "--image-size", "0"], "features.image_size: each side must be 16 to 8192 px"),
         (["fit", "--good", ".", "--batch-size", "0"], "runtime.batch_size: must be in [1, 4096], not 0"),
         (["fit", "--good", ".", "--detector", "svm"], "unknown detector 'svm'"),
@@ -328,12 +334,11 @@ def test_finetune_an_adaptor_with_validation_from_the_command_line(mvtec_tree, t
 
 
 def test_fit_auto_chooses_on_validation_and_the_report_says_why(brick, tmp_path):
-    code, out, err = cli(
-        "fit", "--data", brick, "--category", "brick", *FAST_OPTIONS, "--detector", "auto", "--out", tmp_path / "run"
-    )
-    assert code == 0, err
+    code, out, err = cli("fit", "--data", brick, "--category", "brick", *FAST_OPTIONS, "--out", tmp_path / "run")
+    assert code == 0, err  # no --detector: the search
     selection = json.loads((served(tmp_path / "run") / "selection.json").read_text())
-    assert len(selection["candidates"]) == 7 and selection["winner"] in {c["candidate"] for c in selection["candidates"]}
+    assert [c["candidate"] for c in selection["candidates"]] == ["padim all default", "patchcore all default"]
+    assert f"detector: {selection['winner']}, chosen for its highest validation score" in out
     config = yaml.safe_load((served(tmp_path / "run") / "config.yaml").read_text())
     assert config["settings"]["detector"]["name"] == selection["winner"].split()[0]
     assert cli("evaluate", tmp_path / "run", "--no-figures", "--device", "cpu")[0] == 0
@@ -344,6 +349,13 @@ def test_fit_auto_chooses_on_validation_and_the_report_says_why(brick, tmp_path)
         "fit", "--data", brick, "--category", "brick", "--detector", "auto", "--set", "ridge=1", "--out", tmp_path / "x"
     )
     one_line_error(code, err, "--detector auto chooses every detector's settings: drop --set")
+    code, _, err = cli(
+        "fit", "--data", brick, "--category", "brick", *FAST_OPTIONS, "--search-detectors", "glad", "--search-stages",
+        "default,fine", "--out", tmp_path / "glad",
+    )  # fmt: skip
+    assert code == 0, err
+    selection = json.loads((served(tmp_path / "glad") / "selection.json").read_text())
+    assert [c["candidate"] for c in selection["candidates"]] == ["glad pca64 default", "glad all default", "glad pca64 fine"]
 
 
 def test_color_transfer_draws_the_figure(tmp_path):

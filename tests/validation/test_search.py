@@ -80,6 +80,22 @@ def test_the_default_candidates_cover_every_detector_on_both_stage_sets():
     assert {"padim all fine", "glad pca64 fine", "patchcore all fine"} <= names
 
 
+def test_search_detectors_and_stages_keep_only_their_candidates_and_refuse_an_unknown_name():
+    from anomatune.errors import SettingsError
+
+    default = DetectorSearch().candidates
+    assert [c.name for c in default] == ["padim all default", "patchcore all default"]
+    search = DetectorSearch(validation=ValidationSettings(detectors="patchcore,padim", stages="fine,default"))
+    assert [c.name for c in search.candidates] == [c.name for c in CANDIDATES if c.detector in ("padim", "patchcore")]
+    as_the_command_line_gives_them = ValidationSettings(detectors=("patchcore,padim",), families=("scar", "color,blend"))
+    assert as_the_command_line_gives_them.detectors == ("patchcore", "padim")
+    assert as_the_command_line_gives_them.families == ("scar", "color", "blend")
+    with pytest.raises(SettingsError, match="distinct detectors among padim, glad, patchcore, got 'gmm'"):
+        ValidationSettings(detectors="gmm")
+    with pytest.raises(SettingsError, match="distinct stage sets among default, fine"):
+        ValidationSettings(stages="fine,fine")
+
+
 @pytest.mark.parametrize("aggregation", ["concat", "stage"])
 def test_one_backbone_pass_gives_each_stage_set_exactly_its_own_extractors_features(aggregation):
     import torch

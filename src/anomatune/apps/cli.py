@@ -107,7 +107,7 @@ def detectors_cmd() -> None:
 
 @app.command("fit")
 @options.options(DataSettings)
-@options.options(PipelineSettings)
+@options.options(PipelineSettings, defaults={"detector": AUTO_DETECTOR})
 @options.options(ValidationSettings)
 @options.options(RuntimeSettings)
 @options.options(EngineSettings)
@@ -131,14 +131,20 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
 
     Every good image is fitted on, and scored by a model fitted without its fold: those scores set the threshold.
 
-    With --detector auto: each candidate (detector x projection x feature stages) is scored on a validation set
-    made from held-out good images with synthetic anomalies (--validation-*), and the best is refit on every image.
+    The detector is chosen (--detector auto, the default unless --config names one): each candidate (--search-*) is
+    scored on a validation set made from held-out good images with synthetic anomalies (--validation-*), and the
+    best is refit on every image. --detector NAME fixes one.
     With --category all: a run per category of --data in OUT/<category>, and OUT/summary.md.
     """
-    auto = values.get("detector") == AUTO_DETECTOR
+    detector = values.get("detector")
+    auto = detector == AUTO_DETECTOR or (detector is None and "detector" not in options.read_settings_file(config))
     if auto:
         if values.get("detector_changes"):
-            raise click.UsageError("--detector auto chooses every detector's settings: drop --set")
+            raise click.UsageError(
+                "--detector auto chooses every detector's settings: drop --set"
+                if detector
+                else "--set changes a fixed detector's settings: add --detector NAME (without one, fit chooses the detector)"
+            )
         values["detector"] = None
     data = options.build(DataSettings, values)
     settings = options.build(PipelineSettings, values, config=config)
@@ -157,6 +163,8 @@ def fit_cmd(out, config, then_evaluate, no_figures, **values):
     if run_all(job, options.build(EngineSettings, values), data.category):
         return
     result = fit(data, Path(out), runtime=job.runtime, **job.options)
+    if "why" in result:
+        click.echo(f"detector: {result['detector']}, chosen for its {result['why']}")
     click.echo(f"{result['model']} saved in {out} as version {result['version']}, served" + (
         f"; {result['decision']}" if result.get("decision") else ""))  # fmt: skip
     if then_evaluate:

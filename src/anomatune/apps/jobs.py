@@ -70,7 +70,7 @@ def fit(
     if pipeline.image_calibration is not None:
         result["decision"] = pipeline.image_calibration.describe()
     if validation is not None:
-        result["detector"] = pipeline.selection_["winner"]
+        result["detector"], result["why"] = pipeline.selection_["winner"], pipeline.selection_["why"]
     if evaluate:
         from ..evaluation.evaluate import evaluate as evaluate_run
 

@@ -79,11 +79,12 @@ def _group(cls: type[Settings], flat: FlatSetting) -> str:
     return section.replace("_", " ").capitalize()
 
 
-def _option(flat: FlatSetting, group: str):
-    """The option of one setting; its default is shown (when it has one), not passed (an unset option leaves the
-    setting alone)."""
+def _option(flat: FlatSetting, group: str, default: Any = None):
+    """The option of one setting; its default (``default`` when the command has its own) is shown (when it has one),
+    not passed (an unset option leaves the setting alone)."""
     names = [f"--{flat.flag}", *(f"--{a}" for a in flat.aliases)]
-    shown = "" if flat.default is None or flat.default == () else f"  [default: {_show(flat.default)}]"
+    default = flat.default if default is None else default
+    shown = "" if default is None or default == () else f"  [default: {_show(default)}]"
     help_text = flat.help + (f" Range: {flat.interval}." if flat.interval else "") + shown
     common = dict(default=None, help=help_text, show_default=False, cls=GroupedOption, group=group)
     if flat.kind is bool:
@@ -103,15 +104,17 @@ SET_OPTION = click.option(
 )
 
 
-def options(cls: type[Settings], only: Iterable[str] | None = None):
-    """A decorator adding one option per setting of ``cls`` (those named in ``only``, when given)."""
+def options(cls: type[Settings], only: Iterable[str] | None = None, defaults: dict[str, Any] | None = None):
+    """A decorator adding one option per setting of ``cls`` (those named in ``only``, when given); ``defaults``: the
+    command's own default of a setting, as its help shows it (``fit``'s detector is ``auto``)."""
     chosen = [flat for flat in flat_settings(cls) if only is None or flat.key in set(only)]
+    defaults = defaults or {}
 
     def decorate(command):
         for flat in reversed(chosen):  # the last decorator applied is listed first
             if isinstance(flat.default, DetectorSettings):
                 command = SET_OPTION(command)
-            command = _option(flat, _group(cls, flat))(command)
+            command = _option(flat, _group(cls, flat), defaults.get(flat.key))(command)
         return command
 
     return decorate

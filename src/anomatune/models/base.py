@@ -163,7 +163,9 @@ class Detector:
 
     # -- fitting and scoring -------------------------------------------------------------
 
-    def _fit(self, features: torch.Tensor, **options) -> None:
+    def _fit(self, features: torch.Tensor, **options) -> torch.Tensor | None:
+        """Learn from ``features``; may return their raw patch scores when it computed them on the way (GLAD), which
+        spares the normalisation a second pass over every training patch."""
         raise NotImplementedError
 
     def _patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -173,10 +175,10 @@ class Detector:
         """Fit on good patch features ``(N, D, h, w)`` (``options``: a detector's own, e.g. the mixtures' warm start)."""
         self._check_features(features)
         self._reset()
-        self._fit(features, **options)
+        scores = self._fit(features, **options)
         self._record_shape(features)
         if self.normalized:
-            scores = self._raw_scores(features)
+            scores = self._raw_scores(features) if scores is None else scores.double()
             self.score_mean_ = scores.mean(0)
             self.score_std_ = scores.std(0).clamp_min(1e-6 * float(scores.std()) + 1e-12)
         return self
@@ -197,7 +199,8 @@ class Detector:
         bounded sample instead."""
         return self.fit(torch.cat(list(batches)))
 
-    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> None:
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> torch.Tensor | None:
+        """Learn from more images; like :meth:`_fit`, may return their raw patch scores under the updated model."""
         raise AnomatuneError(f"{self.name} cannot be updated with new images: refit it on all of them")
 
     def partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings | None = None) -> Detector:
@@ -207,10 +210,10 @@ class Detector:
         With ``normalize``, the per-position score statistics pool the fit's with the new images' scores
         (the old images are not scored again: their statistics are the old model's)."""
         self._check_input(features)
-        self._partial_fit(features, n_before, settings or UpdateSettings())
+        scores = self._partial_fit(features, n_before, settings or UpdateSettings())
         if self.normalized:
             self._check_grid(features)
-            scores = self._raw_scores(features)
+            scores = self._raw_scores(features) if scores is None else scores.double()
             n_a, n_b = float(n_before), float(len(scores))
             mean_a, var_a = self.score_mean_.double(), self.score_std_.double() ** 2
             mean_b, var_b = scores.mean(0), scores.var(0) if n_b > 1 else torch.zeros_like(mean_a)

@@ -140,7 +140,7 @@ class GMM(Detector):
             x = x[torch.randperm(len(x), generator=generator)[: self.settings.max_patches].to(x.device)]
         return x.float()
 
-    def _fit(self, features: torch.Tensor, start: GMM | None = None) -> None:
+    def _fit(self, features: torch.Tensor, start: GMM | None = None) -> torch.Tensor | None:
         """EM from a k-means++ start, or, with ``start`` (a fitted mixture), :data:`WARM_START_STEPS` EM steps from its
         parameters: how the cross-fitting refits a fold in a fraction of a fit's time."""
         s = self.settings
@@ -176,10 +176,10 @@ class GMM(Detector):
             previous = mean_ll
             self._m_step(x, torch.exp(log_prob - log_norm[:, None]), generator)
         self.n_iter_ = torch.tensor(iteration + 1)
-        self._finish_fit(features)
+        return self._finish_fit(features)
 
-    def _finish_fit(self, features: torch.Tensor) -> None:
-        """Hook for subclasses that learn more from all training patches (GLAD)."""
+    def _finish_fit(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Hook for subclasses that learn more from all training patches (GLAD); returns their raw scores if known."""
 
     def _fold_model(self, rest: torch.Tensor) -> GMM:
         """The fit less a fold: EM warm-started from this fit's parameters (GLAD's position weights and the
@@ -257,26 +257,39 @@ class GLAD(GMM):
     state = GMM.state + ("position_weights",)
 
     @torch.no_grad()
-    def _position_shares(self, features: torch.Tensor) -> torch.Tensor:
+    def _log_normals(self, features: torch.Tensor) -> torch.Tensor:
+        """log N(u | μ_k, Σ_k) of every patch, (n, h*w, K): one pass gives both the position weights and the patches'
+        scores under them."""
+        return in_chunks(self.component_log_normal, flatten_patches(features)).view(len(features), -1, len(self.weights_))
+
+    def _position_shares(self, log_normals: torch.Tensor) -> torch.Tensor:
         """Per position, the share of the images whose patch there is most likely under each component (h*w, K)."""
-        n, _, h, w = features.shape
-        best = in_chunks(lambda chunk: self.component_log_prob(chunk.double()).argmax(1), flatten_patches(features))
-        return torch.nn.functional.one_hot(best.view(n, h * w), self.settings.n_components).double().sum(0) / n
+        best = (log_normals + torch.log(self.weights_).to(log_normals.dtype)).argmax(-1)
+        return torch.nn.functional.one_hot(best, self.settings.n_components).double().mean(0)
+
+    def _scores(self, log_normals: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The patches' raw scores (n, h, w) from their log-normals, under the position weights."""
+        log_weights = torch.log(self.position_weights_).to(log_normals.dtype)
+        return -torch.logsumexp(log_normals + log_weights, -1).view(len(features), *features.shape[-2:])
 
     def _set_position_weights(self, shares: torch.Tensor) -> None:
         weights = torch.clamp(shares, min=self.settings.floor)
         self.position_weights_ = weights / weights.sum(1, keepdim=True)
 
-    def _finish_fit(self, features: torch.Tensor) -> None:
-        self._set_position_weights(self._position_shares(features))
+    def _finish_fit(self, features: torch.Tensor) -> torch.Tensor:
+        log_normals = self._log_normals(features)
+        self._set_position_weights(self._position_shares(log_normals))
+        return self._scores(log_normals, features)
 
     @torch.no_grad()
-    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> None:
+    def _partial_fit(self, features: torch.Tensor, n_before: int, settings: UpdateSettings) -> torch.Tensor:
         """The mixture's online EM, then each position's weights mixed with the new images' shares by the same weight."""
         self._check_grid(features)
         super()._partial_fit(features, n_before, settings)
         weight = self.new_weight(len(features), n_before, settings)
-        self._set_position_weights((1 - weight) * self.position_weights_ + weight * self._position_shares(features))
+        log_normals = self._log_normals(features)
+        self._set_position_weights((1 - weight) * self.position_weights_ + weight * self._position_shares(log_normals))
+        return self._scores(log_normals, features)
 
     def log_density(self, u: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """log Σ_k π_k(x, y) N(u | μ_k, Σ_k); ``positions`` are flat grid indices (y*w + x), one per patch."""

@@ -97,7 +97,8 @@ class PipelineSettings(Settings):
     detector: DetectorSettings = setting(
         factory=lambda: detector_settings(DEFAULT_DETECTOR),
         help=f"Detector: {', '.join(DetectorSettings.names())}; its settings with --set KEY=VALUE. 'anomatune fit' also "
-        "takes auto: every candidate scored on a validation set of synthetic anomalies, the best refit (--validation-*).",
+        "takes auto, its default: the candidates (--search-*) scored on a validation set of synthetic anomalies "
+        "(--validation-*), the best refit.",
         flag="detector",
         aliases=("model",),
     )

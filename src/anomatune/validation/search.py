@@ -41,11 +41,10 @@ from ..pipeline.settings import PipelineSettings, RuntimeSettings
 from ..schema import flat_settings
 from .scoring import detector_outputs, validation_metrics
 from .sets import GOOD, ValidationSet, load_images, validation_set, validation_split
-from .settings import ValidationSettings
+from .settings import DEFAULT, FINE, ValidationSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT, FINE = "default", "fine"  # stage sets: the backbone's own, and the same with its stride-4 stage
 PCA_DIM = 64
 
 
@@ -175,7 +174,8 @@ class DetectorSearch:
     Args:
         settings: the pipeline settings every candidate starts from (backbone, input size, threshold, ...).
         validation: :class:`ValidationSettings`.
-        candidates: the configurations to compare (default: :data:`CANDIDATES`).
+        candidates: the configurations to compare (default: those of :data:`CANDIDATES` whose detector and stage
+            set are among the validation's ``detectors`` and ``stages``).
         cache: a folder whose cached validation set is used when it was built with the same recipe (the run
             model folder); :meth:`save` caches it there.
         **changes: settings by their flat names, as :class:`Pipeline` takes them (``image_size=128``,
@@ -190,7 +190,7 @@ class DetectorSearch:
         self,
         settings: PipelineSettings | None = None,
         validation: ValidationSettings | None = None,
-        candidates: Sequence[Candidate] = CANDIDATES,
+        candidates: Sequence[Candidate] | None = None,
         cache: Folder | None = None,
         **changes: Any,
     ):
@@ -201,7 +201,11 @@ class DetectorSearch:
         )
         rest = {k: v for k, v in changes.items() if k not in keys[RuntimeSettings] | keys[ValidationSettings]}
         self.settings = (settings or PipelineSettings()).updated(**rest)
-        self.candidates = tuple(candidates)
+        self.candidates = tuple(
+            [c for c in CANDIDATES if c.detector in self.validation.detectors and c.stages in self.validation.stages]
+            if candidates is None
+            else candidates
+        )
         if not self.candidates:
             raise AnomatuneError("the detector search needs at least one candidate")
         self.cache = cache

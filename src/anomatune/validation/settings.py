@@ -10,12 +10,25 @@ AUTO_DETECTOR = "auto"  # --detector auto: the detector search of validation.sea
 FAMILIES = ("cutpaste", "scar", "texture", "blend", "deform", "color")  # the anomaly families of validation.synthetic
 
 
-def parse_families(value) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip())
-    unknown = [n for n in names if n not in FAMILIES]
-    if not names or unknown or len(set(names)) < len(names):
-        raise ValueError(f"expected distinct anomaly families among {', '.join(FAMILIES)}, got {value!r}")
-    return names
+SEARCH_DETECTORS = ("padim", "glad", "patchcore")  # the detectors of the search's candidates
+DEFAULT, FINE = "default", "fine"  # stage sets: the backbone's own, and the same with its stride-4 stage
+
+
+def distinct_names(allowed: tuple[str, ...], what: str):
+    """A parser of a comma-separated (or sequence) choice of distinct names among ``allowed``."""
+
+    def parse(value) -> tuple[str, ...]:
+        parts = [value] if isinstance(value, str) else value  # a repeated option gives several, each maybe "a,b"
+        names = tuple(n.strip() for part in parts for n in str(part).split(",") if n.strip())
+        unknown = [n for n in names if n not in allowed]
+        if not names or unknown or len(set(names)) < len(names):
+            raise ValueError(f"expected distinct {what} among {', '.join(allowed)}, got {value!r}")
+        return names
+
+    return parse
+
+
+parse_families = distinct_names(FAMILIES, "anomaly families")
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,21 @@ class ValidationSettings(Settings):
         300,
         "Good images each candidate is fitted on during the search at most (seeded choice); the winner is refit on all.",
         interval="[2, 100000]",
+    )
+    detectors: tuple[str, ...] = setting(
+        ("padim", "patchcore"),
+        "Detectors the search compares, comma-separated (padim, glad, patchcore), each with its projections. GLAD is "
+        "left out of the default: it costs minutes where the two others cost seconds (see 'Choosing a detector').",
+        parse=distinct_names(SEARCH_DETECTORS, "detectors"),
+        flag="search-detectors",
+    )
+    stages: tuple[str, ...] = setting(
+        (DEFAULT,),
+        "Feature stage sets the search compares, comma-separated: default (the backbone's stages) and fine (the same "
+        "with its stride-4 stage, for small defects; CNN backbones). Fine is left out of the default: it won the "
+        "validation and lost the test too often (see 'Choosing a detector').",
+        parse=distinct_names((DEFAULT, FINE), "stage sets"),
+        flag="search-stages",
     )
     budget: float | None = setting(
         None,
