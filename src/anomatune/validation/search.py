@@ -223,7 +223,7 @@ class DetectorSearch:
         if not held:
             raise AnomatuneError(
                 f"{len(resized)} good training images are too few to hold some out for --detector auto: "
-                "give at least 4, or choose a detector"
+                "give at least 4, or fix a detector (--detector padim)"
             )
         fit_index = (
             kept if len(kept) <= v.fit_images else [kept[i] for i in torch.linspace(0, len(kept) - 1, v.fit_images).long()]
