@@ -59,6 +59,11 @@ def rounded(scores) -> list[float]:
     return [float(f"{v:.7g}") for v in np.asarray(scores, float)]
 
 
+def best_on_validation(rows: list[dict]) -> dict:
+    """The candidate the search picks among ``rows``: the highest validation score, the first of equals."""
+    return max(rows, key=lambda c: c["score"])
+
+
 def ensemble(result: dict, size: int = 2) -> dict:
     """The z-normalised mean of the ``size`` best candidates on validation, as one more candidate: each one's image
     scores standardised by its held-out good validation images, its validation aggregate (mean image AUROC over
@@ -291,7 +296,7 @@ def ensemble_table(results: list[dict]) -> list[str]:
     gains = []
     for r in results:
         e = ensemble(r)
-        pick = max(r["candidates"], key=lambda c: c["score"])
+        pick = best_on_validation(r["candidates"])
         best = max(c["test"]["image_auroc"] for c in r["candidates"])
         chosen = e["test_image_auroc"] if e["score"] > pick["score"] else pick["test"]["image_auroc"]
         gains.append(chosen - pick["test"]["image_auroc"])
@@ -309,8 +314,8 @@ def ensemble_table(results: list[dict]) -> list[str]:
 POOLS = {
     "all": None,
     "without GLAD": ("padim all default", "patchcore all default", "padim all fine", "patchcore all fine"),
-    "default stages (the default pool)": ("padim all default", "glad pca64 default", "glad all default", "patchcore all default"),
-    "PaDiM and PatchCore, default stages": ("padim all default", "patchcore all default"),
+    "default stages": ("padim all default", "glad pca64 default", "glad all default", "patchcore all default"),
+    "PaDiM and PatchCore, default stages (the search's default pool)": ("padim all default", "patchcore all default"),
     "PaDiM, GLAD PCA-64 and PatchCore, default stages": ("padim all default", "glad pca64 default", "patchcore all default"),
 }
 
@@ -329,7 +334,7 @@ def pool_table(results: list[dict]) -> list[str]:
         picked, regrets, seconds = [], [], []
         for r in results:
             rows = [c for c in r["candidates"] if names is None or c["candidate"] in names]
-            pick = max(rows, key=lambda c: c["score"])
+            pick = best_on_validation(rows)
             picked.append(pick["test"]["image_auroc"])
             regrets.append(max(c["test"]["image_auroc"] for c in r["candidates"]) - picked[-1])
             seconds.append(sum(c["seconds"] for c in rows))
