@@ -14,7 +14,9 @@ aggregate) and on the test split (image AUROC, AUPRO). Reported:
 - with 1, 3 and 5 real defects drawn from the test defects (removed from that test set,
   3 draws each), the same Spearman with them as one more validation family.
 
-Run: ``python benchmarks/validation.py`` (all six categories, ~1 h on 2 CPU cores).
+Run: ``python benchmarks/validation.py`` (all six categories, every candidate, 256x256 squashed as anomalib's
+protocol; ~1 h on 2 CPU cores), or as ``fit`` runs the search, the aspect ratio kept (~1 h with GLAD):
+``python benchmarks/validation.py --image-size 256 --search-stages default --name validation_aspect``.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from anomatune.pipeline.pipeline import Pipeline
 from anomatune.pipeline.scoring import score_dataset
 from anomatune.pipeline.settings import PipelineSettings
 from anomatune.validation.scoring import detector_outputs, validation_metrics
-from anomatune.validation.search import CANDIDATES, DetectorSearch, FeatureView
+from anomatune.validation.search import DetectorSearch, FeatureView
 from anomatune.validation.sets import GOOD, REAL, ValidationSet
-from anomatune.validation.settings import ValidationSettings
+from anomatune.validation.settings import DEFAULT, FINE, SEARCH_DETECTORS, ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, dataset, write_results
 
 PHOTOS = SHARED / "natural" / "imagen"  # disjoint from the fine-tuning's negatives (imagenet_samples)
 REAL_COUNTS = (1, 3, 5)
 REAL_DRAWS = 3
+EVERY_DETECTOR, EVERY_STAGE_SET = ",".join(SEARCH_DETECTORS), ",".join((DEFAULT, FINE))  # every candidate by default
 
 
 def test_outputs(run, loader, cache: dict, postprocess) -> tuple[np.ndarray, np.ndarray]:
@@ -113,12 +116,12 @@ def with_real(valset: ValidationSet, val_outputs, picked_maps, picked_scores, pi
     return validation_metrics(extended, maps, scores)
 
 
-def category(name: str, photos: bool) -> dict:
+def category(name: str, photos: bool, image_size, validation: ValidationSettings) -> dict:
     root, cat = dataset(name)
-    train, test = MVTecAD(root, cat, "train", image_size=SQUARE), MVTecAD(root, cat, "test", image_size=SQUARE)
-    settings = PipelineSettings().updated(image_size=SQUARE)
-    validation = ValidationSettings(photos=str(PHOTOS) if photos else None)
-    search = DetectorSearch(settings, validation, CANDIDATES)  # every candidate; the pools below are subsets
+    train, test = MVTecAD(root, cat, "train", image_size=image_size), MVTecAD(root, cat, "test", image_size=image_size)
+    settings = PipelineSettings().updated(image_size=image_size)
+    validation = validation.updated(validation_photos=str(PHOTOS) if photos else None)
+    search = DetectorSearch(settings, validation)  # the pools of the tables are subsets of these candidates
     start = time.perf_counter()
     resized, fit_index, valset = search.prepare(train)
     test = test.at_size(resized.size_hw)
@@ -184,7 +187,7 @@ def markdown(results: list[dict], command: str) -> str:
     lines = [
         "# Label-free validation: does it predict the test?",
         "",
-        f"Command: `{command}` (2-core CPU, 256x256 inputs; candidates fitted on at most "
+        f"Command: `{command}` (2-core CPU; inputs squashed to 256x256 unless the command gives a short side, the aspect ratio kept; candidates fitted on at most "
         f"{ValidationSettings().fit_images} good training images, as in the search).",
         "",
         "## Spearman rank correlation between validation and test image AUROC across candidates, per category",
@@ -233,18 +236,17 @@ def markdown(results: list[dict], command: str) -> str:
     ]
     for r in results:
         lines.append(f"| {r['dataset']} | " + " | ".join(f"{c['score']:.4f}" for c in r["candidates"]) + " |")
+    first = names[0]
     lines += [
         "",
-        "## Validation image AUROC per family of the default detector (glad pca64 default)",
+        f"## Validation image AUROC per family of the first candidate ({first})",
         "",
         "| dataset | " + " | ".join(families[3:]) + " |",
         "|---|" + "---|" * len(families[3:]),
     ]
     for r in results:
-        default = next(c for c in r["candidates"] if c["candidate"].startswith("glad") and "pca64 default" in c["candidate"])
-        lines.append(
-            f"| {r['dataset']} | " + " | ".join(f"{default['families'][f]['image_auroc']:.3f}" for f in families[3:]) + " |"
-        )
+        row = next(c for c in r["candidates"] if c["candidate"] == first)
+        lines.append(f"| {r['dataset']} | " + " | ".join(f"{row['families'][f]['image_auroc']:.3f}" for f in families[3:]) + " |")
     return "\n".join(lines + aggregate_table(results) + pool_table(results) + ensemble_table(results)) + "\n"
 
 
@@ -330,7 +332,10 @@ def pool_table(results: list[dict]) -> list[str]:
         "| pool | mean test image AUROC of the pick | mean regret | worst regret | categories with regret <= 0.01 | candidates' s (median) |",
         "|---|---|---|---|---|---|",
     ]
+    present = {c["candidate"] for c in results[0]["candidates"]}
     for pool, names in POOLS.items():
+        if names is not None and not set(names) <= present:
+            continue
         picked, regrets, seconds = [], [], []
         for r in results:
             rows = [c for c in r["candidates"] if names is None or c["candidate"] in names]
@@ -354,6 +359,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--no-photos", action="store_true", help="procedural textures instead of photos (imagen)")
+    parser.add_argument(
+        "--image-size",
+        default=SQUARE,
+        help="input size: WxH (squashed, anomalib's protocol) or a short side (the aspect ratio kept, as the product does)",
+    )
+    parser.add_argument("--search-detectors", default=EVERY_DETECTOR, help="the candidates' detectors (the search's option)")
+    parser.add_argument("--search-stages", default=EVERY_STAGE_SET, help="the candidates' stage sets (the search's option)")
     parser.add_argument("--name", default="validation")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the Markdown from results/NAME.json, no run")
     args = parser.parse_args()
@@ -364,10 +376,18 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     assert NEGATIVES != PHOTOS
+    validation = ValidationSettings().updated(search_detectors=args.search_detectors, search_stages=args.search_stages)
     results = []
     for name in args.datasets:
-        results.append(category(name, photos=not args.no_photos))
-        command = f"python benchmarks/validation.py --datasets {' '.join(args.datasets)}" + (" --no-photos" * args.no_photos)
+        results.append(category(name, not args.no_photos, args.image_size, validation))
+        command = " ".join(
+            ["python benchmarks/validation.py --datasets", *args.datasets]
+            + [f"--image-size {args.image_size}"] * (args.image_size != SQUARE)
+            + [f"--search-detectors {args.search_detectors}"] * (args.search_detectors != EVERY_DETECTOR)
+            + [f"--search-stages {args.search_stages}"] * (args.search_stages != EVERY_STAGE_SET)
+            + ["--no-photos"] * args.no_photos
+            + [f"--name {args.name}"] * (args.name != "validation")
+        )
         write_results(args.name, {"command": command, "results": results}, markdown(results, command))
 
 

@@ -67,7 +67,8 @@ class ValidationSettings(Settings):
     detectors: tuple[str, ...] = setting(
         ("padim", "patchcore"),
         "Detectors the search compares, comma-separated (padim, glad, patchcore), each with its projections. GLAD is "
-        "left out of the default: it costs minutes where the two others cost seconds (see 'Choosing a detector').",
+        "left out of the default: it costs minutes where the two others cost seconds; with it the pick was 0.005 "
+        "better on average over six development categories (see 'Choosing a detector').",
         parse=distinct_names(SEARCH_DETECTORS, "detectors"),
         flag="search-detectors",
     )
