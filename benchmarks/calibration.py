@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -36,7 +35,7 @@ from anomatune.data.datasets import seeded_split
 from anomatune.models.settings import DEFAULT_DETECTOR, detector_settings
 from anomatune.pipeline.scoring import score_dataset
 from anomatune.validation.search import SEARCH_CORESET
-from common import DATASETS, RESULTS, SQUARE, dataset, features_once, write_results
+from common import DATASETS, RESULTS, SQUARE, command_line, dataset, features_once, write_results
 
 DETECTORS = [DEFAULT_DETECTOR, "padim", "patchcore"]
 SIZES = [20, 40, 100, None]  # None: every training image
@@ -181,7 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     data = {
-        "command": "python benchmarks/calibration.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": f"2-core CPU, {torch.get_num_threads()} torch thread(s) per process",
         "rows": rows,
     }

@@ -47,11 +47,16 @@ def score_features(detector, features, size_hw, batch: int = 16):
     return torch.cat(maps).cpu().numpy(), torch.cat(scores).cpu().numpy()
 
 
+def command_line() -> str:
+    """The command that runs this benchmark as it was run, from the repository root: the line its results print."""
+    return " ".join(["python", "benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def run_record(rows: list) -> dict:
     """What a benchmark's JSON holds besides its rows: the command that wrote it and the machine."""
     import torch
 
-    return {"command": "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+    return {"command": command_line(),
             "machine": f"2-core CPU, {torch.get_num_threads()} torch threads", "rows": rows}  # fmt: skip
 
 

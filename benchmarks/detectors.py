@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import yaml
 from anomatune import Pipeline, open_dataset
 from anomatune.folders.base import json_text
 from anomatune.pipeline.scoring import score_dataset
-from common import DATASETS, FIRST_TWO, RESULTS, SQUARE
+from common import DATASETS, FIRST_TWO, RESULTS, SQUARE, command_line
 from common import dataset as dataset_path
 
 # PatchCore's coreset ratio on magnetic_tile follows anomalib's peer run (0.01): 0.1 takes hours there.
@@ -68,7 +67,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    command = ("python benchmarks/detectors.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json_text({"command": command, "backbone": args.backbone, "rows": rows}, indent=2))
     lines = [

@@ -16,9 +16,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, command_line
 
 
 def measure(backbone: str, device: str, threads: int, batch: int, size: int, batches: int) -> dict:
@@ -93,7 +92,7 @@ def main() -> None:
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    command = "python benchmarks/features.py " + " ".join(sys.argv[1:])
+    command = command_line()
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     meta = {

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -56,7 +55,7 @@ from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
 from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM
 from anomatune.validation.settings import ValidationSettings
-from common import DATASETS, NEGATIVES, RESULTS, SHARED, score_features
+from common import DATASETS, NEGATIVES, RESULTS, SHARED, command_line, score_features
 from common import dataset as dataset_path
 
 VALIDATION_NEGATIVES = SHARED / "natural" / "imagen"
@@ -452,7 +451,7 @@ def main() -> None:
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     header = {
-        "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         "defaults": FinetuneSettings().to_dict(),
     }

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ANOMATUNE, serving, write_results
+from common import ANOMATUNE, command_line, serving, write_results
 
 NAME = "limits"
 CACHE = Path(__file__).parent / ".cache" / "limits"
@@ -138,7 +137,7 @@ def main() -> None:
                 ):
                     rows.append(row)
                     print(row, flush=True)
-    command = ("python benchmarks/limits.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line()
     lines = [
         "# Peak memory of one image, accepted or refused",
         "",

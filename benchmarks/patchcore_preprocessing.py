@@ -23,7 +23,7 @@ from anomatune.features import FeatureExtractor
 from anomatune.features.backbones import IMAGENET_MEAN, IMAGENET_STD
 from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models import PatchCore
-from common import score_features
+from common import command_line, score_features
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +74,7 @@ def main() -> None:
     for variant in args.variants:
         rows.append(run(variant))
         print(json.dumps(rows[-1]), flush=True)
-    command = ("python benchmarks/patchcore_preprocessing.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line()
     (RESULTS / "patchcore_preprocessing.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [
         "# PatchCore on transistor: whole image vs anomalib's preprocessing",

@@ -14,12 +14,11 @@ Writes ``results/serve_memory.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import serving, write_results
+from common import command_line, serving, write_results
 from limits import fitted_run, image_of
 
 NAME = "serve_memory"
@@ -60,7 +59,7 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    command = ("python benchmarks/serve_memory.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line()
     lines = [
         "# A server's memory over its life",
         "",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
@@ -23,7 +22,7 @@ from anomatune.data import MVTecAD, collate
 from anomatune.features import FeatureExtractor
 from anomatune.metrics import pixel_curves, split_metrics
 from anomatune.models import create_detector
-from common import DATASETS, FIRST_TWO, RESULTS, SQUARE, score_features
+from common import DATASETS, FIRST_TWO, RESULTS, SQUARE, command_line, score_features
 from common import dataset as dataset_path
 
 OLD_GMM = {"n_components": 16, "ridge": 1e-3, "max_patches": 20_000, "normalize": False}
@@ -98,7 +97,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    command = ("python benchmarks/settings.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line()
     RESULTS.mkdir(exist_ok=True)
     out = f"settings_{args.only}" if args.only else "settings"
     (RESULTS / f"{out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")

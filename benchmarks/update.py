@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -40,7 +39,7 @@ from anomatune.metrics import MAIN_METRICS, image_auroc
 from anomatune.models.settings import detector_settings
 from anomatune.serve.drift import ks_statistic
 from anomatune.validation.search import SEARCH_CORESET
-from common import DATASETS, RESULTS, dataset, write_results
+from common import DATASETS, RESULTS, command_line, dataset, write_results
 
 DEFAULT_DATASETS = ["transistor", "kolektorsdd1", "elpv_mono"]
 MODELS = ["padim", "glad", "patchcore"]
@@ -175,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [row for name in args.datasets for row in update_vs_refit(name, args.models, args.seed, args.device)]
     drift = [] if args.no_drift else drift_case(args.device)
-    command = "python benchmarks/update.py " + " ".join(sys.argv[1:])
+    command = command_line()
     data = {
         "command": command.strip(),
         "new_share": NEW_SHARE,

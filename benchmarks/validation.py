@@ -40,7 +40,7 @@ from anomatune.validation.scoring import detector_outputs, validation_metrics
 from anomatune.validation.search import DetectorSearch, FeatureView
 from anomatune.validation.sets import GOOD, REAL, ValidationSet
 from anomatune.validation.settings import DEFAULT, FINE, SEARCH_DETECTORS, ValidationSettings
-from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, dataset, write_results
+from common import DATASETS, NEGATIVES, RESULTS, SHARED, SQUARE, command_line, dataset, write_results
 
 PHOTOS = SHARED / "natural" / "imagen"  # disjoint from the fine-tuning's negatives (imagenet_samples)
 REAL_COUNTS = (1, 3, 5)
@@ -377,17 +377,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     assert NEGATIVES != PHOTOS
     validation = ValidationSettings().updated(search_detectors=args.search_detectors, search_stages=args.search_stages)
-    results = []
+    results, command = [], command_line()
     for name in args.datasets:
         results.append(category(name, not args.no_photos, args.image_size, validation))
-        command = " ".join(
-            ["python benchmarks/validation.py --datasets", *args.datasets]
-            + [f"--image-size {args.image_size}"] * (args.image_size != SQUARE)
-            + [f"--search-detectors {args.search_detectors}"] * (args.search_detectors != EVERY_DETECTOR)
-            + [f"--search-stages {args.search_stages}"] * (args.search_stages != EVERY_STAGE_SET)
-            + ["--no-photos"] * args.no_photos
-            + [f"--name {args.name}"] * (args.name != "validation")
-        )
         write_results(args.name, {"command": command, "results": results}, markdown(results, command))
 
 
