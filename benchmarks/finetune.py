@@ -17,7 +17,8 @@ so a run on a lent GPU returns whatever it finished; rows are written as they co
 Each fine-tuned row carries the validation gain of its checkpoint over the frozen
 features: the agreement of validation and test gains is computed from these rows.
 Detectors are fitted on every training image (``threshold_folds=0``: no threshold, the MVTec
-protocol), at the default input size (short side 256, aspect ratio kept), with their
+protocol), at the default input size (short side 256, aspect ratio kept), each on the features
+``fit --detector NAME`` gives it (PatchCore: each stage averaged at its own resolution), with their
 default settings except PatchCore's coreset (``DETECTOR_SETTINGS``). Writes
 ``benchmarks/results/<name>.json``; ``--table`` turns result files into ``<name>.md``.
 
@@ -41,12 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from anomatune import open_dataset
 from anomatune.data.datasets import collate
 from anomatune.device import resolve_device
-from anomatune.features.extractor import FeatureExtractor
-from anomatune.features.settings import FeatureSettings
+from anomatune.features.extractor import FeatureExtractor, combine_stages
+from anomatune.features.settings import AUTO, FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
 from anomatune.finetune.loop import Finetuner
 from anomatune.folders.kinds import FinetuneFolder, RunFolder
@@ -103,9 +105,13 @@ CONFIGS = {  # name: changes of FinetuneSettings (the defaults of the code that 
 class Category:
     """A category's test images and masks and its training set, loaded once; features per weights file."""
 
-    def __init__(self, name: str, device: torch.device, workers: int, features: FeatureSettings):
+    def __init__(self, name: str, device: torch.device, workers: int, features: FeatureSettings, models: list[str]):
         root, category = dataset_path(name)
         self.name, self.device, self.feature_settings = name, device, features
+        # each detector's aggregation as `fit --detector NAME` resolves it (PatchCore: each stage averaged on its own)
+        self.aggregation = {
+            m: detector_settings(m).auto_aggregation if features.aggregation == AUTO else features.aggregation for m in models
+        }
         self.train = open_dataset(data=root, category=category, split="train")
         self.size = self.train.size_for(features.image_size)
         test = open_dataset(data=root, category=category, split="test").at_size(self.size)
@@ -116,23 +122,44 @@ class Category:
         self.labels = torch.cat([b["label"] for b in batches]).numpy()
         self.masks = None if batches[0]["mask"] is None else torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0]
 
-    def features(self, weights: str | None = None, adaptor_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train and test features with ``weights``; ``adaptor_only``: the weights are the frozen backbone plus an
-        adaptor, which is then applied to the frozen features computed once (the same arithmetic, minutes sooner)."""
+    @torch.no_grad()
+    def extract(self, extractor: FeatureExtractor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Train and test features of ``extractor`` in each aggregation the detectors use, one backbone pass."""
+        features = {}
+        for split, images in (("train", self.train_images), ("test", self.test_images)):
+            parts: dict[str, list[torch.Tensor]] = {a: [] for a in set(self.aggregation.values())}
+            for chunk in tqdm(torch.split(images, 32), desc=f"{split} features", leave=False):
+                chunk = chunk.to(self.device)
+                maps = extractor.stage_maps(chunk)
+                for aggregation, out in parts.items():
+                    combined = combine_stages(maps, tuple(chunk.shape[-2:]), extractor.pool, aggregation)
+                    out.append(extractor.adapt(combined).cpu())
+            for aggregation, out in parts.items():
+                features[aggregation] = (*features.get(aggregation, ()), torch.cat(out))
+        return features
+
+    def features(self, weights: str | None = None, adaptor_only: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Train and test features with ``weights``, per aggregation; ``adaptor_only``: the weights are the frozen
+        backbone plus an adaptor, which is then applied to the frozen features computed once (the same arithmetic,
+        minutes sooner)."""
         extractor = FeatureExtractor(self.feature_settings.updated(backbone_weights=weights)).to(self.device).eval()
         if adaptor_only:
             with torch.no_grad():
-                return tuple(
-                    torch.cat([extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
-                    for frozen in self.frozen
-                )
-        split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
-        features = extractor.extract(split(self.train_images), "train"), extractor.extract(split(self.test_images), "test")
+                return {
+                    aggregation: tuple(
+                        torch.cat([extractor.adapt(chunk.to(self.device)).cpu() for chunk in torch.split(frozen, 32)])
+                        for frozen in pair
+                    )
+                    for aggregation, pair in self.frozen.items()
+                }
+        features = self.extract(extractor)
         if weights is None:
             self.frozen = features
         return features
 
-    def metrics(self, model: str, train_features: torch.Tensor, test_features: torch.Tensor) -> dict:
+    def metrics(self, model: str, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """The detector fitted on the training features in its aggregation, scored on the test split."""
+        train_features, test_features = features[self.aggregation[model]]
         settings = detector_settings(model, **DETECTOR_SETTINGS.get(model, {}))
         detector = create_detector(settings).fit(train_features.to(self.device))
         maps, scores = score_features(detector, test_features.to(self.device), self.size)
@@ -154,13 +181,14 @@ def oracle_curve(cat: Category, models: list[str], curve: list[dict]):
             return
         was_training = self.extractor.training
         self.extractor.eval()
-        split = lambda images: [chunk.to(self.device) for chunk in torch.split(images, 32)]  # noqa: E731
-        train = self.extractor.extract(split(cat.train_images), "oracle train", raw=True)
-        test = self.extractor.extract(split(cat.test_images), "oracle test", raw=True)
+        features = cat.extract(self.extractor)
         self.extractor.train(was_training)
-        point = {"step": self.state.step, "validation": self.state.validation[-1]["score"]}
+        last = self.state.validation[-1]
+        # every signal the validation computed, for the table of which one tracks the test best
+        signals = {"aggregate": last["score"], "AUPRO": last["aupro"]} | {f"family {f}": v for f, v in last["families"].items()}
+        point = {"step": self.state.step, "validation": last["score"], "signals": signals}
         for model in models:
-            metrics = cat.metrics(model, train, test)
+            metrics = cat.metrics(model, features)
             point[model] = {m: metrics[m] for m in ("image_auroc", "aupro")}
         print(json.dumps({"oracle": cat.name, **point}), flush=True)
         curve.append(point)
@@ -207,6 +235,37 @@ def oracle_table(rows: list[dict]) -> list[str]:
             f"| {config} | {dataset} | {model} | {len(group)} | {_mean_std(kept)} | {_mean_std(best)} | "
             f"{', '.join(map(str, steps))} | {np.nanmean(rhos):.2f} |"
         )
+    return lines + [""]
+
+
+def signal_table(rows: list[dict]) -> list[str]:
+    """Which validation signal tracks the test along a run: per detector, Spearman's ρ between each signal recorded
+    at the checkpoints and the test image AUROC, mean over runs (a diagnostic that reads test labels)."""
+    runs = [r for r in rows if r.get("curve") and r["backbone"] == "fine-tuned" and "signals" in r["curve"][0]]
+    rhos: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        curve = [p for p in r["curve"] if p[r["model"]]["image_auroc"] is not None]
+        test = [p[r["model"]]["image_auroc"] for p in curve]
+        for name in curve[0]["signals"]:
+            values = [p["signals"].get(name) for p in curve]
+            if None not in values:
+                rhos.setdefault(name, {}).setdefault(r["model"], []).append(_spearman(values, test))
+    if not rhos:
+        return []
+    models = sorted({r["model"] for r in runs})
+    lines = [
+        "## Which validation signal tracks the test along the run?",
+        "",
+        "Spearman's ρ between each signal of the validation (the aggregate it keeps a checkpoint by, its AUPRO, each "
+        "anomaly family's image AUROC) and the test image AUROC of the detector refitted at the same checkpoints; "
+        "mean over runs (runs in brackets). Reads test labels: a diagnostic for the judge, never a choice.",
+        "",
+        "| signal | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for name, per_model in rhos.items():
+        cells = [f"{np.nanmean(v):+.2f} ({len(v)})" if (v := per_model.get(m)) else "–" for m in models]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -262,7 +321,7 @@ def _interval(values: np.ndarray) -> str:
     return f"[{low:+.4f}, {high:+.4f}]"
 
 
-def bootstrap_table(parts: list[dict], config: str = "default") -> list[str]:
+def bootstrap_table(parts: list[dict], config: str) -> list[str]:
     """Per detector and category, the paired difference (mean over seeds) with its bootstrap 95 % interval, and the
     six-category mean with its interval (each category resampled on its own)."""
     labels = {name: np.asarray(v) for p in parts for name, v in p.get("labels", {}).items()}
@@ -331,8 +390,10 @@ def write_table(files: list[Path], out: Path) -> None:
         ],
         "",
     ]
-    lines += bootstrap_table(parts)
+    for config in dict.fromkeys(r["config"] for r in rows if r["backbone"] == "fine-tuned"):  # in the order run
+        lines += bootstrap_table(parts, config)
     lines += oracle_table(rows)
+    lines += signal_table(rows)
     lines += [
         "## Every configuration: mean over categories of fine-tuned minus frozen (the kept checkpoint)",
         "",
@@ -408,7 +469,9 @@ def main() -> None:
         default=["padim"],
         help="Detectors also refit on the last step's backbone when it is not the kept one (for the agreement).",
     )
-    parser.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="*", default=["default"], choices=list(CONFIGS), help="Configurations (none: the frozen rows only)."
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--explore", nargs="*", default=[], choices=list(CONFIGS), help="Configurations run at the first seed only."
@@ -468,13 +531,13 @@ def main() -> None:
 
     def run_category(name: str, plan: list[tuple[str, int]]) -> None:
         """Load a category, score its frozen baseline (once), then fine-tune and score each (configuration, seed) of ``plan``."""
-        cat = Category(name, device, workers, features)
+        cat = Category(name, device, workers, features, sorted(set(args.models) | set(args.last_models)))
         header.setdefault("labels", {})[name] = cat.labels.astype(int).tolist()
         frozen = cat.features(None)
         for model in sorted(set(args.models) | set(args.last_models)):
             if (name, model) not in baseline:
                 t = time.perf_counter()
-                baseline[(name, model)] = cat.metrics(model, *frozen)
+                baseline[(name, model)] = cat.metrics(model, frozen)
                 seconds = round(time.perf_counter() - t, 1)
                 for seed in args.seeds:  # one row per seed, as the fine-tuned rows (the frozen backbone has no seed: they repeat)
                     record(
@@ -524,7 +587,7 @@ def main() -> None:
                 features = None if step == 0 else cat.features(str(path), adaptor_only=settings.mode == "adaptor")
                 for model in args.models if backbone == "fine-tuned" else args.last_models:
                     # a fallback's backbone is the frozen one, bit for bit: its metrics are the frozen row's
-                    metrics = baseline[(cat.name, model)] if step == 0 else cat.metrics(model, *features)
+                    metrics = baseline[(cat.name, model)] if step == 0 else cat.metrics(model, features)
                     record(
                         {
                             "dataset": cat.name,
@@ -543,7 +606,7 @@ def main() -> None:
         if in_budget():
             plan = [(config, seed) for config in args.configs for seed in args.seeds]
             run_category(name, plan + [(config, args.seeds[0]) for config in args.explore])
-    if args.then_best_seeds and in_budget():
+    if args.then_best_seeds and args.configs and in_budget():
         gains = {
             c: statistics.mean(r["validation_gain"] for r in rows if r.get("config") == c and r["backbone"] == "fine-tuned")
             for c in args.configs
