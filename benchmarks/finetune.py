@@ -531,10 +531,11 @@ def main() -> None:
 
     def run_category(name: str, plan: list[tuple[str, int]]) -> None:
         """Load a category, score its frozen baseline (once), then fine-tune and score each (configuration, seed) of ``plan``."""
-        cat = Category(name, device, workers, features, sorted(set(args.models) | set(args.last_models)))
+        models = sorted(set(args.models) | set(args.last_models))
+        cat = Category(name, device, workers, features, models)
         header.setdefault("labels", {})[name] = cat.labels.astype(int).tolist()
         frozen = cat.features(None)
-        for model in sorted(set(args.models) | set(args.last_models)):
+        for model in models:
             if (name, model) not in baseline:
                 t = time.perf_counter()
                 baseline[(name, model)] = cat.metrics(model, frozen)
