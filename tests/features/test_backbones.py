@@ -167,3 +167,20 @@ def test_pickled_objects_are_refused(tmp_path):
     with pytest.raises(BackboneError, match="holds pickled objects besides tensors, which anomatune never unpickles") as refused:
         load_state_dict_file(tmp_path / "evil.pth")
     assert "\n" not in str(refused.value) and "weights_only=False" not in str(refused.value)
+
+
+def test_a_vit_from_a_weights_file_takes_any_input_size(tmp_path):
+    """timm builds some ViTs for one input size; a fine-tuned DINOv2 read back from its file must run at the run's."""
+    from safetensors.torch import save_file
+
+    from anomatune.features.extractor import FeatureExtractor
+    from anomatune.features.settings import FeatureSettings
+
+    random = create_backbone("vit_tiny_patch16_224", pretrained=False)
+    save_file({k: v.contiguous() for k, v in random.model.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    loaded = create_backbone("vit_tiny_patch16_224", weights=tmp_path / "vit.safetensors")
+    assert torch.equal(loaded.model.pos_embed, random.model.pos_embed)
+    extractor = FeatureExtractor(FeatureSettings(backbone="vit_tiny_patch16_224"), backbone=loaded).eval()
+    with torch.no_grad():
+        maps = extractor.stage_maps(torch.rand(1, 3, 64, 96))
+    assert all(m.shape[-2:] == (4, 6) for m in maps)  # 16-pixel patches

@@ -25,6 +25,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -251,6 +252,20 @@ def _default_layers(model: nn.Module) -> tuple[int, ...]:
 RANDOM_WEIGHTS_SEED = 0
 
 
+def _create_timm_model(name: str, pretrained: bool) -> nn.Module:
+    """timm's model without its classifier, random weights drawn from a fixed seed (the global generator untouched).
+    A ViT that timm builds for its pretraining's input size only is built again for any size: the extractor feeds
+    it the run's size, the aspect ratio kept, as the packaged DINOv2 is built."""
+
+    def create(**kwargs: Any) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+
+    model = create()
+    return create(dynamic_img_size=True) if getattr(model, "dynamic_img_size", None) is False else model
+
+
 def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> Backbone:
     if not timm.is_model(name):  # before any download is tried: an unknown name fails now, online or not
         close = difflib.get_close_matches(name, [*list_backbones(), *timm.list_models()], n=3)
@@ -259,9 +274,7 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> B
             + (f" (did you mean {', '.join(close)}?)" if close else "")
         )
     try:
-        with torch.random.fork_rng(devices=[]):  # random weights drawn from a fixed seed, global RNG untouched
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
+        model = _create_timm_model(name, pretrained and weights is None)
     except Exception as exc:  # the hub could not be reached or the download failed
         raise BackboneError(
             f"could not get pretrained weights for {name!r} ({type(exc).__name__}); run where the Hugging Face hub "
