@@ -254,16 +254,19 @@ RANDOM_WEIGHTS_SEED = 0
 
 def _create_timm_model(name: str, pretrained: bool) -> nn.Module:
     """timm's model without its classifier, random weights drawn from a fixed seed (the global generator untouched).
-    A ViT that timm builds for its pretraining's input size only is built again for any size: the extractor feeds
-    it the run's size, the aspect ratio kept, as the packaged DINOv2 is built."""
+    A ViT that timm builds for its pretraining's input size only is rebuilt for any size, with the same weights (not
+    fetched again): the extractor feeds it the run's size, the aspect ratio kept, as the packaged DINOv2 is built."""
 
-    def create(**kwargs: Any) -> nn.Module:
+    def create(pretrained: bool, **kwargs: Any) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
-    model = create()
-    return create(dynamic_img_size=True) if getattr(model, "dynamic_img_size", None) is False else model
+    model = create(pretrained)
+    if getattr(model, "dynamic_img_size", None) is False:
+        fixed_size, model = model, create(False, dynamic_img_size=True)
+        model.load_state_dict(fixed_size.state_dict())
+    return model
 
 
 def _timm_backbone(name: str, pretrained: bool, weights: str | Path | None) -> Backbone:
