@@ -42,12 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from anomatune import open_dataset
 from anomatune.data.datasets import collate
 from anomatune.device import resolve_device
-from anomatune.features.extractor import FeatureExtractor, combine_stages
+from anomatune.features.extractor import FeatureExtractor
 from anomatune.features.settings import AUTO, FeatureSettings
 from anomatune.finetune import FinetuneSettings, finetune
 from anomatune.finetune.loop import Finetuner
@@ -55,7 +54,7 @@ from anomatune.folders.kinds import FinetuneFolder, RunFolder
 from anomatune.metrics import image_auroc, pixel_curves, split_metrics
 from anomatune.models.registry import create_detector
 from anomatune.models.settings import detector_settings
-from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM
+from anomatune.validation.search import SEARCH_CORESET, SEARCH_EM, FeatureView, StageMaps
 from anomatune.validation.settings import ValidationSettings
 from common import DATASETS, NEGATIVES, RESULTS, SHARED, command_line, score_features
 from common import dataset as dataset_path
@@ -122,21 +121,15 @@ class Category:
         self.labels = torch.cat([b["label"] for b in batches]).numpy()
         self.masks = None if batches[0]["mask"] is None else torch.cat([b["mask"] for b in batches]).numpy().astype(bool)[:, 0]
 
-    @torch.no_grad()
     def extract(self, extractor: FeatureExtractor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Train and test features of ``extractor`` in each aggregation the detectors use, one backbone pass."""
-        features = {}
-        for split, images in (("train", self.train_images), ("test", self.test_images)):
-            parts: dict[str, list[torch.Tensor]] = {a: [] for a in set(self.aggregation.values())}
-            for chunk in tqdm(torch.split(images, 32), desc=f"{split} features", leave=False):
-                chunk = chunk.to(self.device)
-                maps = extractor.stage_maps(chunk)
-                for aggregation, out in parts.items():
-                    combined = combine_stages(maps, tuple(chunk.shape[-2:]), extractor.pool, aggregation)
-                    out.append(extractor.adapt(combined).cpu())
-            for aggregation, out in parts.items():
-                features[aggregation] = (*features.get(aggregation, ()), torch.cat(out))
-        return features
+        """Train and test features of ``extractor`` in each aggregation the detectors use, from one backbone pass
+        (the search's :class:`StageMaps`)."""
+        maps = [
+            StageMaps(extractor, torch.split(images, 32), f"{split} features")
+            for split, images in (("train", self.train_images), ("test", self.test_images))
+        ]
+        views = {a: FeatureView(extractor.layers, a) for a in set(self.aggregation.values())}
+        return {a: tuple(split.features(view) for split in maps) for a, view in views.items()}
 
     def features(self, weights: str | None = None, adaptor_only: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Train and test features with ``weights``, per aggregation; ``adaptor_only``: the weights are the frozen
